@@ -1,0 +1,371 @@
+"""The run ledger: one record per upload, in Azure Table Storage, so a user can always ask
+"what happened to my upload?".
+
+Layout in the table: each run is its own partition (PartitionKey = run id). The row `run` holds
+the current state and facts; rows `history-00000`, `history-00001`, ... are the append-only
+history. Every change writes the run row (conditional on its ETag) and one history row in a
+single transaction, so two concurrent handlers cannot both move a run forward and the history
+never disagrees with the state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from azure.data.tables import TableClient
+
+    from shared.settings import Settings
+
+RUN_ROW = "run"
+_HISTORY_PREFIX = "history-"
+
+
+class RunState(StrEnum):
+    RECEIVED = "received"
+    REJECTED = "rejected"
+    PREPARED = "prepared"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    COMPLETED = "completed"
+    REGISTERED = "registered"
+    DEPLOYING = "deploying"
+    DEPLOYED = "deployed"
+    DEPLOY_FAILED = "deploy_failed"
+    TORN_DOWN = "torn_down"
+
+    @property
+    def column(self) -> str:
+        """The table column holding when the run entered this state, e.g. `DeployFailedAt`."""
+        return "".join(part.capitalize() for part in self.value.split("_")) + "At"
+
+
+S = RunState
+# A job may report Completed, Failed or Canceled without ever reporting Running, and preparation
+# or submission can fail before a job exists; a failed deployment may leave an endpoint behind
+# for the janitor to tear down.
+TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
+    S.RECEIVED: frozenset({S.PREPARED, S.REJECTED, S.FAILED}),
+    S.PREPARED: frozenset({S.SUBMITTED, S.FAILED}),
+    S.SUBMITTED: frozenset({S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELED}),
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELED}),
+    S.COMPLETED: frozenset({S.REGISTERED, S.DEPLOY_FAILED}),
+    S.REGISTERED: frozenset({S.DEPLOYING, S.DEPLOY_FAILED}),
+    S.DEPLOYING: frozenset({S.DEPLOYED, S.DEPLOY_FAILED}),
+    S.DEPLOYED: frozenset({S.TORN_DOWN}),
+    S.DEPLOY_FAILED: frozenset({S.TORN_DOWN}),
+    S.REJECTED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELED: frozenset(),
+    S.TORN_DOWN: frozenset(),
+}
+FAILURE_STATES = frozenset({S.REJECTED, S.FAILED, S.CANCELED, S.DEPLOY_FAILED})
+
+# Facts a transition may record, by attribute name and table column.
+_FACT_COLUMNS = {
+    "job_name": "JobName",
+    "model_name": "ModelName",
+    "model_version": "ModelVersion",
+    "endpoint_name": "EndpointName",
+    "endpoint_url": "EndpointUrl",
+}
+
+
+class LedgerError(Exception):
+    pass
+
+
+class RunNotFound(LedgerError):
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r}")
+        self.run_id = run_id
+
+
+class IllegalTransition(LedgerError):
+    def __init__(self, run_id: str, current: RunState, target: RunState) -> None:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
+        super().__init__(
+            f"run {run_id} is {current}; it cannot become {target} (from {current} it can become: {allowed})"
+        )
+        self.run_id, self.current, self.target = run_id, current, target
+
+
+class RunChanged(LedgerError):
+    """Someone else changed the run since it was read: re-read it and decide again."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} was changed by another handler since it was read")
+        self.run_id = run_id
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What identifies one upload: the same blob content delivered twice is the same upload."""
+
+    container: str
+    blob_name: str
+    version: str  # the blob's ETag, or a sha256 of its content
+
+    @property
+    def run_id(self) -> str:
+        digest = hashlib.sha256(f"{self.container}/{self.blob_name}@{self.version}".encode()).hexdigest()
+        stem = self.blob_name.rsplit("/", 1)[-1].split(".", 1)[0].lower()
+        slug = re.sub(r"[^a-z0-9]+", "-", stem).strip("-")[:24].strip("-")
+        return f"{slug or 'upload'}-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: datetime
+    state: RunState
+    message: str
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    state: RunState
+    upload: Upload
+    created_at: datetime
+    updated_at: datetime
+    state_times: Mapping[RunState, datetime]
+    reason: str | None = None
+    job_name: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    endpoint_name: str | None = None
+    endpoint_url: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    history_length: int = 0
+    etag: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as users see it (status route, CLI): no ETag, times in ISO 8601."""
+        return {
+            "run_id": self.run_id,
+            "state": str(self.state),
+            "upload": {
+                "container": self.upload.container,
+                "blob_name": self.upload.blob_name,
+                "version": self.upload.version,
+            },
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "state_times": {str(state): at.isoformat() for state, at in self.state_times.items()},
+            "reason": self.reason,
+            "job_name": self.job_name,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "endpoint_name": self.endpoint_name,
+            "endpoint_url": self.endpoint_url,
+            "details": dict(self.details),
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _history_row(run_id: str, index: int, at: datetime, state: RunState, message: str) -> dict[str, Any]:
+    return {
+        "PartitionKey": run_id,
+        "RowKey": f"{_HISTORY_PREFIX}{index:05d}",
+        "At": at,
+        "State": str(state),
+        "Message": message,
+    }
+
+
+def _run_from_entity(entity: Mapping[str, Any]) -> Run:
+    state_times = {state: entity[state.column] for state in RunState if entity.get(state.column)}
+    return Run(
+        run_id=entity["PartitionKey"],
+        state=RunState(entity["State"]),
+        upload=Upload(entity["Container"], entity["BlobName"], entity["UploadVersion"]),
+        created_at=entity["CreatedAt"],
+        updated_at=entity["UpdatedAt"],
+        state_times=state_times,
+        reason=entity.get("Reason") or None,
+        details=json.loads(entity.get("Details") or "{}"),
+        history_length=int(entity.get("HistoryLength", 0)),
+        etag=entity.metadata["etag"],
+        **{attr: entity.get(column) or None for attr, column in _FACT_COLUMNS.items()},
+    )
+
+
+def _is_error(error: Exception, *codes: str) -> bool:
+    return getattr(error, "error_code", None) in codes
+
+
+class Ledger:
+    """Run records in one Azure table. Safe to share between threads and handlers."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def receive(self, upload: Upload, message: str) -> tuple[Run, bool]:
+        """The run for this upload, created in state `received` if it is new.
+        Returns (run, created): a redelivered upload gets its existing run and created=False."""
+        from azure.core.exceptions import ResourceExistsError
+        from azure.data.tables import TableTransactionError
+
+        run_id, now = upload.run_id, _now()
+        entity = {
+            "PartitionKey": run_id,
+            "RowKey": RUN_ROW,
+            "State": str(S.RECEIVED),
+            "Container": upload.container,
+            "BlobName": upload.blob_name,
+            "UploadVersion": upload.version,
+            "CreatedAt": now,
+            "UpdatedAt": now,
+            S.RECEIVED.column: now,
+            "HistoryLength": 1,
+        }
+        try:
+            self._table.submit_transaction(
+                [("create", entity), ("create", _history_row(run_id, 0, now, S.RECEIVED, message))]
+            )
+        except (TableTransactionError, ResourceExistsError) as error:
+            if not _is_error(error, "EntityAlreadyExists"):
+                raise
+            return self.get(run_id), False
+        return self.get(run_id), True
+
+    def find(self, run_id: str) -> Run | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return _run_from_entity(self._table.get_entity(run_id, RUN_ROW))
+        except ResourceNotFoundError:
+            return None
+
+    def get(self, run_id: str) -> Run:
+        run = self.find(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    def _runs(self, query: str, parameters: dict[str, Any]) -> Iterable[Run]:
+        entities = self._table.query_entities(query, parameters={"row": RUN_ROW, **parameters})
+        return (_run_from_entity(entity) for entity in entities)
+
+    def by_state(self, state: RunState) -> list[Run]:
+        return list(self._runs("RowKey eq @row and State eq @state", {"state": str(state)}))
+
+    def by_job(self, job_name: str) -> Run | None:
+        """The run whose backend job has this name (job names are unique per run)."""
+        matches = list(self._runs("RowKey eq @row and JobName eq @job", {"job": job_name}))
+        return matches[0] if matches else None
+
+    def by_blob(self, container: str, blob_name: str) -> list[Run]:
+        """Every run made from uploads of this blob, newest first."""
+        runs = self._runs(
+            "RowKey eq @row and Container eq @container and BlobName eq @blob",
+            {"container": container, "blob": blob_name},
+        )
+        return sorted(runs, key=lambda run: run.created_at, reverse=True)
+
+    def recent(self, limit: int = 20, state: RunState | None = None) -> list[Run]:
+        """The newest runs first, optionally only those in one state."""
+        runs = self.by_state(state) if state else self._runs("RowKey eq @row", {})
+        return sorted(runs, key=lambda run: run.created_at, reverse=True)[:limit]
+
+    def history(self, run_id: str) -> list[HistoryEntry]:
+        rows = self._table.query_entities(
+            "PartitionKey eq @run and RowKey ge @first and RowKey lt @last",
+            parameters={"run": run_id, "first": _HISTORY_PREFIX, "last": _HISTORY_PREFIX + "~"},
+        )
+        entries = [HistoryEntry(row["At"], RunState(row["State"]), row["Message"]) for row in rows]
+        return sorted(entries, key=lambda entry: entry.at)
+
+    def advance(
+        self,
+        run: Run,
+        target: RunState,
+        message: str,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        **facts: str,
+    ) -> Run:
+        """Move `run` (as read, with its ETag) to `target`, recording `message` in its history.
+
+        Raises IllegalTransition when the state machine forbids it, RunChanged when another
+        handler changed the run since it was read. `reason` is required for failure states;
+        `details` is merged into the run's details; `facts` sets job/model/endpoint names.
+        """
+        if target not in TRANSITIONS[run.state]:
+            raise IllegalTransition(run.run_id, run.state, target)
+        if target in FAILURE_STATES and not reason:
+            raise ValueError(f"moving run {run.run_id} to {target} needs a reason a user can read")
+        unknown = facts.keys() - _FACT_COLUMNS.keys()
+        if unknown:
+            raise TypeError(f"unknown run facts: {', '.join(sorted(unknown))}")
+        now = _now()
+        changes: dict[str, Any] = {
+            "PartitionKey": run.run_id,
+            "RowKey": RUN_ROW,
+            "State": str(target),
+            "UpdatedAt": now,
+            target.column: now,
+            "HistoryLength": run.history_length + 1,
+            **{_FACT_COLUMNS[name]: value for name, value in facts.items()},
+        }
+        if reason:
+            changes["Reason"] = reason
+        if details:
+            changes["Details"] = json.dumps({**run.details, **details}, default=str)
+        history_message = f"{message}: {reason}" if reason else message
+        self._write(run, changes, _history_row(run.run_id, run.history_length, now, target, history_message))
+        return self.get(run.run_id)
+
+    def note(self, run_id: str, message: str, *, attempts: int = 10) -> Run:
+        """Append `message` to a run's history without changing its state."""
+        for _ in range(attempts):
+            run = self.get(run_id)
+            now = _now()
+            changes = {
+                "PartitionKey": run_id,
+                "RowKey": RUN_ROW,
+                "UpdatedAt": now,
+                "HistoryLength": run.history_length + 1,
+            }
+            try:
+                self._write(run, changes, _history_row(run_id, run.history_length, now, run.state, message))
+            except RunChanged:
+                continue
+            return self.get(run_id)
+        raise RunChanged(run_id)
+
+    def _write(self, run: Run, changes: dict[str, Any], history_row: dict[str, Any]) -> None:
+        from azure.core import MatchConditions
+        from azure.data.tables import TableTransactionError, UpdateMode
+
+        conditional = {"mode": UpdateMode.MERGE, "etag": run.etag, "match_condition": MatchConditions.IfNotModified}
+        try:
+            self._table.submit_transaction([("update", changes, conditional), ("create", history_row)])
+        except TableTransactionError as error:
+            # A concurrent writer either changed the run row (ETag mismatch) or wrote the same
+            # history row first: either way this handler lost the race.
+            if _is_error(error, "UpdateConditionNotSatisfied", "EntityAlreadyExists"):
+                raise RunChanged(run.run_id) from error
+            raise
+
+
+@lru_cache(maxsize=4)
+def open_ledger(settings: Settings) -> Ledger:
+    """The ledger in the app's storage account, its table created on first use."""
+    from shared.storage import RUNS_TABLE, table_service
+
+    return Ledger(table_service(settings.storage).create_table_if_not_exists(RUNS_TABLE))

@@ -1,0 +1,249 @@
+"""Every app setting the app reads, read and validated in one place.
+
+Settings are environment variables (Azure Functions app settings; `local.settings.json` under
+Core Tools). Each has a default that works locally, except the Azure ML workspace coordinates,
+which are required only when `ML_BACKEND=azureml`. A bad value fails at start-up with one message
+that names every offending setting and what it expects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
+
+BACKENDS = ("local", "azureml")
+STORAGE_SETTING = "AzureWebJobsStorage"
+DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
+
+# Every name the app reads. tests/test_settings.py checks that `load_settings` reads exactly
+# these, so `local.settings.sample.json` and the infrastructure can be checked against one list.
+STORAGE_IDENTITY_SETTINGS = (
+    f"{STORAGE_SETTING}__accountName",
+    f"{STORAGE_SETTING}__blobServiceUri",
+    f"{STORAGE_SETTING}__tableServiceUri",
+    f"{STORAGE_SETTING}__credential",
+    f"{STORAGE_SETTING}__clientId",
+)
+APP_SETTINGS = (
+    "ML_BACKEND",
+    "JANITOR_SCHEDULE",
+    "AZURE_SUBSCRIPTION_ID",
+    "AZURE_RESOURCE_GROUP",
+    "AZUREML_WORKSPACE_NAME",
+    "AZUREML_COMPUTE_CLUSTER",
+    "AZUREML_GPUS_PER_NODE",
+)
+KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS)
+
+_NCRONTAB_FIELD = re.compile(r"^[0-9A-Za-z*/,\-]+$")
+
+
+class SettingsError(ValueError):
+    """One or more app settings are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class StorageConnection:
+    """How to reach the app's storage account: a connection string, or service URIs plus an
+    identity (the `AzureWebJobsStorage__*` identity-based form the Functions host uses too)."""
+
+    connection_string: str | None = None
+    blob_service_uri: str | None = None
+    table_service_uri: str | None = None
+    managed_identity_client_id: str | None = None
+    use_managed_identity: bool = False
+
+    @property
+    def description(self) -> str:
+        """Where the storage is, without any secret: safe to log."""
+        if self.connection_string is None:
+            return f"{self.blob_service_uri} (identity-based)"
+        if self.connection_string.strip().lower() == DEVELOPMENT_STORAGE.lower():
+            return "local development storage (Azurite)"
+        fields = _connection_string_fields(self.connection_string)
+        return fields.get("blobendpoint") or f"account {fields.get('accountname', '?')}"
+
+
+@dataclass(frozen=True)
+class AzureMLWorkspace:
+    subscription_id: str
+    resource_group: str
+    workspace_name: str
+    compute_cluster: str
+    gpus_per_node: int | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage: StorageConnection
+    ml_backend: Literal["local", "azureml"]
+    janitor_schedule: str
+    azureml: AzureMLWorkspace | None
+
+
+class _Reader:
+    """Reads settings from a mapping, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self.errors: list[str] = []
+        self.names_read: set[str] = set()
+
+    def raw(self, name: str) -> str | None:
+        self.names_read.add(name)
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def parsed(self, name: str, default: T, expects: str, parse: Callable[[str], T]) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError:
+            self.errors.append(f"{name}={value!r}: expected {expects}")
+            return default
+
+    def required(self, name: str, expects: str) -> str:
+        value = self.raw(name)
+        if value is None:
+            self.errors.append(f"{name} is not set: expected {expects}")
+            return ""
+        return value
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in options:
+            raise ValueError(value)
+        return value.lower()
+
+    return parse
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def _ncrontab(value: str) -> str:
+    """The six-field NCRONTAB the Functions timer trigger takes (seconds first)."""
+    fields = value.split()
+    if len(fields) != 6 or not all(_NCRONTAB_FIELD.match(field) for field in fields):
+        raise ValueError(value)
+    return value
+
+
+def _https_uri(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(value)
+    return value.rstrip("/")
+
+
+def _connection_string_fields(connection_string: str) -> dict[str, str]:
+    fields = {}
+    for part in connection_string.split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def _storage(reader: _Reader) -> StorageConnection:
+    connection_string = reader.raw(STORAGE_SETTING)
+    account = reader.raw(f"{STORAGE_SETTING}__accountName")
+    blob_uri = reader.parsed(f"{STORAGE_SETTING}__blobServiceUri", None, "an https:// blob service URI", _https_uri)
+    table_uri = reader.parsed(f"{STORAGE_SETTING}__tableServiceUri", None, "an https:// table service URI", _https_uri)
+    credential = reader.parsed(
+        f"{STORAGE_SETTING}__credential", None, "'managedidentity'", _one_of(("managedidentity",))
+    )
+    client_id = reader.raw(f"{STORAGE_SETTING}__clientId")
+
+    if connection_string is not None:
+        fields = _connection_string_fields(connection_string)
+        is_dev = connection_string.lower() == DEVELOPMENT_STORAGE.lower()
+        if not is_dev and not ({"accountname", "blobendpoint", "tableendpoint"} & fields.keys()):
+            reader.errors.append(
+                f"{STORAGE_SETTING} is not a storage connection string: expected "
+                f"'{DEVELOPMENT_STORAGE}' or 'DefaultEndpointsProtocol=...;AccountName=...;...'"
+            )
+        return StorageConnection(connection_string=connection_string)
+
+    if account is None and blob_uri is None and table_uri is None:
+        # Nothing set: local development storage, as `local.settings.sample.json` has it.
+        return StorageConnection(connection_string=DEVELOPMENT_STORAGE)
+    if account is not None:
+        blob_uri = blob_uri or f"https://{account}.blob.core.windows.net"
+        table_uri = table_uri or f"https://{account}.table.core.windows.net"
+    if blob_uri is None or table_uri is None:
+        reader.errors.append(
+            f"{STORAGE_SETTING}__accountName is not set: an identity-based connection needs it, "
+            f"or both {STORAGE_SETTING}__blobServiceUri and {STORAGE_SETTING}__tableServiceUri"
+        )
+        return StorageConnection()
+    return StorageConnection(
+        blob_service_uri=blob_uri,
+        table_service_uri=table_uri,
+        managed_identity_client_id=client_id,
+        use_managed_identity=credential == "managedidentity",
+    )
+
+
+def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
+    gpus_per_node = reader.parsed("AZUREML_GPUS_PER_NODE", None, "a whole number of GPUs, at least 1", _positive_int)
+    names = {
+        "AZURE_SUBSCRIPTION_ID": "the Azure subscription id of the Azure ML workspace",
+        "AZURE_RESOURCE_GROUP": "the resource group of the Azure ML workspace",
+        "AZUREML_WORKSPACE_NAME": "the Azure ML workspace name",
+        "AZUREML_COMPUTE_CLUSTER": "the name of a GPU compute cluster in the workspace",
+    }
+    if not required:
+        for name in names:
+            reader.raw(name)
+        return None
+    values = [reader.required(name, f"{expects} (ML_BACKEND=azureml)") for name, expects in names.items()]
+    return AzureMLWorkspace(*values, gpus_per_node=gpus_per_node)
+
+
+def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
+    reader = _Reader(environ)
+    storage = _storage(reader)
+    backend = reader.parsed("ML_BACKEND", "local", "one of: " + ", ".join(BACKENDS), _one_of(BACKENDS))
+    schedule = reader.parsed(
+        "JANITOR_SCHEDULE",
+        "0 */10 * * * *",
+        "a six-field NCRONTAB expression such as '0 */10 * * * *' (second minute hour day month weekday)",
+        _ncrontab,
+    )
+    azureml = _azureml(reader, required=backend == "azureml")
+    settings = Settings(storage=storage, ml_backend=backend, janitor_schedule=schedule, azureml=azureml)  # type: ignore[arg-type]
+    return settings, reader
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every app setting; raise SettingsError naming each bad one."""
+    settings, reader = _read(os.environ if environ is None else environ)
+    if reader.errors:
+        raise SettingsError("Invalid app settings:\n  - " + "\n  - ".join(reader.errors))
+    return settings
+
+
+def settings_read(environ: Mapping[str, str]) -> set[str]:
+    """The names `load_settings` looks at for this environment (for drift tests)."""
+    return _read(environ)[1].names_read
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once. Tests call `get_settings.cache_clear()`."""
+    return load_settings()

@@ -1,0 +1,213 @@
+"""The run ledger against a real Azurite: transitions, races, queries, persistence."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from pathlib import Path
+
+import pytest
+from azure.data.tables import TableServiceClient
+
+from shared.azurite import start_azurite
+from shared.ledger import (
+    FAILURE_STATES,
+    TRANSITIONS,
+    IllegalTransition,
+    Ledger,
+    Run,
+    RunChanged,
+    RunNotFound,
+    RunState,
+    Upload,
+)
+
+S = RunState
+
+
+def _path_to(state: RunState) -> list[RunState]:
+    """The shortest chain of legal transitions from `received` to `state`."""
+    queue: deque[list[RunState]] = deque([[S.RECEIVED]])
+    while queue:
+        path = queue.popleft()
+        if path[-1] == state:
+            return path[1:]
+        queue.extend([*path, nxt] for nxt in sorted(TRANSITIONS[path[-1]]) if nxt not in path)
+    raise AssertionError(f"{state} is unreachable")
+
+
+def _upload(name: str = "chats.jsonl", version: str = "0x8DC0FFEE") -> Upload:
+    return Upload("datasets", name, version)
+
+
+def _advance(ledger: Ledger, run: Run, target: RunState) -> Run:
+    reason = f"because {target}" if target in FAILURE_STATES else None
+    return ledger.advance(run, target, f"moved to {target}", reason=reason)
+
+
+def _run_in(ledger: Ledger, state: RunState, name: str) -> Run:
+    run, _ = ledger.receive(_upload(name), "received")
+    for step in _path_to(state):
+        run = _advance(ledger, run, step)
+    return run
+
+
+def test_every_state_is_reachable_and_every_run_can_end() -> None:
+    final = {state for state, nxt in TRANSITIONS.items() if not nxt}
+    assert final == {S.REJECTED, S.FAILED, S.CANCELED, S.TORN_DOWN}
+    for state in RunState:
+        _path_to(state)
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), [(s, t) for s, targets in TRANSITIONS.items() for t in sorted(targets)], ids=str
+)
+def test_every_legal_transition_is_recorded(ledger: Ledger, source: RunState, target: RunState) -> None:
+    run = _run_in(ledger, source, f"{source}-{target}.jsonl")
+    moved = _advance(ledger, run, target)
+    assert moved.state == target
+    assert set(moved.state_times) == {S.RECEIVED, *_path_to(source), target}
+    assert moved.state_times[target] >= moved.state_times[S.RECEIVED]
+    history = ledger.history(run.run_id)
+    assert [entry.state for entry in history] == [S.RECEIVED, *_path_to(source), target]
+    if target in FAILURE_STATES:
+        assert moved.reason == f"because {target}"
+        assert history[-1].message.endswith(f": because {target}")
+
+
+def test_every_illegal_transition_is_refused_with_a_clear_error(ledger: Ledger) -> None:
+    for source in RunState:
+        run = _run_in(ledger, source, f"illegal-{source}.jsonl")
+        for target in set(RunState) - TRANSITIONS[source]:
+            with pytest.raises(IllegalTransition, match=f"is {source}; it cannot become {target}"):
+                ledger.advance(run, target, "should not happen", reason="x")
+        assert ledger.get(run.run_id) == run
+
+
+def test_a_failure_needs_a_reason(ledger: Ledger) -> None:
+    run, _ = ledger.receive(_upload(), "received")
+    with pytest.raises(ValueError, match="needs a reason"):
+        ledger.advance(run, S.REJECTED, "rejected")
+    assert ledger.get(run.run_id).state == S.RECEIVED
+
+
+def test_the_same_upload_maps_to_the_same_run(ledger: Ledger) -> None:
+    first, created = ledger.receive(_upload(), "first delivery")
+    again, created_again = ledger.receive(_upload(), "second delivery")
+    other, _ = ledger.receive(_upload(version="0x8DBEEF"), "a new version of the blob")
+    assert created and not created_again
+    assert again.run_id == first.run_id
+    assert other.run_id != first.run_id
+    assert [entry.message for entry in ledger.history(first.run_id)] == ["first delivery"]
+
+
+def test_run_ids_are_readable_and_valid_everywhere(ledger: Ledger) -> None:
+    run_id = Upload("datasets", "team a/Ultra Chat (v2).jsonl.gz", "0x1").run_id
+    assert run_id.startswith("ultra-chat-v2-")
+    assert run_id.replace("-", "").isalnum() and run_id == run_id.lower()
+
+
+def test_concurrent_receives_create_one_run(ledger: Ledger) -> None:
+    results: list[bool] = []
+    barrier = threading.Barrier(16)
+
+    def deliver() -> None:
+        barrier.wait()
+        results.append(ledger.receive(_upload("race.jsonl"), "delivered")[1])
+
+    threads = [threading.Thread(target=deliver) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 15 + [True]
+
+
+def test_two_concurrent_writers_exactly_one_wins(ledger: Ledger) -> None:
+    run = _run_in(ledger, S.PREPARED, "writers.jsonl")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def submit(index: int) -> None:
+        barrier.wait()
+        try:
+            ledger.advance(run, S.SUBMITTED, f"submitted by writer {index}", job_name=f"job-{index}")
+            outcomes.append("won")
+        except RunChanged:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["lost"] * 7 + ["won"]
+    final = ledger.get(run.run_id)
+    submitted = [entry for entry in ledger.history(run.run_id) if entry.state == S.SUBMITTED]
+    assert len(submitted) == 1
+    assert final.job_name == f"job-{submitted[0].message.rsplit(' ', 1)[-1]}"
+
+
+def test_a_stale_read_cannot_move_the_run(ledger: Ledger) -> None:
+    stale = _run_in(ledger, S.SUBMITTED, "stale.jsonl")
+    _advance(ledger, stale, S.RUNNING)
+    with pytest.raises(RunChanged):
+        ledger.advance(stale, S.COMPLETED, "from an old read")
+    assert ledger.get(stale.run_id).state == S.RUNNING
+
+
+def test_notes_append_history_without_changing_state(ledger: Ledger) -> None:
+    run = _run_in(ledger, S.SUBMITTED, "notes.jsonl")
+    threads = [threading.Thread(target=ledger.note, args=(run.run_id, f"note {i}")) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = ledger.get(run.run_id)
+    assert after.state == S.SUBMITTED
+    notes = sorted(entry.message for entry in ledger.history(run.run_id) if entry.message.startswith("note"))
+    assert notes == [f"note {i}" for i in range(6)]
+
+
+def test_facts_and_details_are_kept(ledger: Ledger) -> None:
+    run = _run_in(ledger, S.PREPARED, "facts.jsonl")
+    run = ledger.advance(run, S.SUBMITTED, "submitted", job_name="ft-facts", details={"report": {"rows": 10}})
+    run = ledger.advance(run, S.RUNNING, "running", details={"metrics": {"loss": 1.5}})
+    assert run.job_name == "ft-facts"
+    assert run.details == {"report": {"rows": 10}, "metrics": {"loss": 1.5}}
+    with pytest.raises(TypeError, match="unknown run facts: colour"):
+        ledger.advance(run, S.COMPLETED, "done", colour="red")
+
+
+def test_queries_by_id_state_job_blob_and_recency(ledger: Ledger) -> None:
+    runs = [_run_in(ledger, S.RECEIVED, f"q{i}.jsonl") for i in range(5)]
+    submitted = ledger.advance(_advance(ledger, runs[1], S.PREPARED), S.SUBMITTED, "submitted", job_name="ft-q1")
+    assert ledger.get(runs[0].run_id).run_id == runs[0].run_id
+    assert ledger.find("no-such-run") is None
+    with pytest.raises(RunNotFound, match="no-such-run"):
+        ledger.get("no-such-run")
+    assert [r.run_id for r in ledger.by_state(S.SUBMITTED)] == [submitted.run_id]
+    assert len(ledger.by_state(S.RECEIVED)) == 4
+    assert ledger.by_job("ft-q1") == submitted
+    assert ledger.by_job("ft-unknown") is None
+    assert [r.run_id for r in ledger.by_blob("datasets", "q3.jsonl")] == [runs[3].run_id]
+    assert [r.run_id for r in ledger.recent(limit=3)] == [r.run_id for r in reversed(runs)][:3]
+    assert [r.run_id for r in ledger.recent(state=S.SUBMITTED)] == [submitted.run_id]
+
+
+def test_records_survive_an_azurite_restart(tmp_path: Path) -> None:
+    location = tmp_path / "azurite"
+    server = start_azurite(location=location)
+    try:
+        table = TableServiceClient.from_connection_string(server.connection_string).create_table("runs")
+        run = _run_in(Ledger(table), S.SUBMITTED, "persist.jsonl")
+    finally:
+        server.stop()
+    restarted = start_azurite(location=location)
+    try:
+        table = TableServiceClient.from_connection_string(restarted.connection_string).get_table_client("runs")
+        again = Ledger(table).get(run.run_id)
+        assert again.state == S.SUBMITTED
+        assert [entry.state for entry in Ledger(table).history(run.run_id)] == [S.RECEIVED, S.PREPARED, S.SUBMITTED]
+    finally:
+        restarted.stop()
