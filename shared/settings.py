@@ -38,6 +38,11 @@ APP_SETTINGS = (
     "AZUREML_WORKSPACE_NAME",
     "AZUREML_COMPUTE_CLUSTER",
     "AZUREML_GPUS_PER_NODE",
+    "DATASET_TEST_PERCENT",
+    "DATASET_SAMPLE_PERCENT",
+    "DATASET_MIN_CONVERSATIONS",
+    "DATASET_MAX_INVALID_FRACTION",
+    "DATASET_MAX_SEQ_LENGTH",
 )
 KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS)
 
@@ -80,11 +85,23 @@ class AzureMLWorkspace:
 
 
 @dataclass(frozen=True)
+class DatasetSettings:
+    """How uploads are checked and split; a blob's metadata may override the percentages."""
+
+    test_percent: float = 5.0
+    sample_percent: float = 100.0
+    min_conversations: int = 10
+    max_invalid_fraction: float = 0.0
+    max_seq_length: int = 4096
+
+
+@dataclass(frozen=True)
 class Settings:
     storage: StorageConnection
     ml_backend: Literal["local", "azureml"]
     janitor_schedule: str
     azureml: AzureMLWorkspace | None
+    dataset: DatasetSettings = DatasetSettings()
 
 
 class _Reader:
@@ -132,6 +149,23 @@ def _one_of(options: tuple[str, ...]) -> Callable[[str], str]:
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def percent(value: str, *, allow_zero: bool = False, allow_hundred: bool = True) -> float:
+    """A percentage; raises ValueError outside the allowed range."""
+    number = float(value)
+    low_ok = number >= 0 if allow_zero else number > 0
+    high_ok = number <= 100 if allow_hundred else number < 100
+    if not (low_ok and high_ok):
+        raise ValueError(value)
+    return number
+
+
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
         raise ValueError(value)
     return number
 
@@ -215,6 +249,33 @@ def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
     return AzureMLWorkspace(*values, gpus_per_node=gpus_per_node)
 
 
+def _dataset(reader: _Reader) -> DatasetSettings:
+    defaults = DatasetSettings()
+    return DatasetSettings(
+        test_percent=reader.parsed(
+            "DATASET_TEST_PERCENT",
+            defaults.test_percent,
+            "a percentage above 0 and below 100",
+            lambda value: percent(value, allow_hundred=False),
+        ),
+        sample_percent=reader.parsed(
+            "DATASET_SAMPLE_PERCENT", defaults.sample_percent, "a percentage above 0, at most 100", percent
+        ),
+        min_conversations=reader.parsed(
+            "DATASET_MIN_CONVERSATIONS", defaults.min_conversations, "a whole number, at least 1", _positive_int
+        ),
+        max_invalid_fraction=reader.parsed(
+            "DATASET_MAX_INVALID_FRACTION",
+            defaults.max_invalid_fraction,
+            "a fraction from 0 (any invalid row rejects the upload) to below 1",
+            _fraction,
+        ),
+        max_seq_length=reader.parsed(
+            "DATASET_MAX_SEQ_LENGTH", defaults.max_seq_length, "a whole number of tokens, at least 1", _positive_int
+        ),
+    )
+
+
 def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
     reader = _Reader(environ)
     storage = _storage(reader)
@@ -226,7 +287,8 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
         _ncrontab,
     )
     azureml = _azureml(reader, required=backend == "azureml")
-    settings = Settings(storage=storage, ml_backend=backend, janitor_schedule=schedule, azureml=azureml)  # type: ignore[arg-type]
+    dataset = _dataset(reader)
+    settings = Settings(storage, backend, schedule, azureml, dataset)  # type: ignore[arg-type]
     return settings, reader
 
 

@@ -1,0 +1,1 @@
+"""Chat datasets: read, validate, split and report on uploads; generate sample data."""

@@ -1,0 +1,372 @@
+"""Prepare an uploaded chat dataset for fine-tuning: validate every row, drop duplicates, sample,
+split deterministically into `train_sft.jsonl` / `test_sft.jsonl`, and write `report.json`.
+
+One streaming pass: memory stays flat whatever the input size (the duplicate check keeps one
+small integer per conversation). The same code runs from the blob trigger and the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_rows
+from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
+from shared.settings import DatasetSettings, percent
+from shared.training import PARAMETERS, ParameterError, parse_parameter, resolve_parameters
+
+TRAIN_FILE = "train_sft.jsonl"
+TEST_FILE = "test_sft.jsonl"
+REPORT_FILE = "report.json"
+REJECTED_FILE = "rejected_rows.jsonl"
+FIRST_LINES = 20
+_BUCKETS = 10_000
+_TOKEN_HISTOGRAM_SIZE = 1 << 16
+# Per-upload overrides of the dataset settings, from blob metadata (the rest are training parameters).
+DATASET_OVERRIDES = {
+    "test_pc": ("test_percent", "a percentage above 0 and below 100", lambda v: percent(v, allow_hundred=False)),
+    "sample_pc": ("sample_percent", "a percentage above 0, at most 100", percent),
+}
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What the upload is: shown in the report and in every error message."""
+
+    name: str
+    size: int | None = None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Preparation:
+    accepted: bool
+    reason: str  # one line
+    report: dict[str, Any]
+    out_dir: Path
+    first_problems: list[str]  # "file:line: reason", in file order
+
+    @property
+    def files(self) -> list[Path]:
+        names = (TRAIN_FILE, TEST_FILE, REPORT_FILE, REJECTED_FILE)
+        return [self.out_dir / name for name in names if (self.out_dir / name).exists()]
+
+
+@dataclass
+class _Tally:
+    count: int = 0
+    lines: list[int] = field(default_factory=list)
+    first: str = ""
+
+    def add(self, line: int, message: str) -> None:
+        self.count += 1
+        if len(self.lines) < FIRST_LINES:
+            self.lines.append(line)
+        if not self.first:
+            self.first = message
+
+
+class _Histogram:
+    """Exact percentiles of token counts in constant memory (counts above the cap share a bucket)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * _TOKEN_HISTOGRAM_SIZE
+        self.total = 0
+        self.n = 0
+        self.max = 0
+
+    def add(self, value: int) -> None:
+        self.counts[min(value, _TOKEN_HISTOGRAM_SIZE - 1)] += 1
+        self.total += value
+        self.n += 1
+        self.max = max(self.max, value)
+
+    def percentile(self, p: float) -> int:
+        if not self.n:
+            return 0
+        rank, seen = p / 100 * self.n, 0
+        for value, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return min(value, self.max)
+        return self.max
+
+
+def bucket(prompt_id: str, salt: bytes) -> int:
+    """A stable position 0..9999 for a conversation: the same on every run and machine."""
+    digest = hashlib.blake2b(prompt_id.encode(), digest_size=8, salt=salt).digest()
+    return int.from_bytes(digest, "big") % _BUCKETS
+
+
+def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tuple[DatasetSettings, dict[str, Any]]:
+    """Split blob metadata into dataset-setting and training-parameter overrides, checking each.
+    Raises ParameterError naming the first bad key."""
+    dataset_changes: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    for key, value in sorted(metadata.items()):
+        name = key.lower()
+        if name in DATASET_OVERRIDES:
+            attribute, expects, parse = DATASET_OVERRIDES[name]
+            try:
+                dataset_changes[attribute] = parse(value)
+            except ValueError:
+                raise ParameterError(f"metadata {key}={value!r}: expected {expects}") from None
+        elif name in PARAMETERS:
+            training[name] = parse_parameter(name, value)
+        else:
+            known = ", ".join([*DATASET_OVERRIDES, *PARAMETERS])
+            raise ParameterError(f"unknown metadata key {key!r}: known keys are {known}")
+    return replace(settings, **dataset_changes), training
+
+
+class _Preparer:
+    def __init__(self, out_dir: Path, info: InputInfo, settings: DatasetSettings, training: dict[str, Any]) -> None:
+        self.out_dir, self.info, self.settings = out_dir, info, settings
+        self.parameters = resolve_parameters(training)
+        self.training_overrides = training
+        requested_length = self.parameters["max_seq_length"]
+        self.max_seq_length = requested_length if requested_length > 0 else settings.max_seq_length
+        self.errors: dict[str, _Tally] = {}
+        self.warnings: dict[str, _Tally] = {}
+        self.first_problems: list[str] = []
+        self.rows = self.invalid = self.duplicates = self.sampled_out = 0
+        self.split = {"train": 0, "test": 0}
+        self.train_tokens = 0
+        self.turns = self.characters = self.max_turns = self.max_characters = 0
+        self.tokens = _Histogram()
+        self.seen_ids: set[int] = set()
+        self.seen_conversations: set[int] = set()
+        self.smallest_train: tuple[int, bytes, int] | None = None  # (bucket, line, tokens)
+
+    def _error(self, row: Row, problems: list[tuple[str, str]], rejected: IO[bytes]) -> None:
+        self.invalid += 1
+        for category, message in problems:
+            self.errors.setdefault(category, _Tally()).add(row.line, message)
+            if len(self.first_problems) < FIRST_LINES:
+                self.first_problems.append(f"{self.info.name}:{row.line}: {message}")
+        record = {
+            "line": row.line,
+            "reasons": [message for _, message in problems],
+            "categories": sorted({category for category, _ in problems}),
+            "text": row.raw.decode("utf-8", "replace") if row.raw is not None else row.value,
+        }
+        rejected.write(orjson.dumps(record, default=str) + b"\n")
+
+    def _warn(self, line: int, category: str, message: str) -> None:
+        self.warnings.setdefault(category, _Tally()).add(line, message)
+
+    def run(self, rows: Iterable[Row], train: IO[bytes], test: IO[bytes], rejected: IO[bytes]) -> None:
+        test_cut = round(self.settings.test_percent * _BUCKETS / 100)
+        sample_cut = round(self.settings.sample_percent * _BUCKETS / 100)
+        for row in rows:
+            self.rows += 1
+            if row.error:
+                self._error(row, [row.error], rejected)
+                continue
+            checked = check_conversation(row.value)
+            if checked.errors:
+                self._error(row, checked.errors, rejected)
+                continue
+            for category, message in checked.warnings:
+                self._warn(row.line, category, message)
+            conversation = checked.row
+            assert conversation is not None
+            id_key = hash(checked.prompt_id)
+            content_key = hash(tuple((m["role"], m["content"]) for m in conversation["messages"]))
+            if id_key in self.seen_ids or content_key in self.seen_conversations:
+                self.duplicates += 1
+                if id_key in self.seen_ids:
+                    self._warn(row.line, "duplicate_prompt_id", f"prompt_id {checked.prompt_id} appeared earlier")
+                else:
+                    self._warn(row.line, "duplicate_conversation", "the same messages appeared earlier")
+                continue
+            self.seen_ids.add(id_key)
+            self.seen_conversations.add(content_key)
+            if sample_cut < _BUCKETS and bucket(checked.prompt_id, b"sample") >= sample_cut:
+                self.sampled_out += 1
+                continue
+
+            tokens = checked.estimated_tokens
+            if tokens > self.max_seq_length:
+                self._warn(row.line, "over_max_seq_length", f"about {tokens} tokens, over {self.max_seq_length}")
+            self.tokens.add(tokens)
+            self.turns += checked.turns
+            self.characters += checked.characters
+            self.max_turns = max(self.max_turns, checked.turns)
+            self.max_characters = max(self.max_characters, checked.characters)
+            line = (orjson.dumps(conversation, default=str) if checked.changed or row.raw is None else row.raw) + b"\n"
+            position = bucket(checked.prompt_id, b"split")
+            if position < test_cut:
+                self.split["test"] += 1
+                test.write(line)
+            else:
+                self.split["train"] += 1
+                self.train_tokens += tokens
+                train.write(line)
+                if self.smallest_train is None or position < self.smallest_train[0]:
+                    self.smallest_train = (position, line, tokens)
+
+    def ensure_test_row(self) -> None:
+        """A tiny upload can hash no row into test: move the train row nearest the cut there, so
+        evaluation always has data (still deterministic)."""
+        if self.split["test"] or self.split["train"] < 2 or self.smallest_train is None:
+            return
+        moved = self.smallest_train[1]
+        train_path, test_path = self.out_dir / TRAIN_FILE, self.out_dir / TEST_FILE
+        kept = train_path.with_suffix(".tmp")
+        with train_path.open("rb") as source, kept.open("wb") as target:
+            skipped = False
+            for line in source:
+                if not skipped and line == moved:
+                    skipped = True
+                    continue
+                target.write(line)
+        os.replace(kept, train_path)
+        test_path.write_bytes(moved)
+        self.split = {"train": self.split["train"] - 1, "test": 1}
+        self.train_tokens -= self.smallest_train[2]
+
+
+def _tallies(tallies: dict[str, _Tally], descriptions: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        category: {"description": descriptions[category], "count": t.count, "first_lines": t.lines, "example": t.first}
+        for category, t in sorted(tallies.items(), key=lambda item: -item[1].count)
+    }
+
+
+def _decide(p: _Preparer, fatal: str | None, usable: int) -> tuple[bool, str]:
+    if fatal:
+        return False, fatal
+    if p.invalid:
+        fraction = p.invalid / p.rows
+        first = p.first_problems[0].split(":", 1)[1] if p.first_problems else ""
+        if p.settings.max_invalid_fraction == 0:
+            return False, (
+                f"{p.invalid} of {p.rows} rows have errors (first at line {first}); fix them, or set "
+                "DATASET_MAX_INVALID_FRACTION to drop up to that fraction of invalid rows"
+            )
+        if fraction > p.settings.max_invalid_fraction:
+            return False, (
+                f"{p.invalid} of {p.rows} rows ({fraction:.1%}) have errors, more than the allowed "
+                f"{p.settings.max_invalid_fraction:.1%} (first at line {first})"
+            )
+    if usable < p.settings.min_conversations:
+        return False, (
+            f"only {usable} usable conversation(s) of {p.rows} rows; at least {p.settings.min_conversations} are needed"
+        )
+    dropped = f"; dropped {p.invalid} invalid rows (see {REJECTED_FILE})" if p.invalid else ""
+    return True, f"prepared {usable} conversations: {p.split['train']} train, {p.split['test']} test{dropped}"
+
+
+def prepare_dataset(
+    chunks: Iterable[bytes],
+    out_dir: Path,
+    info: InputInfo,
+    settings: DatasetSettings,
+    metadata: Mapping[str, str] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Preparation:
+    """Validate, split and report on one upload, writing the outputs into `out_dir`.
+
+    Never raises for anything in the data: every problem ends in a rejected Preparation with a
+    report. `chunks` is the upload's bytes in pieces (a blob download or a file read)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    fatal: str | None = None
+    try:
+        settings, training = read_overrides(metadata or {}, settings)
+    except ParameterError as error:
+        fatal, training = str(error), {}
+    preparer = _Preparer(out_dir, info, settings, training)
+    stream = ChunkStream(chunks, on_progress)
+    input_format = "unknown"
+    if fatal is None:
+        with (
+            (out_dir / TRAIN_FILE).open("wb") as train,
+            (out_dir / TEST_FILE).open("wb") as test,
+            (out_dir / REJECTED_FILE).open("wb") as rejected,
+        ):
+            try:
+                input_format, rows = read_rows(stream)
+                preparer.run(rows, train, test, rejected)
+            except UnreadableDataset as error:
+                preparer.errors.setdefault(error.category, _Tally()).add(0, str(error))
+                preparer.first_problems.insert(0, f"{info.name}: {error}")
+                fatal = str(error)
+        stream.drain()  # what the parser did not need still counts in the sha256
+        preparer.ensure_test_row()
+
+    usable = preparer.split["train"] + preparer.split["test"]
+    accepted, reason = _decide(preparer, fatal, usable)
+    if not accepted:
+        for name in (TRAIN_FILE, TEST_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    if not preparer.invalid:
+        (out_dir / REJECTED_FILE).unlink(missing_ok=True)
+    report = _report(preparer, info, stream, input_format, accepted, reason, usable)
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return Preparation(accepted, reason, report, out_dir, preparer.first_problems)
+
+
+def _report(
+    p: _Preparer, info: InputInfo, stream: ChunkStream, input_format: str, accepted: bool, reason: str, usable: int
+) -> dict[str, Any]:
+    valid = p.rows - p.invalid
+    epochs = p.parameters["num_train_epochs"]
+    return {
+        "status": "accepted" if accepted else "rejected",
+        "reason": reason,
+        "input": {
+            "name": info.name,
+            "format": input_format,
+            "size": info.size if info.size is not None else stream.bytes_read,
+            "etag": info.etag,
+            "sha256": stream.sha256.hexdigest(),
+        },
+        "settings": {**asdict(p.settings), "effective_max_seq_length": p.max_seq_length},
+        "training_overrides": p.training_overrides,
+        "rows": {
+            "total": p.rows,
+            "valid": valid,
+            "invalid": p.invalid,
+            "duplicates": p.duplicates,
+            "sampled_out": p.sampled_out,
+            "usable": usable,
+        },
+        "errors": _tallies(p.errors, ERROR_CATEGORIES),
+        "warnings": _tallies(p.warnings, WARNING_CATEGORIES),
+        "split": {**p.split, "test_percent": p.settings.test_percent, "sample_percent": p.settings.sample_percent},
+        "statistics": {
+            "turns": {"total": p.turns, "mean": round(p.turns / usable, 2) if usable else 0, "max": p.max_turns},
+            "characters": {
+                "total": p.characters,
+                "mean": round(p.characters / usable, 1) if usable else 0,
+                "max": p.max_characters,
+            },
+            "estimated_tokens": {
+                "method": "characters / 4 + 3 per message",
+                "p50": p.tokens.percentile(50),
+                "p95": p.tokens.percentile(95),
+                "max": p.tokens.max,
+                "total": p.tokens.total,
+            },
+            "estimated_training_tokens": {
+                "train_tokens": p.train_tokens,
+                "epochs": epochs,
+                "total": p.train_tokens * epochs,
+            },
+        },
+        "outputs": {
+            "train": TRAIN_FILE if accepted else None,
+            "test": TEST_FILE if accepted else None,
+            "rejected_rows": REJECTED_FILE if p.invalid else None,
+        },
+    }

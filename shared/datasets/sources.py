@@ -1,0 +1,167 @@
+"""Reading an uploaded dataset as a stream of rows, whatever its form: JSON Lines, gzip-compressed
+JSON Lines, or Parquet. Nothing is held in memory beyond one line (or one Parquet batch)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import orjson
+
+BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 32 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+
+
+class UnreadableDataset(ValueError):
+    """The file as a whole cannot be read as a dataset (one reason, for the whole file)."""
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line (or Parquet row) of the upload: its parsed value, or why it could not be parsed."""
+
+    line: int
+    value: Any = None
+    raw: bytes | None = None  # the line as uploaded, without BOM or line end (JSON Lines only)
+    error: tuple[str, str] | None = None  # (category, message)
+
+
+class ChunkStream(io.RawIOBase):
+    """A readable binary stream over an iterable of byte chunks (a blob download), counting and
+    hashing what passes through."""
+
+    def __init__(self, chunks: Iterable[bytes], on_progress: Callable[[int], None] | None = None) -> None:
+        self._chunks = iter(chunks)
+        self._pending = memoryview(b"")
+        self._on_progress = on_progress
+        self.bytes_read = 0
+        self.sha256 = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self.sha256.update(chunk)
+            self.bytes_read += len(chunk)
+            if self._on_progress:
+                self._on_progress(self.bytes_read)
+            self._pending = memoryview(chunk)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def drain(self) -> None:
+        """Read to the end, so the byte count and sha256 cover the whole upload."""
+        while self.readinto(bytearray(CHUNK_BYTES)):
+            pass
+
+
+def file_chunks(stream: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def _decode_error(raw: bytes, error: orjson.JSONDecodeError) -> tuple[str, str]:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return "invalid_utf8", f"invalid UTF-8 at byte offset {bad.start} of the line"
+    reason = str(error).split(":", 1)[0]
+    return "invalid_json", f"invalid JSON at column {error.colno}: {reason}"
+
+
+def _jsonl_rows(stream: IO[bytes]) -> Iterator[Row]:
+    loads = orjson.loads
+    line_number = 0
+    while True:
+        line = stream.readline(MAX_LINE_BYTES)
+        if not line:
+            return
+        line_number += 1
+        if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := stream.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            message = f"the line is longer than {MAX_LINE_BYTES // (1024 * 1024)} MB"
+            yield Row(line_number, error=("line_too_long", message))
+            continue
+        if line_number == 1 and line.startswith(BOM):
+            line = line[len(BOM) :]
+        raw = line.strip()
+        if not raw:
+            continue
+        if line_number == 1 and raw.startswith(b"["):
+            raise UnreadableDataset(
+                "json_array",
+                "the file is a single JSON array, not JSON Lines: write one conversation object per line "
+                "(for example: jq -c '.[]' data.json > data.jsonl)",
+            )
+        try:
+            yield Row(line_number, value=loads(raw), raw=raw)
+        except orjson.JSONDecodeError as error:
+            yield Row(line_number, raw=raw, error=_decode_error(raw, error))
+
+
+def _parquet_rows(stream: IO[bytes]) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Parquet keeps its schema at the end of the file: spool a stream to disk, never to memory.
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(stream, spool, CHUNK_BYTES)
+        spool.seek(0)
+        try:
+            parquet = pq.ParquetFile(spool)
+        except (pa.ArrowException, OSError) as error:
+            raise UnreadableDataset("unreadable_parquet", f"the Parquet file cannot be read: {error}") from error
+        if "messages" not in parquet.schema_arrow.names:
+            columns = ", ".join(parquet.schema_arrow.names)
+            raise UnreadableDataset(
+                "messages_missing", f"the Parquet file has no 'messages' column (it has: {columns})"
+            )
+        line = 0
+        for batch in parquet.iter_batches(batch_size=1024):
+            for value in batch.to_pylist():
+                line += 1
+                yield Row(line, value=value)
+
+
+def read_rows(stream: IO[bytes]) -> tuple[str, Iterator[Row]]:
+    """The upload's format (`jsonl`, `jsonl.gz` or `parquet`, told by content, not by name)
+    and its rows."""
+    import gzip
+
+    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream, CHUNK_BYTES)  # type: ignore[arg-type]
+    head = buffered.peek(4)[:4]
+    if head.startswith(_GZIP_MAGIC):
+        unzipped = io.BufferedReader(gzip.GzipFile(fileobj=buffered), CHUNK_BYTES)  # type: ignore[arg-type]
+        return "jsonl.gz", _guard_gzip(_jsonl_rows(unzipped))
+    if head == _PARQUET_MAGIC:
+        return "parquet", _parquet_rows(buffered)
+    return "jsonl", _jsonl_rows(buffered)
+
+
+def _guard_gzip(rows: Iterator[Row]) -> Iterator[Row]:
+    import gzip
+    import zlib
+
+    try:
+        yield from rows
+    except (gzip.BadGzipFile, zlib.error, EOFError) as error:
+        raise UnreadableDataset("unreadable_gzip", f"the gzip stream is damaged: {error}") from error

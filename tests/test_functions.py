@@ -1,0 +1,163 @@
+"""Each function invoked as the worker invokes it, with real azure.functions objects and a real
+Azurite behind the ledger."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import azure.functions as func
+import pytest
+from azure.functions.blob import InputStream
+from azure.functions.timer import TimerRequest
+
+from functions.intake import dataset_intake
+from functions.janitor import endpoint_janitor
+from functions.job_events import job_events
+from functions.status import run_status
+from shared.ledger import Ledger, RunState, open_ledger
+from shared.settings import Settings
+from shared.storage import DATASETS_CONTAINER, blob_service
+
+
+def _upload_blob(settings: Settings, name: str, data: bytes = b'{"messages": []}\n') -> str:
+    container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
+    if not container.exists():
+        container.create_container()
+    blob = container.get_blob_client(name)
+    return str(blob.upload_blob(data, overwrite=True)["etag"]).strip('"')
+
+
+def _trigger_stream(name: str, properties: dict[str, Any] | None) -> InputStream:
+    return InputStream(data=b"", name=f"{DATASETS_CONTAINER}/{name}", uri=None, length=0, blob_properties=properties)
+
+
+@pytest.fixture
+def app_ledger(app_settings: Settings) -> Ledger:
+    return open_ledger(app_settings)
+
+
+def test_intake_records_the_upload_once_per_version(app_settings: Settings, app_ledger: Ledger) -> None:
+    name = f"chats-{uuid.uuid4().hex[:8]}.jsonl"
+    etag = _upload_blob(app_settings, name)
+    intake = dataset_intake.build().get_user_function()
+
+    intake(_trigger_stream(name, {"ETag": f'"{etag}"'}))
+    intake(_trigger_stream(name, {"ETag": etag}))  # the same BlobCreated delivered again
+    runs = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    assert len(runs) == 1
+    assert runs[0].state == RunState.RECEIVED
+    assert runs[0].upload.version == etag
+
+    new_etag = _upload_blob(app_settings, name, b'{"messages": [{"role": "user", "content": "hi"}]}\n')
+    intake(_trigger_stream(name, {"ETag": new_etag}))
+    assert len(app_ledger.by_blob(DATASETS_CONTAINER, name)) == 2
+
+
+def test_intake_reads_the_etag_from_storage_when_the_trigger_has_none(
+    app_settings: Settings, app_ledger: Ledger
+) -> None:
+    name = f"no-props-{uuid.uuid4().hex[:8]}.jsonl"
+    etag = _upload_blob(app_settings, name)
+    dataset_intake.build().get_user_function()(_trigger_stream(name, None))
+    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.upload.version == etag
+
+
+def _grid_event(event_type: str, data: dict[str, Any]) -> func.EventGridEvent:
+    return func.EventGridEvent(
+        id=str(uuid.uuid4()),
+        data=data,
+        topic="/subscriptions/x/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/mlw",
+        subject=f"experiments/e/runs/{data.get('runId')}",
+        event_type=event_type,
+        event_time=datetime.now(UTC),
+        data_version="2",
+    )
+
+
+def test_job_events_are_recorded_against_the_run_that_submitted_the_job(
+    app_settings: Settings, app_ledger: Ledger
+) -> None:
+    name = f"events-{uuid.uuid4().hex[:8]}.jsonl"
+    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
+    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    job_name = f"ft-{run.run_id}"
+    run = app_ledger.advance(run, RunState.PREPARED, "prepared")
+    app_ledger.advance(run, RunState.SUBMITTED, "submitted", job_name=job_name)
+
+    handler = job_events.build().get_user_function()
+    handler(
+        _grid_event(
+            "microsoft.machinelearningservices.runstatuschanged",
+            {"RunId": job_name, "RunStatus": "completed", "RunType": "azureml.PipelineRun"},
+        )
+    )
+    handler(_grid_event("Microsoft.MachineLearningServices.RunStatusChanged", {"runId": "someone-elses-job"}))
+    handler(_grid_event("Microsoft.Storage.BlobCreated", {"url": "https://x/datasets/y"}))
+
+    messages = [entry.message for entry in app_ledger.history(run.run_id)]
+    assert messages[-1] == f"job {job_name} reported completed (azureml.PipelineRun)"
+    assert sum("reported" in message for message in messages) == 1
+
+
+def test_the_janitor_runs_on_schedule_and_when_past_due(
+    app_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    janitor = endpoint_janitor.build().get_user_function()
+    janitor(TimerRequest(past_due=False))
+    janitor(TimerRequest(past_due=True))
+    sweeps = [record.getMessage() for record in caplog.records if record.getMessage().startswith("janitor:")]
+    assert len(sweeps) == 2
+    assert "'past_due': False" in sweeps[0] and "'past_due': True" in sweeps[1]
+
+
+def _get(path: str, params: dict[str, str] | None = None, run_id: str | None = None) -> func.HttpResponse:
+    request = func.HttpRequest(
+        method="GET",
+        url=f"http://localhost/api/{path}",
+        params=params or {},
+        route_params={"run_id": run_id} if run_id else {},
+        body=b"",
+    )
+    return run_status.build().get_user_function()(request)
+
+
+def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: Settings) -> None:
+    name = f"status-{uuid.uuid4().hex[:8]}.jsonl"
+    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
+
+    listing = _get("runs", {"state": "received", "limit": "200"})
+    assert listing.status_code == 200
+    assert listing.mimetype == "application/json"
+    runs = {run["upload"]["blob_name"]: run for run in json.loads(listing.get_body())["runs"]}
+    run_id = runs[name]["run_id"]
+
+    one = _get(f"runs/{run_id}", run_id=run_id)
+    assert one.status_code == 200
+    body = json.loads(one.get_body())
+    assert body["state"] == "received"
+    assert body["state_times"].keys() == {"received"}
+    assert [entry["state"] for entry in body["history"]] == ["received"]
+    assert "etag" not in body
+
+
+@pytest.mark.parametrize(
+    ("params", "run_id", "status", "says"),
+    [
+        ({}, "no-such-run", 404, "no run with id 'no-such-run'"),
+        ({"state": "sleeping"}, None, 400, "state='sleeping': expected one of received"),
+        ({"limit": "0"}, None, 400, "limit='0': expected a whole number from 1 to 200"),
+        ({"limit": "ten"}, None, 400, "limit='ten'"),
+    ],
+)
+def test_status_explains_bad_requests(
+    app_settings: Settings, params: dict[str, str], run_id: str | None, status: int, says: str
+) -> None:
+    response = _get("runs", params, run_id)
+    assert response.status_code == status
+    assert says in json.loads(response.get_body())["error"]
