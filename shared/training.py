@@ -42,6 +42,13 @@ def _int(minimum: int) -> Parameter:
     return Parameter(0, f"a whole number, at least {minimum}", int, lambda value: value >= minimum)
 
 
+def _unlimited_or(minimum: int, unlimited: str) -> Parameter:
+    """-1 meaning no limit (the component's convention), else a whole number of at least `minimum`."""
+    return Parameter(
+        -1, f"-1 ({unlimited}) or a whole number, at least {minimum}", int, lambda v: v == -1 or v >= minimum
+    )
+
+
 def _with_default(parameter: Parameter, default: Any) -> Parameter:
     return Parameter(default, parameter.expects, parameter.parse, parameter.check)
 
@@ -54,7 +61,7 @@ _FLAG = Parameter(False, "true or false", _flag)
 # Defaults: the walkthrough's where it sets one, else the component's.
 PARAMETERS: Mapping[str, Parameter] = {
     "num_train_epochs": _with_default(_int(1), 3),
-    "max_steps": Parameter(-1, "-1 (no limit) or a whole number, at least 1", int, lambda v: v == -1 or v >= 1),
+    "max_steps": _unlimited_or(1, "no limit"),
     "per_device_train_batch_size": _with_default(_int(1), 1),
     "per_device_eval_batch_size": _with_default(_int(1), 1),
     "gradient_accumulation_steps": _with_default(_int(1), 1),
@@ -62,7 +69,7 @@ PARAMETERS: Mapping[str, Parameter] = {
     "lr_scheduler_type": Parameter("cosine", "one of " + ", ".join(SCHEDULERS), _scheduler),
     "warmup_steps": _with_default(_int(0), 0),
     "weight_decay": _with_default(_NON_NEGATIVE, 0.0),
-    "max_seq_length": Parameter(-1, "-1 (the model's limit) or a whole number, at least 16", int, lambda v: v == -1 or v >= 16),
+    "max_seq_length": _unlimited_or(16, "the model's limit"),
     "apply_lora": _with_default(_FLAG, True),
     "lora_r": _with_default(_int(1), 8),
     "lora_alpha": _with_default(_int(1), 128),
@@ -70,7 +77,7 @@ PARAMETERS: Mapping[str, Parameter] = {
     "merge_lora_weights": _with_default(_FLAG, True),
     "precision": Parameter("32", "16, 32 or bf16", _precision),
     "seed": _with_default(_int(0), 42),
-    "save_total_limit": Parameter(-1, "-1 (keep all) or a whole number, at least 1", int, lambda v: v == -1 or v >= 1),
+    "save_total_limit": _unlimited_or(1, "keep all"),
     "resume_from_checkpoint": _with_default(_FLAG, True),
 }  # fmt: skip
 
