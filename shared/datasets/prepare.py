@@ -13,10 +13,11 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
+from shared.datasets.offload import BlockWriter, Offload
 from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_rows
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
 from shared.settings import DatasetSettings, percent
@@ -117,12 +118,12 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
             try:
                 dataset_changes[attribute] = parse(value)
             except ValueError:
-                raise ParameterError(f"metadata {key}={value!r}: expected {expects}") from None
+                raise ParameterError(f"{key}={value!r}: expected {expects}") from None
         elif name in PARAMETERS:
             training[name] = parse_parameter(name, value)
         else:
             known = ", ".join([*DATASET_OVERRIDES, *PARAMETERS])
-            raise ParameterError(f"unknown metadata key {key!r}: known keys are {known}")
+            raise ParameterError(f"unknown setting {key!r}: known ones are {known}")
     return replace(settings, **dataset_changes), training
 
 
@@ -145,7 +146,7 @@ class _Preparer:
         self.seen_conversations: set[int] = set()
         self.smallest_train: tuple[int, bytes, int] | None = None  # (bucket, line, tokens)
 
-    def _error(self, row: Row, problems: list[tuple[str, str]], rejected: IO[bytes]) -> None:
+    def _error(self, row: Row, problems: list[tuple[str, str]], rejected: BlockWriter) -> None:
         self.invalid += 1
         for category, message in problems:
             self.errors.setdefault(category, _Tally()).add(row.line, message)
@@ -162,7 +163,7 @@ class _Preparer:
     def _warn(self, line: int, category: str, message: str) -> None:
         self.warnings.setdefault(category, _Tally()).add(line, message)
 
-    def run(self, rows: Iterable[Row], train: IO[bytes], test: IO[bytes], rejected: IO[bytes]) -> None:
+    def run(self, rows: Iterable[Row], train: BlockWriter, test: BlockWriter, rejected: BlockWriter) -> None:
         test_cut = round(self.settings.test_percent * _BUCKETS / 100)
         sample_cut = round(self.settings.sample_percent * _BUCKETS / 100)
         for row in rows:
@@ -272,36 +273,40 @@ def prepare_dataset(
     settings: DatasetSettings,
     metadata: Mapping[str, str] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    refusal: str | None = None,
 ) -> Preparation:
     """Validate, split and report on one upload, writing the outputs into `out_dir`.
 
     Never raises for anything in the data: every problem ends in a rejected Preparation with a
-    report. `chunks` is the upload's bytes in pieces (a blob download or a file read)."""
+    report. `chunks` is the upload's bytes in pieces (a blob download or a file read);
+    `refusal` rejects the upload for a reason found before reading it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
         (out_dir / name).unlink(missing_ok=True)
-    fatal: str | None = None
+    fatal, training = refusal, {}
     try:
         settings, training = read_overrides(metadata or {}, settings)
     except ParameterError as error:
-        fatal, training = str(error), {}
+        fatal = fatal or str(error)
     preparer = _Preparer(out_dir, info, settings, training)
-    stream = ChunkStream(chunks, on_progress)
+    offload = Offload()
+    stream = ChunkStream(chunks, on_progress, hash_with=offload.submit)
     input_format = "unknown"
     if fatal is None:
-        with (
-            (out_dir / TRAIN_FILE).open("wb") as train,
-            (out_dir / TEST_FILE).open("wb") as test,
-            (out_dir / REJECTED_FILE).open("wb") as rejected,
-        ):
-            try:
-                input_format, rows = read_rows(stream)
-                preparer.run(rows, train, test, rejected)
-            except UnreadableDataset as error:
-                preparer.errors.setdefault(error.category, _Tally()).add(0, str(error))
-                preparer.first_problems.insert(0, f"{info.name}: {error}")
-                fatal = str(error)
+        outputs = [BlockWriter(out_dir / name, offload) for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE)]
+        try:
+            input_format, rows = read_rows(stream)
+            preparer.run(rows, *outputs)
+        except UnreadableDataset as error:
+            preparer.errors.setdefault(error.category, _Tally()).add(0, str(error))
+            preparer.first_problems.insert(0, f"{info.name}: {error}")
+            fatal = str(error)
+        finally:
+            for output in outputs:
+                output.close()
         stream.drain()  # what the parser did not need still counts in the sha256
+    offload.close()
+    if fatal is None:
         preparer.ensure_test_row()
 
     usable = preparer.split["train"] + preparer.split["test"]
@@ -369,4 +374,18 @@ def _report(
             "test": TEST_FILE if accepted else None,
             "rejected_rows": REJECTED_FILE if p.invalid else None,
         },
+    }
+
+
+def report_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a report worth keeping in the ledger: small, and enough to answer "why"."""
+    return {
+        "status": report["status"],
+        "rows": report["rows"],
+        "split": {key: report["split"][key] for key in ("train", "test")},
+        "errors": {category: tally["count"] for category, tally in report["errors"].items()},
+        "warnings": {category: tally["count"] for category, tally in report["warnings"].items()},
+        "estimated_training_tokens": report["statistics"]["estimated_training_tokens"]["total"],
+        "sha256": report["input"]["sha256"],
+        "training_overrides": report["training_overrides"],
     }

@@ -15,7 +15,7 @@ import orjson
 
 BOM = b"\xef\xbb\xbf"
 MAX_LINE_BYTES = 32 * 1024 * 1024
-CHUNK_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 
@@ -42,8 +42,14 @@ class ChunkStream(io.RawIOBase):
     """A readable binary stream over an iterable of byte chunks (a blob download), counting and
     hashing what passes through."""
 
-    def __init__(self, chunks: Iterable[bytes], on_progress: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        chunks: Iterable[bytes],
+        on_progress: Callable[[int], None] | None = None,
+        hash_with: Callable[[Callable[[bytes], None], bytes], None] | None = None,
+    ) -> None:
         self._chunks = iter(chunks)
+        self._hash_with = hash_with
         self._pending = memoryview(b"")
         self._on_progress = on_progress
         self.bytes_read = 0
@@ -57,7 +63,10 @@ class ChunkStream(io.RawIOBase):
             chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
-            self.sha256.update(chunk)
+            if self._hash_with:
+                self._hash_with(self.sha256.update, chunk)
+            else:
+                self.sha256.update(chunk)
             self.bytes_read += len(chunk)
             if self._on_progress:
                 self._on_progress(self.bytes_read)
