@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import azure.functions as func
+import orjson
 import pytest
 from azure.functions.blob import InputStream
 from azure.functions.timer import TimerRequest
@@ -18,17 +19,28 @@ from functions.intake import dataset_intake
 from functions.janitor import endpoint_janitor
 from functions.job_events import job_events
 from functions.status import run_status
+from shared.datasets.sample import conversations
 from shared.ledger import Ledger, RunState, open_ledger
 from shared.settings import Settings
-from shared.storage import DATASETS_CONTAINER, blob_service
+from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
+
+SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=5))
 
 
-def _upload_blob(settings: Settings, name: str, data: bytes = b'{"messages": []}\n') -> str:
+def _upload_blob(settings: Settings, name: str, data: bytes = SAMPLE, metadata: dict[str, str] | None = None) -> str:
     container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
     if not container.exists():
         container.create_container()
     blob = container.get_blob_client(name)
-    return str(blob.upload_blob(data, overwrite=True)["etag"]).strip('"')
+    return str(blob.upload_blob(data, overwrite=True, metadata=metadata)["etag"]).strip('"')
+
+
+def _prepared(settings: Settings, run_id: str) -> dict[str, bytes]:
+    container = blob_service(settings.storage).get_container_client(PREPARED_CONTAINER)
+    return {
+        blob.name.split("/", 1)[1]: container.download_blob(blob.name).readall()
+        for blob in container.list_blobs(name_starts_with=f"{run_id}/")
+    }
 
 
 def _trigger_stream(name: str, properties: dict[str, Any] | None) -> InputStream:
@@ -49,8 +61,9 @@ def test_intake_records_the_upload_once_per_version(app_settings: Settings, app_
     intake(_trigger_stream(name, {"ETag": etag}))  # the same BlobCreated delivered again
     runs = app_ledger.by_blob(DATASETS_CONTAINER, name)
     assert len(runs) == 1
-    assert runs[0].state == RunState.RECEIVED
+    assert runs[0].state == RunState.PREPARED
     assert runs[0].upload.version == etag
+    assert [entry.state for entry in app_ledger.history(runs[0].run_id)] == [RunState.RECEIVED, RunState.PREPARED]
 
     new_etag = _upload_blob(app_settings, name, b'{"messages": [{"role": "user", "content": "hi"}]}\n')
     intake(_trigger_stream(name, {"ETag": new_etag}))
@@ -65,6 +78,56 @@ def test_intake_reads_the_etag_from_storage_when_the_trigger_has_none(
     dataset_intake.build().get_user_function()(_trigger_stream(name, None))
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
     assert run.upload.version == etag
+
+
+def test_blob_trigger_prepares_the_upload_end_to_end(app_settings: Settings, app_ledger: Ledger) -> None:
+    name = f"team/ultra-{uuid.uuid4().hex[:8]}.jsonl"
+    etag = _upload_blob(app_settings, name, metadata={"test_pc": "20", "num_train_epochs": "1"})
+    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": etag}))
+    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == RunState.PREPARED
+    files = _prepared(app_settings, run.run_id)
+    assert set(files) == {"train_sft.jsonl", "test_sft.jsonl", "report.json"}
+    report = json.loads(files["report.json"])
+    assert report["input"]["name"] == f"{DATASETS_CONTAINER}/{name}"
+    assert report["input"]["etag"] == etag and report["input"]["size"] == len(SAMPLE)
+    assert report["settings"]["test_percent"] == 20
+    train, test = files["train_sft.jsonl"].splitlines(), files["test_sft.jsonl"].splitlines()
+    assert len(train) + len(test) == 40 and len(train) == report["split"]["train"]
+    assert run.details["report"]["training_overrides"] == {"num_train_epochs": 1}
+    assert run.details["report"]["sha256"] == report["input"]["sha256"]
+    assert run.details["prepared"] == f"prepared/{run.run_id}/"
+
+
+def test_a_rejected_upload_is_recorded_with_its_report_and_left_untouched(
+    app_settings: Settings, app_ledger: Ledger
+) -> None:
+    name = f"broken-{uuid.uuid4().hex[:8]}.jsonl"
+    data = SAMPLE + b'{"messages": [{"role": "user", "content": "no answer"}]}\n'
+    etag = _upload_blob(app_settings, name, data)
+    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": etag}))
+    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == RunState.REJECTED
+    assert run.reason is not None and "1 of 41 rows have errors (first at line 41:" in run.reason
+    assert "\n" not in run.reason
+    files = _prepared(app_settings, run.run_id)
+    assert set(files) == {"report.json", "rejected_rows.jsonl"}
+    assert json.loads(files["report.json"])["errors"]["no_assistant_message"]["first_lines"] == [41]
+    original = blob_service(app_settings.storage).get_blob_client(DATASETS_CONTAINER, name)
+    assert original.download_blob().readall() == data
+    assert str(original.get_blob_properties().etag).strip('"') == etag
+
+
+def test_an_upload_overwritten_before_it_is_read_is_rejected_with_that_reason(
+    app_settings: Settings, app_ledger: Ledger
+) -> None:
+    name = f"moving-{uuid.uuid4().hex[:8]}.jsonl"
+    old_etag = _upload_blob(app_settings, name)
+    _upload_blob(app_settings, name, SAMPLE + SAMPLE)
+    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": old_etag}))
+    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == RunState.REJECTED
+    assert run.reason is not None and run.reason.startswith("the blob was overwritten before it could be read")
 
 
 def _grid_event(event_type: str, data: dict[str, Any]) -> func.EventGridEvent:
@@ -86,7 +149,6 @@ def test_job_events_are_recorded_against_the_run_that_submitted_the_job(
     dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
     job_name = f"ft-{run.run_id}"
-    run = app_ledger.advance(run, RunState.PREPARED, "prepared")
     app_ledger.advance(run, RunState.SUBMITTED, "submitted", job_name=job_name)
 
     handler = job_events.build().get_user_function()
@@ -131,7 +193,7 @@ def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: S
     name = f"status-{uuid.uuid4().hex[:8]}.jsonl"
     dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
 
-    listing = _get("runs", {"state": "received", "limit": "200"})
+    listing = _get("runs", {"state": "prepared", "limit": "200"})
     assert listing.status_code == 200
     assert listing.mimetype == "application/json"
     runs = {run["upload"]["blob_name"]: run for run in json.loads(listing.get_body())["runs"]}
@@ -140,9 +202,10 @@ def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: S
     one = _get(f"runs/{run_id}", run_id=run_id)
     assert one.status_code == 200
     body = json.loads(one.get_body())
-    assert body["state"] == "received"
-    assert body["state_times"].keys() == {"received"}
-    assert [entry["state"] for entry in body["history"]] == ["received"]
+    assert body["state"] == "prepared"
+    assert body["state_times"].keys() == {"received", "prepared"}
+    assert [entry["state"] for entry in body["history"]] == ["received", "prepared"]
+    assert body["details"]["report"]["split"]["train"] + body["details"]["report"]["split"]["test"] == 40
     assert "etag" not in body
 
 
