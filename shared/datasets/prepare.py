@@ -164,10 +164,16 @@ class _Preparer:
         self.warnings.setdefault(category, _Tally()).add(line, message)
 
     def run(self, rows: Iterable[Row], train: BlockWriter, test: BlockWriter, rejected: BlockWriter) -> None:
+        # The hot loop: counters live in locals and are stored once at the end.
         test_cut = round(self.settings.test_percent * _BUCKETS / 100)
         sample_cut = round(self.settings.sample_percent * _BUCKETS / 100)
+        seen_ids, seen_conversations = self.seen_ids, self.seen_conversations
+        max_seq_length, add_tokens, warn = self.max_seq_length, self.tokens.add, self._warn
+        total = duplicates = sampled_out = turns = characters = max_turns = max_characters = 0
+        train_rows = test_rows = train_tokens = 0
+        smallest_train = self.smallest_train
         for row in rows:
-            self.rows += 1
+            total += 1
             if row.error:
                 self._error(row, [row.error], rejected)
                 continue
@@ -176,43 +182,50 @@ class _Preparer:
                 self._error(row, checked.errors, rejected)
                 continue
             for category, message in checked.warnings:
-                self._warn(row.line, category, message)
-            conversation = checked.row
-            assert conversation is not None
-            id_key = hash(checked.prompt_id)
-            content_key = hash(tuple((m["role"], m["content"]) for m in conversation["messages"]))
-            if id_key in self.seen_ids or content_key in self.seen_conversations:
-                self.duplicates += 1
-                if id_key in self.seen_ids:
-                    self._warn(row.line, "duplicate_prompt_id", f"prompt_id {checked.prompt_id} appeared earlier")
-                else:
-                    self._warn(row.line, "duplicate_conversation", "the same messages appeared earlier")
+                warn(row.line, category, message)
+            prompt_id = checked.prompt_id
+            id_key = hash(prompt_id)
+            if id_key in seen_ids:
+                duplicates += 1
+                warn(row.line, "duplicate_prompt_id", f"prompt_id {prompt_id} appeared earlier")
                 continue
-            self.seen_ids.add(id_key)
-            self.seen_conversations.add(content_key)
-            if sample_cut < _BUCKETS and bucket(checked.prompt_id, b"sample") >= sample_cut:
-                self.sampled_out += 1
+            if checked.content_key in seen_conversations:
+                duplicates += 1
+                warn(row.line, "duplicate_conversation", "the same messages appeared earlier")
+                continue
+            seen_ids.add(id_key)
+            seen_conversations.add(checked.content_key)
+            if sample_cut < _BUCKETS and bucket(prompt_id, b"sample") >= sample_cut:
+                sampled_out += 1
                 continue
 
             tokens = checked.estimated_tokens
-            if tokens > self.max_seq_length:
-                self._warn(row.line, "over_max_seq_length", f"about {tokens} tokens, over {self.max_seq_length}")
-            self.tokens.add(tokens)
-            self.turns += checked.turns
-            self.characters += checked.characters
-            self.max_turns = max(self.max_turns, checked.turns)
-            self.max_characters = max(self.max_characters, checked.characters)
-            line = (orjson.dumps(conversation, default=str) if checked.changed or row.raw is None else row.raw) + b"\n"
-            position = bucket(checked.prompt_id, b"split")
+            if tokens > max_seq_length:
+                warn(row.line, "over_max_seq_length", f"about {tokens} tokens, over {max_seq_length}")
+            add_tokens(tokens)
+            turns += checked.turns
+            characters += checked.characters
+            max_turns = max(max_turns, checked.turns)
+            max_characters = max(max_characters, checked.characters)
+            raw = row.raw
+            line = (orjson.dumps(checked.row, default=str) if checked.changed or raw is None else raw) + b"\n"
+            position = bucket(prompt_id, b"split")
             if position < test_cut:
-                self.split["test"] += 1
+                test_rows += 1
                 test.write(line)
             else:
-                self.split["train"] += 1
-                self.train_tokens += tokens
+                train_rows += 1
+                train_tokens += tokens
                 train.write(line)
-                if self.smallest_train is None or position < self.smallest_train[0]:
-                    self.smallest_train = (position, line, tokens)
+                if smallest_train is None or position < smallest_train[0]:
+                    smallest_train = (position, line, tokens)
+        self.rows, self.duplicates, self.sampled_out = total, duplicates, sampled_out
+        self.turns, self.characters, self.max_turns, self.max_characters = turns, characters, max_turns, max_characters
+        self.split, self.train_tokens, self.smallest_train = (
+            {"train": train_rows, "test": test_rows},
+            train_tokens,
+            smallest_train,
+        )
 
     def ensure_test_row(self) -> None:
         """A tiny upload can hash no row into test: move the train row nearest the cut there, so

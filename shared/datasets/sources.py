@@ -28,7 +28,7 @@ class UnreadableDataset(ValueError):
         self.category = category
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Row:
     """One line (or Parquet row) of the upload: its parsed value, or why it could not be parsed."""
 

@@ -42,7 +42,7 @@ WARNING_CATEGORIES = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Checked:
     """The outcome of checking one conversation."""
 
@@ -53,6 +53,7 @@ class Checked:
     prompt_id: str = ""
     characters: int = 0
     turns: int = 0
+    content_key: int = 0  # equal for conversations with the same messages (within one process)
 
     @property
     def estimated_tokens(self) -> int:
@@ -83,6 +84,7 @@ def check_conversation(value: Any) -> Checked:
     previous_role = None
     has_assistant = False
     characters = 0
+    content_key = 0
     for index, message in enumerate(messages):
         if type(message) is not dict:
             errors.append(("message_not_an_object", f"messages[{index}] is {_kind(message)}, not an object"))
@@ -102,6 +104,7 @@ def check_conversation(value: Any) -> Checked:
                 errors.append(("empty_content", f"messages[{index}].content is empty"))
             else:
                 characters += len(content)
+                content_key = hash((content_key, role, content))
         if role == "system" and index:
             errors.append(("system_not_first", f"messages[{index}] is a system message; only the first may be"))
         elif role == "assistant":
@@ -141,6 +144,7 @@ def check_conversation(value: Any) -> Checked:
         checked.row = {**derived, **{k: v for k, v in checked.row.items() if k not in derived}}
         checked.changed = True
     checked.prompt_id = checked.row["prompt_id"]
+    checked.content_key = content_key
     checked.characters = characters
     checked.turns = len(messages)
     return checked
