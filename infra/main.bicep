@@ -1,0 +1,103 @@
+// The whole system: the function app and its storage, monitoring, Event Grid, and an Azure ML
+// workspace (new, or an existing one) with a GPU cluster that scales to zero.
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(40)
+@description('azd environment name; names and tags every resource.')
+param environmentName string
+
+@minLength(1)
+@description('Region for every resource. Pick one with A100 quota for fine-tuning.')
+param location string
+
+@description('Use this existing Azure ML workspace instead of creating one (empty: create one).')
+param existingWorkspaceName string = ''
+
+@description('Resource group of the existing workspace (empty: the one azd creates).')
+param existingWorkspaceResourceGroup string = ''
+
+@description('GPU VM size for fine-tuning: an A100 size on the model\'s finetune_compute_allow_list. NCv3 sizes are retired.')
+@allowed([
+  'Standard_NC24ads_A100_v4'
+  'Standard_NC48ads_A100_v4'
+  'Standard_NC96ads_A100_v4'
+  'Standard_ND96asr_v4'
+  'Standard_ND96amsr_A100_v4'
+])
+param computeVmSize string = 'Standard_NC24ads_A100_v4'
+
+@minValue(1)
+@description('Most nodes the GPU cluster may scale to (it scales to 0 when idle).')
+param computeMaxNodes int = 2
+
+@description('GPUs per node of computeVmSize (NC24ads 1, NC48ads 2, NC96ads 4, ND96 8).')
+param gpusPerNode string = '1'
+
+@description('NCRONTAB schedule of the endpoint janitor.')
+param janitorSchedule string = '0 */10 * * * *'
+
+var tags = { 'azd-env-name': environmentName, 'managed-by': 'finetune-on-upload' }
+var suffix = toLower(uniqueString(subscription().id, environmentName, location))
+var createWorkspace = empty(existingWorkspaceName)
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: 'rg-${environmentName}'
+  location: location
+  tags: tags
+}
+
+var workspaceResourceGroupName = empty(existingWorkspaceResourceGroup) ? rg.name : existingWorkspaceResourceGroup
+
+module app 'modules/app.bicep' = {
+  name: 'app'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    suffix: suffix
+    workspaceResourceGroupName: workspaceResourceGroupName
+    workspaceName: ml.outputs.workspaceName
+    workspacePrincipalId: ml.outputs.workspacePrincipalId
+    workspaceEventsPrincipalId: ml.outputs.workspaceEventsPrincipalId
+    computeClusterName: ml.outputs.computeClusterName
+    gpusPerNode: gpusPerNode
+    janitorSchedule: janitorSchedule
+    identityName: 'id-${suffix}'
+  }
+}
+
+module ml 'modules/ml.bicep' = {
+  name: 'ml'
+  scope: resourceGroup(workspaceResourceGroupName)
+  dependsOn: [rg]
+  params: {
+    location: location
+    tags: tags
+    suffix: suffix
+    createWorkspace: createWorkspace
+    workspaceName: createWorkspace ? 'mlw-${suffix}' : existingWorkspaceName
+    computeVmSize: computeVmSize
+    computeMaxNodes: computeMaxNodes
+  }
+}
+
+module mlAccess 'modules/ml-access.bicep' = {
+  name: 'ml-access'
+  scope: resourceGroup(workspaceResourceGroupName)
+  params: {
+    workspaceName: ml.outputs.workspaceName
+    functionPrincipalId: app.outputs.identityPrincipalId
+  }
+}
+
+output AZURE_LOCATION string = location
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = app.outputs.functionAppName
+output AZURE_STORAGE_ACCOUNT_NAME string = app.outputs.storageAccountName
+output AZUREML_WORKSPACE_NAME string = ml.outputs.workspaceName
+output AZUREML_WORKSPACE_RESOURCE_GROUP string = workspaceResourceGroupName
+output AZUREML_COMPUTE_CLUSTER string = ml.outputs.computeClusterName
+output STORAGE_EVENTS_TOPIC_NAME string = app.outputs.storageEventsTopicName
+output WORKSPACE_EVENTS_TOPIC_NAME string = ml.outputs.workspaceEventsTopicName
+output DEAD_LETTER_CONTAINER string = app.outputs.deadLetterContainerName
