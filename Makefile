@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: setup test lint demo bench clean
+CHECKOV_VENV := .venv-checkov
+
+.PHONY: setup test lint infra-check demo bench clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -23,11 +25,20 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+$(CHECKOV_VENV)/.installed: requirements-checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install $(PIP_FLAGS) -r requirements-checkov.txt
+	@touch $@
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# Static checks of infra/ (nothing here can reach Azure). --skip-download: checkov must not phone home.
+infra-check: $(CHECKOV_VENV)/.installed
+	$(CHECKOV_VENV)/bin/checkov --directory infra --framework bicep --skip-download --compact --quiet
+
+test: lint infra-check
 	$(PY) -m pytest
 
 demo: setup
@@ -37,4 +48,4 @@ bench: setup
 	$(PY) bench/cold_start.py
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache .hypothesis .local
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules .pytest_cache .ruff_cache .hypothesis .local

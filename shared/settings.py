@@ -31,6 +31,7 @@ STORAGE_IDENTITY_SETTINGS = (
     f"{STORAGE_SETTING}__clientId",
 )
 APP_SETTINGS = (
+    "AZURE_CLIENT_ID",
     "ML_BACKEND",
     "JANITOR_SCHEDULE",
     "AZURE_SUBSCRIPTION_ID",
@@ -99,6 +100,7 @@ class DatasetSettings:
 class Settings:
     storage: StorageConnection
     ml_backend: Literal["local", "azureml"]
+    managed_identity_client_id: str | None
     janitor_schedule: str
     azureml: AzureMLWorkspace | None
     dataset: DatasetSettings = DatasetSettings()
@@ -201,7 +203,8 @@ def _storage(reader: _Reader) -> StorageConnection:
     credential = reader.parsed(
         f"{STORAGE_SETTING}__credential", None, "'managedidentity'", _one_of(("managedidentity",))
     )
-    client_id = reader.raw(f"{STORAGE_SETTING}__clientId")
+    # A user-assigned identity: the storage-specific client id, else the app's (AZURE_CLIENT_ID).
+    client_id = reader.raw(f"{STORAGE_SETTING}__clientId") or reader.raw("AZURE_CLIENT_ID")
 
     if connection_string is not None:
         fields = _connection_string_fields(connection_string)
@@ -288,7 +291,8 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
     )
     azureml = _azureml(reader, required=backend == "azureml")
     dataset = _dataset(reader)
-    settings = Settings(storage, backend, schedule, azureml, dataset)  # type: ignore[arg-type]
+    client_id = reader.raw("AZURE_CLIENT_ID")
+    settings = Settings(storage, backend, client_id, schedule, azureml, dataset)  # type: ignore[arg-type]
     return settings, reader
 
 
