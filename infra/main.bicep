@@ -34,6 +34,9 @@ param computeMaxNodes int = 2
 @description('GPUs per node of computeVmSize (NC24ads 1, NC48ads 2, NC96ads 4, ND96 8).')
 param gpusPerNode string = '1'
 
+@description('Registry model to fine-tune (empty: the newest fine-tunable Phi chat model in the azureml registry).')
+param baseModel string = ''
+
 @description('NCRONTAB schedule of the endpoint janitor.')
 param janitorSchedule string = '0 */10 * * * *'
 
@@ -63,6 +66,7 @@ module app 'modules/app.bicep' = {
     computeClusterName: ml.outputs.computeClusterName
     gpusPerNode: gpusPerNode
     janitorSchedule: janitorSchedule
+    baseModel: baseModel
     identityName: 'id-${suffix}'
   }
 }

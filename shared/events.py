@@ -52,6 +52,31 @@ def parse_job_status(event_type: str, data: Mapping[str, Any]) -> JobStatus | No
     )
 
 
+def publish_job_status(
+    endpoint: str, key: str, job_name: str, status: str, experiment: str, tags: Mapping[str, str]
+) -> None:
+    """Publish a job's status as Azure ML does (`RunStatusChanged` of a pipeline run), so the local
+    trainer and Azure ML drive the same job-events function."""
+    from azure.core.credentials import AzureKeyCredential
+    from azure.eventgrid import EventGridEvent, EventGridPublisherClient
+
+    event = EventGridEvent(
+        subject=f"experiments/{experiment}/runs/{job_name}",
+        event_type=RUN_STATUS_CHANGED,
+        data_version="2",
+        data={
+            "experimentId": experiment,
+            "experimentName": experiment,
+            "runId": job_name,
+            "runType": PIPELINE_RUN_TYPE,
+            "runTags": dict(tags),
+            "runProperties": {},
+            "runStatus": status,
+        },
+    )
+    EventGridPublisherClient(endpoint, AzureKeyCredential(key)).send([event])
+
+
 def handle_job_event(ledger: Ledger, data: Any, event_type: str, topic: str | None, subject: str | None) -> str:
     """Record a job status event against the run that submitted the job. Returns what was done."""
     status = parse_job_status(event_type, data)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal, TypeVar
 
 T = TypeVar("T")
@@ -44,8 +45,13 @@ APP_SETTINGS = (
     "DATASET_MIN_CONVERSATIONS",
     "DATASET_MAX_INVALID_FRACTION",
     "DATASET_MAX_SEQ_LENGTH",
+    "BASE_MODEL",
+    "ENDPOINT_REQUEST_TIMEOUT_S",
 )
-KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS)
+# Read only by the local backend; the cloud deployment has no use for them.
+LOCAL_SETTINGS = ("LOCAL_DATA_DIR", "JOB_EVENTS_TOPIC_ENDPOINT", "JOB_EVENTS_TOPIC_KEY")
+KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS, *LOCAL_SETTINGS)
+MAX_REQUEST_TIMEOUT_S = 180  # Azure ML managed endpoints allow no more
 
 _NCRONTAB_FIELD = re.compile(r"^[0-9A-Za-z*/,\-]+$")
 
@@ -97,13 +103,25 @@ class DatasetSettings:
 
 
 @dataclass(frozen=True)
+class LocalBackendSettings:
+    """Where the local backend keeps jobs, models and endpoints, and where its trainer reports."""
+
+    data_dir: Path
+    job_events_endpoint: str | None
+    job_events_key: str | None
+
+
+@dataclass(frozen=True)
 class Settings:
     storage: StorageConnection
     ml_backend: Literal["local", "azureml"]
     managed_identity_client_id: str | None
     janitor_schedule: str
     azureml: AzureMLWorkspace | None
-    dataset: DatasetSettings = DatasetSettings()
+    dataset: DatasetSettings
+    base_model: str | None  # None: the backend's default (local: tiny-phi3)
+    endpoint_request_timeout_s: int
+    local: LocalBackendSettings
 
 
 class _Reader:
@@ -168,6 +186,13 @@ def percent(value: str, *, allow_zero: bool = False, allow_hundred: bool = True)
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number < 1.0:
+        raise ValueError(value)
+    return number
+
+
+def _bounded_int(value: str, low: int, high: int) -> int:
+    number = int(value)
+    if not low <= number <= high:
         raise ValueError(value)
     return number
 
@@ -279,6 +304,18 @@ def _dataset(reader: _Reader) -> DatasetSettings:
     )
 
 
+def _local(reader: _Reader) -> LocalBackendSettings:
+    endpoint = reader.parsed("JOB_EVENTS_TOPIC_ENDPOINT", None, "an http(s):// Event Grid topic endpoint", _https_uri)
+    key = reader.raw("JOB_EVENTS_TOPIC_KEY")
+    if endpoint and not key:
+        reader.errors.append("JOB_EVENTS_TOPIC_KEY is not set: expected the key of JOB_EVENTS_TOPIC_ENDPOINT")
+    return LocalBackendSettings(
+        data_dir=Path(reader.raw("LOCAL_DATA_DIR") or ".local").expanduser().resolve(),
+        job_events_endpoint=endpoint,
+        job_events_key=key,
+    )
+
+
 def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
     reader = _Reader(environ)
     storage = _storage(reader)
@@ -292,7 +329,24 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
     azureml = _azureml(reader, required=backend == "azureml")
     dataset = _dataset(reader)
     client_id = reader.raw("AZURE_CLIENT_ID")
-    settings = Settings(storage, backend, client_id, schedule, azureml, dataset)  # type: ignore[arg-type]
+    base_model = reader.raw("BASE_MODEL")
+    timeout = reader.parsed(
+        "ENDPOINT_REQUEST_TIMEOUT_S",
+        90,
+        f"a whole number of seconds from 1 to {MAX_REQUEST_TIMEOUT_S}",
+        lambda value: _bounded_int(value, 1, MAX_REQUEST_TIMEOUT_S),
+    )
+    settings = Settings(
+        storage,
+        backend,
+        client_id,
+        schedule,
+        azureml,
+        dataset,
+        base_model,
+        timeout,
+        _local(reader),  # type: ignore[arg-type]
+    )
     return settings, reader
 
 

@@ -10,6 +10,7 @@ import pytest
 from shared.settings import (
     APP_SETTINGS,
     KNOWN_SETTINGS,
+    LOCAL_SETTINGS,
     STORAGE_SETTING,
     SettingsError,
     StorageConnection,
@@ -37,7 +38,7 @@ def test_defaults_work_locally() -> None:
 
 def test_the_sample_local_settings_hold_every_app_setting_and_load() -> None:
     values = json.loads((REPO / "local.settings.sample.json").read_text())["Values"]
-    assert set(values) == {STORAGE_SETTING, "FUNCTIONS_WORKER_RUNTIME", *APP_SETTINGS}
+    assert set(values) == {STORAGE_SETTING, "FUNCTIONS_WORKER_RUNTIME", *APP_SETTINGS, *LOCAL_SETTINGS}
     assert values["FUNCTIONS_WORKER_RUNTIME"] == "python"
     assert values[STORAGE_SETTING] == "UseDevelopmentStorage=true"
     assert load_settings(values).ml_backend == "local"

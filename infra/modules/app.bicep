@@ -10,6 +10,7 @@ param workspaceEventsPrincipalId string
 param computeClusterName string
 param gpusPerNode string
 param janitorSchedule string
+param baseModel string
 
 var datasetsContainer = 'datasets'
 var preparedContainer = 'prepared'
@@ -158,6 +159,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'DATASET_MIN_CONVERSATIONS', value: '10' }
         { name: 'DATASET_MAX_INVALID_FRACTION', value: '0' }
         { name: 'DATASET_MAX_SEQ_LENGTH', value: '4096' }
+        { name: 'BASE_MODEL', value: baseModel }
+        { name: 'ENDPOINT_REQUEST_TIMEOUT_S', value: '90' }
       ]
     }
     functionAppConfig: {

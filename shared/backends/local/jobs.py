@@ -1,0 +1,188 @@
+"""Local fine-tune jobs: each a detached trainer process with its own folder, log and status file,
+so a job outlives whoever submitted it, as an Azure ML job does.
+
+Folder `<data dir>/jobs/<job name>/`: `job.json` (what to do), `status.json` (where it stands),
+`trainer.log`, `inputs/`, `checkpoints/`, `outputs/mlflow_model_folder/`, `metrics.json`,
+`loss_curve.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
+from shared.events import publish_job_status
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TERMINAL = ("Completed", "Failed", "Canceled")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
+_PUBLISHED = "event-published"
+
+
+class JobError(ValueError):
+    """A job request that cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the trainer process needs; written to job.json."""
+
+    job_name: str
+    base_model: str
+    parameters: dict[str, Any]
+    experiment_name: str
+    tracking_uri: str
+    models_dir: str
+    tags: dict[str, str] = field(default_factory=dict)
+    events_endpoint: str | None = None
+    events_key: str | None = None
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_name: str
+    status: str  # NotStarted, Running, Completed, Failed, Canceled (Azure ML's names)
+    reason: str | None = None
+    pid: int | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def check_job_name(name: str) -> str:
+    if not _JOB_NAME.match(name):
+        raise JobError(f"job name {name!r}: use letters, digits, '-' and '_', starting with a letter or digit")
+    return name
+
+
+def job_dir(data_dir: Path, job_name: str) -> Path:
+    return data_dir / "jobs" / check_job_name(job_name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)
+
+
+def write_state(directory: Path, state: JobState) -> None:
+    _write_json(directory / "status.json", asdict(state))
+
+
+def read_spec(directory: Path) -> JobSpec:
+    return JobSpec(**json.loads((directory / "job.json").read_text()))
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def publish_once(directory: Path, state: JobState) -> None:
+    """Publish the job's final status event exactly once, whoever notices the end first."""
+    spec = read_spec(directory)
+    try:
+        (directory / _PUBLISHED).open("x").close()
+    except FileExistsError:
+        return
+    if spec.events_endpoint and spec.events_key:
+        publish_job_status(
+            spec.events_endpoint, spec.events_key, spec.job_name, state.status, spec.experiment_name, spec.tags
+        )
+
+
+def read_state(directory: Path) -> JobState:
+    """The job's status; a trainer that died without saying so ends as Failed (and is published)."""
+    if not (directory / "status.json").exists():
+        raise JobError(f"no job {directory.name!r}")
+    state = JobState(**json.loads((directory / "status.json").read_text()))
+    if state.is_terminal or state.status == "Queued" or _pid_alive(state.pid):
+        return state
+    failed = JobState(
+        state.job_name,
+        "Failed",
+        reason="the trainer process ended without reporting a result (killed or crashed); see trainer.log",
+        pid=state.pid,
+        started_at=state.started_at,
+        ended_at=_now(),
+    )
+    write_state(directory, failed)
+    publish_once(directory, failed)
+    return failed
+
+
+def _stage_inputs(prepared: Path, inputs: Path) -> None:
+    for name in (TRAIN_FILE, TEST_FILE):
+        source = prepared / name
+        if not source.is_file():
+            raise JobError(f"{source}: no such file; --prepared must be a folder written by 'prepare'")
+    inputs.mkdir(parents=True, exist_ok=True)
+    for name in (TRAIN_FILE, TEST_FILE):
+        shutil.copyfile(prepared / name, inputs / name)
+
+
+def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False) -> JobState:
+    """Start the job, or find it: a job that exists is returned as it is, unless `restart` is
+    set and it ended without completing, in which case it resumes from its last checkpoint."""
+    directory = job_dir(data_dir, spec.job_name)
+    if (directory / "status.json").exists():
+        state = read_state(directory)
+        if not restart or state.status == "Completed" or not state.is_terminal:
+            return state
+        (directory / _PUBLISHED).unlink(missing_ok=True)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        _stage_inputs(prepared, directory / "inputs")
+    _write_json(directory / "job.json", asdict(spec))
+    write_state(directory, JobState(spec.job_name, "Queued", started_at=_now()))
+    log = (directory / "trainer.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.backends.local.trainer", str(directory)],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # survives the caller, like a submitted cloud job
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"},
+    )
+    log.close()
+    state = JobState(spec.job_name, "Running", pid=process.pid, started_at=_now())
+    # The trainer writes only final states; it needs seconds to start, so this write comes first.
+    if not read_state(directory).is_terminal:
+        write_state(directory, state)
+    return read_state(directory)
+
+
+def cancel(data_dir: Path, job_name: str) -> JobState:
+    directory = job_dir(data_dir, job_name)
+    state = read_state(directory)
+    if not state.is_terminal and state.pid:
+        os.kill(state.pid, signal.SIGTERM)  # the trainer records Canceled and publishes
+    return state

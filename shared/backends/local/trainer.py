@@ -1,0 +1,296 @@
+"""The local trainer process: `python -m shared.backends.local.trainer JOB_DIR`.
+
+LoRA supervised fine-tuning of a causal chat model with transformers + peft: the Phi-3 chat
+template, loss on assistant tokens only, checkpoints every epoch (a restarted job resumes from
+the last one), metrics to MLflow, and an MLflow model folder as output. It writes only the job's
+final status; the backend reads everything else from the files it leaves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from shared.backends.local.jobs import JobSpec, JobState, publish_once, read_spec, write_state
+from shared.backends.local.tiny_model import TINY_PHI3, build_tiny_phi3
+from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
+from shared.training import resolve_parameters
+
+log = logging.getLogger("trainer")
+MODEL_FOLDER = "mlflow_model_folder"
+DEFAULT_MAX_LENGTH = 2048
+PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "tokenizers"]
+
+
+class Canceled(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def resolve_base_model(name: str, models_dir: Path) -> str:
+    """A Hugging Face id or local folder as given; the built-in `tiny-phi3` is built on first use."""
+    if name == TINY_PHI3:
+        return str(build_tiny_phi3(models_dir / TINY_PHI3))
+    return name
+
+
+def tokenize_conversations(path: Path, tokenizer: Any, max_length: int) -> tuple[list[Example], int]:
+    """Chat-template each conversation (only `messages`: trl and others trip over `prompt`),
+    labelling assistant tokens only. Returns the examples and how many were dropped because
+    truncation left no assistant token to learn from."""
+    examples, dropped = [], 0
+    with path.open("rb") as rows:
+        for line in rows:
+            messages = json.loads(line)["messages"]
+            encoded = tokenizer.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids = list(encoded["input_ids"])[:max_length]
+            mask = list(encoded["assistant_masks"])[:max_length]
+            if not any(mask):
+                dropped += 1
+                continue
+            examples.append(Example(ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]))
+    return examples, dropped
+
+
+class _Collator:
+    """Pads a batch and counts the real tokens it carries (for tokens per second)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self.tokens = 0
+
+    def __call__(self, batch: list[Example]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(e.input_ids) for e in batch)
+        self.tokens += sum(len(e.input_ids) for e in batch)
+        return {
+            "input_ids": torch.tensor([e.input_ids + [self.pad_id] * (width - len(e.input_ids)) for e in batch]),
+            "labels": torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch]),
+            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]),
+        }
+
+
+def _metrics_callback(collator: _Collator) -> Any:
+    import mlflow
+    from transformers import TrainerCallback
+
+    class MetricsToMlflow(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_time = time.monotonic()
+            self.last_tokens = 0
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
+            logs = logs or {}
+            metrics = {}
+            if "loss" in logs:
+                now = time.monotonic()
+                metrics["train_loss"] = logs["loss"]
+                metrics["tokens_per_second"] = (collator.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+                self.last_time, self.last_tokens = now, collator.tokens
+            if "learning_rate" in logs:
+                metrics["learning_rate"] = logs["learning_rate"]
+            if "eval_loss" in logs:
+                metrics["eval_loss"] = logs["eval_loss"]
+                metrics["perplexity"] = math.exp(min(logs["eval_loss"], 50))
+            if metrics:
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    return MetricsToMlflow()
+
+
+def _loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(entry["step"], entry[key]) for entry in history if key in entry]
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _last_checkpoint(checkpoints: Path) -> str | None:
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(found[-1]) if found else None
+
+
+def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
+    import mlflow
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    parameters = resolve_parameters(spec.parameters)
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported() and spec.parameters.get("precision", "bf16") != "32"
+    base = resolve_base_model(spec.base_model, Path(spec.models_dir))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    requested = parameters["max_seq_length"]
+    max_length = requested if requested > 0 else min(tokenizer.model_max_length, DEFAULT_MAX_LENGTH)
+    train_set, dropped = tokenize_conversations(directory / "inputs" / TRAIN_FILE, tokenizer, max_length)
+    eval_set, _ = tokenize_conversations(directory / "inputs" / TEST_FILE, tokenizer, max_length)
+    if not train_set:
+        raise ValueError(f"no training conversation keeps an assistant token within max_seq_length={max_length}")
+    if parameters["apply_lora"]:
+        lora = LoraConfig(
+            r=parameters["lora_r"],
+            lora_alpha=parameters["lora_alpha"],
+            lora_dropout=parameters["lora_dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+
+    collator = _Collator(tokenizer.pad_token_id)
+    checkpoints = directory / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=parameters["num_train_epochs"],
+        max_steps=parameters["max_steps"],
+        per_device_train_batch_size=parameters["per_device_train_batch_size"],
+        per_device_eval_batch_size=parameters["per_device_eval_batch_size"],
+        gradient_accumulation_steps=parameters["gradient_accumulation_steps"],
+        learning_rate=parameters["learning_rate"],
+        lr_scheduler_type=parameters["lr_scheduler_type"],
+        warmup_steps=parameters["warmup_steps"],
+        weight_decay=parameters["weight_decay"],
+        seed=parameters["seed"],
+        save_strategy="epoch",
+        eval_strategy="epoch" if eval_set else "no",
+        save_total_limit=None if parameters["save_total_limit"] < 1 else parameters["save_total_limit"],
+        logging_steps=1,
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=bf16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set or None,
+        data_collator=collator,
+        callbacks=[_metrics_callback(collator)],
+    )
+
+    mlflow.set_tracking_uri(spec.tracking_uri)
+    mlflow.set_experiment(spec.experiment_name)
+    run_file = directory / "mlflow_run_id"
+    run_id = run_file.read_text().strip() if run_file.exists() else None
+    resume = _last_checkpoint(checkpoints) if parameters["resume_from_checkpoint"] else None
+    with mlflow.start_run(run_id=run_id, run_name=spec.job_name, tags={"job": spec.job_name, **spec.tags}) as run:
+        run_file.write_text(run.info.run_id)
+        if run_id is None:
+            mlflow.log_params({**parameters, "base_model": spec.base_model, "max_length": max_length})
+        if resume:
+            log.info("resuming %s from %s", spec.job_name, resume)
+        started, tokens_before = time.monotonic(), collator.tokens
+        result = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.monotonic() - started
+        evaluation = trainer.evaluate() if eval_set else {}
+
+        final = (
+            trainer.model.merge_and_unload()
+            if parameters["apply_lora"] and parameters["merge_lora_weights"]
+            else trainer.model
+        )
+        output = directory / "outputs" / MODEL_FOLDER
+        if output.exists():
+            import shutil
+
+            shutil.rmtree(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        mlflow.transformers.save_model(
+            transformers_model={"model": final, "tokenizer": tokenizer},
+            path=str(output),
+            task="llm/v1/chat",
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+        _loss_curve(trainer.state.log_history, directory / "loss_curve.png", f"{spec.job_name} ({spec.base_model})")
+        mlflow.log_artifact(str(directory / "loss_curve.png"))
+        eval_loss = evaluation.get("eval_loss")
+        metrics = {
+            "train_loss": result.training_loss,
+            "eval_loss": eval_loss,
+            "perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None,
+            "tokens_per_second": (collator.tokens - tokens_before) / max(seconds, 1e-9),
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_examples": len(train_set),
+            "eval_examples": len(eval_set),
+            "dropped_examples": dropped,
+            "resumed_from": resume,
+            "device": "cuda" if cuda else "cpu",
+            "precision": "bf16" if bf16 else "fp32",
+            "lora": parameters["apply_lora"],
+            "merged": parameters["apply_lora"] and parameters["merge_lora_weights"],
+            "mlflow_run_id": run.info.run_id,
+            "model_folder": str(output),
+            "loss_curve": str(directory / "loss_curve.png"),
+        }
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k in ("tokens_per_second",) and v is not None})
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or "no message"
+    return f"{type(error).__name__}: {text}"[:500]
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    directory = Path(argv[0]).resolve()
+    spec = read_spec(directory)
+
+    def cancel(signum: int, frame: Any) -> None:
+        raise Canceled
+
+    signal.signal(signal.SIGTERM, cancel)
+    started = datetime.now(UTC).isoformat()
+    try:
+        metrics = train(directory, spec)
+        state = JobState(spec.job_name, "Completed", started_at=started, ended_at=datetime.now(UTC).isoformat())
+        log.info("job %s completed: %s", spec.job_name, json.dumps(metrics))
+    except Canceled:
+        state = JobState(spec.job_name, "Canceled", "canceled on request", started_at=started,
+                         ended_at=datetime.now(UTC).isoformat())  # fmt: skip
+    except Exception as error:
+        traceback.print_exc()
+        state = JobState(spec.job_name, "Failed", _one_line(error), started_at=started,
+                         ended_at=datetime.now(UTC).isoformat())  # fmt: skip
+    write_state(directory, state)
+    publish_once(directory, state)
+    return 0 if state.status == "Completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
