@@ -7,12 +7,20 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shared.ledger import LedgerError, open_ledger
 from shared.settings import SettingsError, get_settings
 from shared.status import runs_response
+
+if TYPE_CHECKING:
+    from shared.backends.local.backend import LocalBackend
+
+MANAGED_BY = "finetune-on-upload"
 
 
 class CliError(Exception):
@@ -69,6 +77,108 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0 if result.accepted else 2
 
 
+def _local_backend() -> LocalBackend:
+    from shared.backends.local.backend import LocalBackend
+
+    settings = get_settings()
+    if settings.ml_backend != "local":
+        raise CliError(f"this command drives the local backend; ML_BACKEND is {settings.ml_backend}")
+    return LocalBackend(settings)
+
+
+def _emit(payload: Any) -> None:
+    """The machine-readable last line of a command."""
+    print(json.dumps(payload))
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from shared.backends import JobRequest
+    from shared.training import ParameterError, parse_parameter
+
+    overrides = {}
+    for assignment in args.set or []:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise CliError(f"--set {assignment!r}: expected key=value")
+        try:
+            overrides[key.strip()] = parse_parameter(key.strip(), value)
+        except ParameterError as error:
+            raise CliError(str(error)) from None
+    prepared = Path(args.prepared).resolve()
+    backend = _local_backend()
+    request = JobRequest(args.job, str(prepared), prepared.name or "chat", overrides)
+    status = backend.submit(request, restart=True)
+    _progress(f"job {status.job_name}: {status.status} (log: {backend.job_log(status.job_name)})")
+    if args.wait:
+        started, last = time.monotonic(), status.status
+        while not status.is_terminal:
+            time.sleep(2)
+            status = backend.job_status(args.job)
+            if status.status != last:
+                _progress(f"job {args.job}: {status.status}")
+                last = status.status
+            elif int(time.monotonic() - started) % 20 < 2:
+                _progress(f"job {args.job}: {status.status}, {time.monotonic() - started:.0f} s")
+    _emit({"job": status.job_name, "status": status.status, "reason": status.reason,
+           "metrics": backend.job_metrics(status.job_name) if status.status == "Completed" else None})  # fmt: skip
+    return 1 if args.wait and status.status != "Completed" else 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    backend = _local_backend()
+    names = [args.name] if args.name else backend.job_names()
+    _emit([{**asdict(backend.job_status(name)), "metrics": backend.job_metrics(name) or None} for name in names])
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    model = _local_backend().register(args.job)
+    _emit({"model": model.name, "version": model.version})
+    return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from shared.backends import ModelRef
+
+    name, sep, version = args.model.rpartition(":")
+    if not sep or not name or not version:
+        raise CliError(f"--model {args.model!r}: expected NAME:VERSION")
+    backend = _local_backend()
+    backend.deploy(ModelRef(name, version), args.endpoint, {"managed-by": MANAGED_BY})
+    _progress(f"endpoint {args.endpoint}: starting, loading {name}:{version}")
+    endpoint = backend.wait_ready(args.endpoint)
+    _emit({"endpoint": endpoint.name, "scoring_uri": endpoint.scoring_uri})
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    _emit(_local_backend().keys(args.endpoint))
+    return 0
+
+
+def _invoke(args: argparse.Namespace) -> int:
+    try:
+        body = json.loads(Path(args.file).read_text())
+    except json.JSONDecodeError as error:
+        raise CliError(f"{args.file}: not valid JSON: {error}") from None
+    _emit(_local_backend().invoke(args.endpoint, body))
+    return 0
+
+
+def _endpoints(args: argparse.Namespace) -> int:
+    _emit([asdict(endpoint) for endpoint in _local_backend().list_endpoints()])
+    return 0
+
+
+def _delete_endpoint(args: argparse.Namespace) -> int:
+    _emit({"endpoint": args.endpoint, "deleted": _local_backend().delete_endpoint(args.endpoint)})
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
 
@@ -101,6 +211,42 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--sample-pc", help="percentage of conversations to keep at all (default 100)")
     prepare.set_defaults(handler=_prepare)
 
+    train = commands.add_parser("train", help="start (or resume) a local fine-tune job")
+    train.add_argument("--prepared", required=True, help="a folder written by 'prepare'")
+    train.add_argument("--job", required=True, help="the job's name; the same name resumes it")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training parameter, repeatable")
+    train.add_argument("--wait", action="store_true", help="wait for the end; exit 0 only if it Completed")
+    train.set_defaults(handler=_train)
+
+    jobs = commands.add_parser("jobs", help="status of local jobs")
+    jobs.add_argument("name", nargs="?")
+    jobs.set_defaults(handler=_jobs)
+
+    register = commands.add_parser("register", help="register a completed job's model")
+    register.add_argument("--job", required=True)
+    register.set_defaults(handler=_register)
+
+    deploy = commands.add_parser("deploy", help="serve a registered model at a local endpoint")
+    deploy.add_argument("--model", required=True, metavar="NAME:VERSION")
+    deploy.add_argument("--endpoint", required=True)
+    deploy.set_defaults(handler=_deploy)
+
+    keys = commands.add_parser("keys", help="an endpoint's keys (the only place they are shown)")
+    keys.add_argument("endpoint")
+    keys.set_defaults(handler=_keys)
+
+    invoke = commands.add_parser("invoke", help="send a request file to an endpoint")
+    invoke.add_argument("--endpoint", required=True)
+    invoke.add_argument("--file", required=True, metavar="REQUEST.json")
+    invoke.set_defaults(handler=_invoke)
+
+    endpoints = commands.add_parser("endpoints", help="local endpoints with their last request times")
+    endpoints.set_defaults(handler=_endpoints)
+
+    delete = commands.add_parser("delete-endpoint", help="stop and remove a local endpoint")
+    delete.add_argument("endpoint")
+    delete.set_defaults(handler=_delete_endpoint)
+
     demo = commands.add_parser("demo", help="run the end-to-end demo on the local backend")
     demo.set_defaults(handler=_demo)
     return parser
@@ -109,11 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from azure.core.exceptions import AzureError
 
+    from shared.backends import BackendError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.handler(args))
-    except (CliError, SettingsError, LedgerError, OSError, AzureError) as error:
+    except (CliError, SettingsError, LedgerError, BackendError, OSError, AzureError) as error:
         print(f"error: {error}".replace("\n", " "), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

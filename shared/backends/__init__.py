@@ -1,0 +1,84 @@
+"""The backends that train, register and serve models, behind one small interface.
+
+`local` (the default) does it all on this machine; `azureml` on Azure Machine Learning. Every
+mutating call is idempotent: called again with the same arguments it finds what the first call
+made instead of making a second one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+TERMINAL_JOB_STATUSES = ("Completed", "Failed", "Canceled")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_name: str
+    prepared: str  # where train_sft.jsonl and test_sft.jsonl are (a folder, or a storage URI)
+    dataset: str  # a short name for the data, used in the model's name
+    parameters: dict[str, Any] = field(default_factory=dict)  # overrides of the training defaults
+    tags: dict[str, str] = field(default_factory=dict)  # lineage: run id, dataset sha256
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_name: str
+    status: str  # Azure ML's names: Queued, Running, Completed, Failed, Canceled
+    reason: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_JOB_STATUSES
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    state: str  # Creating, Succeeded, Failed
+    scoring_uri: str | None
+    model: ModelRef | None
+    created_at: str
+    last_request_at: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    def submit(self, request: JobRequest, restart: bool = False) -> JobStatus: ...
+
+    def job_status(self, job_name: str) -> JobStatus: ...
+
+    def register(self, job_name: str) -> ModelRef: ...
+
+    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
+
+    def endpoint(self, name: str) -> Endpoint: ...
+
+    def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]: ...
+
+    def keys(self, endpoint: str) -> dict[str, str]: ...
+
+    def list_endpoints(self) -> list[Endpoint]: ...
+
+    def delete_endpoint(self, name: str) -> bool: ...
+
+
+class BackendError(ValueError):
+    """A backend refused or failed a request; the message says why."""
+
+
+def get_backend(settings: Settings) -> Backend:
+    if settings.ml_backend == "local":
+        from shared.backends.local.backend import LocalBackend
+
+        return LocalBackend(settings)
+    raise BackendError(f"ML_BACKEND={settings.ml_backend} is not available yet")

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.backends import BackendError
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
 from shared.events import publish_job_status
 
@@ -29,7 +30,7 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 _PUBLISHED = "event-published"
 
 
-class JobError(ValueError):
+class JobError(BackendError):
     """A job request that cannot be carried out; the message says why."""
 
 

@@ -1,0 +1,123 @@
+"""The local backend: trainer processes, MLflow's registry, local HTTP endpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.backends import BackendError, Endpoint, JobRequest, JobStatus, ModelRef
+from shared.backends.local import endpoints, jobs, registry
+from shared.backends.local.tiny_model import TINY_PHI3
+from shared.settings import Settings
+from shared.training import PARAMETERS
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    settings: Settings
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.local.data_dir
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    @property
+    def base_model(self) -> str:
+        return self.settings.base_model or TINY_PHI3
+
+    def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
+        unknown = set(request.parameters) - set(PARAMETERS)
+        if unknown:
+            raise BackendError(f"unknown training parameter(s): {', '.join(sorted(unknown))}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        spec = jobs.JobSpec(
+            job_name=request.job_name,
+            base_model=self.base_model,
+            parameters=dict(request.parameters),
+            experiment_name=f"chat_completion_{Path(self.base_model).name}",
+            tracking_uri=self.tracking_uri,
+            models_dir=str(self.data_dir / "models"),
+            tags={"dataset": request.dataset, **request.tags},
+            events_endpoint=self.settings.local.job_events_endpoint,
+            events_key=self.settings.local.job_events_key,
+        )
+        state = jobs.submit(self.data_dir, spec, Path(request.prepared), restart=restart)
+        return JobStatus(state.job_name, state.status, state.reason)
+
+    def job_status(self, job_name: str) -> JobStatus:
+        state = jobs.read_state(jobs.job_dir(self.data_dir, job_name))
+        return JobStatus(state.job_name, state.status, state.reason)
+
+    def job_names(self) -> list[str]:
+        root = self.data_dir / "jobs"
+        return sorted(path.parent.name for path in root.glob("*/status.json")) if root.exists() else []
+
+    def job_log(self, job_name: str) -> Path:
+        return jobs.job_dir(self.data_dir, job_name) / "trainer.log"
+
+    def job_metrics(self, job_name: str) -> dict[str, Any]:
+        path = jobs.job_dir(self.data_dir, job_name) / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def register(self, job_name: str) -> ModelRef:
+        status = self.job_status(job_name)
+        if status.status != "Completed":
+            raise BackendError(f"job {job_name} is {status.status}; only a Completed job has a model to register")
+        directory = jobs.job_dir(self.data_dir, job_name)
+        spec = jobs.read_spec(directory)
+        metrics = self.job_metrics(job_name)
+        name = registry.model_name_for(spec.base_model, spec.tags.get("dataset", "chat"))
+        tags = {"job": job_name, "base_model": spec.base_model, **spec.tags}
+        version = registry.register(
+            self.tracking_uri, self.data_dir, name, Path(metrics["model_folder"]), metrics.get("mlflow_run_id"), tags
+        )
+        return ModelRef(name, version)
+
+    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint:
+        folder = registry.model_folder(self.tracking_uri, model.name, model.version)
+        started = endpoints.deploy(
+            self.data_dir,
+            endpoint,
+            (model.name, model.version, folder),
+            tags,
+            self.settings.endpoint_request_timeout_s,
+        )
+        return _endpoint(started)
+
+    def wait_ready(self, endpoint: str, timeout_s: float = 120) -> Endpoint:
+        return _endpoint(endpoints.wait_ready(self.data_dir, endpoint, timeout_s))
+
+    def endpoint(self, name: str) -> Endpoint:
+        return _endpoint(endpoints.get(self.data_dir, name))
+
+    def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
+        status, reply = endpoints.invoke(self.data_dir, endpoint, body)
+        if status != 200:
+            raise BackendError(f"endpoint {endpoint} answered {status}: {reply.get('error', reply)}")
+        return reply
+
+    def keys(self, endpoint: str) -> dict[str, str]:
+        return endpoints.keys(self.data_dir, endpoint)
+
+    def list_endpoints(self) -> list[Endpoint]:
+        return [_endpoint(found) for found in endpoints.list_endpoints(self.data_dir)]
+
+    def delete_endpoint(self, name: str) -> bool:
+        return endpoints.delete(self.data_dir, name)
+
+
+def _endpoint(found: endpoints.LocalEndpoint) -> Endpoint:
+    return Endpoint(
+        name=found.name,
+        state=found.state,
+        scoring_uri=found.scoring_uri,
+        model=ModelRef(found.model_name, found.model_version),
+        created_at=found.created_at,
+        last_request_at=found.last_request_at,
+        tags=found.tags,
+    )

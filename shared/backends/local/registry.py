@@ -1,0 +1,54 @@
+"""The local model registry: MLflow's, in the same SQLite store as the training metrics.
+A job's model gets one version, however often it is registered."""
+
+from __future__ import annotations
+
+import fcntl
+import re
+from pathlib import Path
+
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def model_name_for(base_model: str, dataset: str) -> str:
+    """`{base}-{dataset}`, as the walkthrough's `{model}-ultrachat-200k`, '/' and odd characters as '-'."""
+    base = base_model.rstrip("/").rsplit("/", 1)[-1]
+    return _NAME.sub("-", f"{base}-{dataset}").strip("-")
+
+
+def register(
+    tracking_uri: str, lock_dir: Path, name: str, model_folder: Path, run_id: str | None, tags: dict[str, str]
+) -> str:
+    """Register `model_folder` as a version of `name`, tagged with its lineage; the version already
+    registered for the same job (tag `job`) is returned instead of a second one."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    # MLflow numbers versions itself: the check and the create must not interleave across processes.
+    with (lock_dir / "registry.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client.create_registered_model(name, description="Fine-tuned chat models, one version per job.")
+        except MlflowException as error:
+            if "already exists" not in str(error).lower():
+                raise
+        existing = client.search_model_versions(f"name = '{name}' and tag.job = '{tags['job']}'")
+        if existing:
+            return str(existing[0].version)
+        version = client.create_model_version(
+            name,
+            source=str(model_folder),
+            run_id=run_id,
+            tags=tags,
+            description=f"{tags.get('base_model', '?')} fine-tuned on {tags.get('dataset', '?')} by job {tags['job']}",
+        )
+        return str(version.version)
+
+
+def model_folder(tracking_uri: str, name: str, version: str) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return Path(client.get_model_version(name, version).source)
