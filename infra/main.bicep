@@ -37,6 +37,9 @@ param gpusPerNode string = '1'
 @description('Registry model to fine-tune (empty: the newest fine-tunable Phi chat model in the azureml registry).')
 param baseModel string = ''
 
+@description('VM size of online deployments; checked against the model\'s inference_compute_allow_list.')
+param inferenceInstanceType string = 'Standard_NC24ads_A100_v4'
+
 @description('NCRONTAB schedule of the endpoint janitor.')
 param janitorSchedule string = '0 */10 * * * *'
 
@@ -67,6 +70,7 @@ module app 'modules/app.bicep' = {
     gpusPerNode: gpusPerNode
     janitorSchedule: janitorSchedule
     baseModel: baseModel
+    inferenceInstanceType: inferenceInstanceType
     identityName: 'id-${suffix}'
   }
 }

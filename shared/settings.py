@@ -40,6 +40,9 @@ APP_SETTINGS = (
     "AZUREML_WORKSPACE_NAME",
     "AZUREML_COMPUTE_CLUSTER",
     "AZUREML_GPUS_PER_NODE",
+    "AZUREML_COMPONENT_VERSION",
+    "AZUREML_INSTANCE_TYPE",
+    "AZUREML_EXPERIMENT_NAME",
     "DATASET_TEST_PERCENT",
     "DATASET_SAMPLE_PERCENT",
     "DATASET_MIN_CONVERSATIONS",
@@ -89,6 +92,9 @@ class AzureMLWorkspace:
     workspace_name: str
     compute_cluster: str
     gpus_per_node: int | None
+    component_version: str | None = None  # None: the registry's `latest` label
+    instance_type: str = "Standard_NC24ads_A100_v4"
+    experiment_name: str = "chat_completion_finetune"
 
 
 @dataclass(frozen=True)
@@ -269,12 +275,15 @@ def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
         "AZUREML_WORKSPACE_NAME": "the Azure ML workspace name",
         "AZUREML_COMPUTE_CLUSTER": "the name of a GPU compute cluster in the workspace",
     }
+    component_version = reader.raw("AZUREML_COMPONENT_VERSION")
+    instance_type = reader.raw("AZUREML_INSTANCE_TYPE") or AzureMLWorkspace.instance_type
+    experiment_name = reader.raw("AZUREML_EXPERIMENT_NAME") or AzureMLWorkspace.experiment_name
     if not required:
         for name in names:
             reader.raw(name)
         return None
     values = [reader.required(name, f"{expects} (ML_BACKEND=azureml)") for name, expects in names.items()]
-    return AzureMLWorkspace(*values, gpus_per_node=gpus_per_node)
+    return AzureMLWorkspace(*values, gpus_per_node, component_version, instance_type, experiment_name)
 
 
 def _dataset(reader: _Reader) -> DatasetSettings:

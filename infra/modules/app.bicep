@@ -11,6 +11,7 @@ param computeClusterName string
 param gpusPerNode string
 param janitorSchedule string
 param baseModel string
+param inferenceInstanceType string
 
 var datasetsContainer = 'datasets'
 var preparedContainer = 'prepared'
@@ -154,6 +155,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'AZUREML_WORKSPACE_NAME', value: workspaceName }
         { name: 'AZUREML_COMPUTE_CLUSTER', value: computeClusterName }
         { name: 'AZUREML_GPUS_PER_NODE', value: gpusPerNode }
+        { name: 'AZUREML_COMPONENT_VERSION', value: '' }
+        { name: 'AZUREML_INSTANCE_TYPE', value: inferenceInstanceType }
+        { name: 'AZUREML_EXPERIMENT_NAME', value: 'chat_completion_finetune' }
         { name: 'DATASET_TEST_PERCENT', value: '5' }
         { name: 'DATASET_SAMPLE_PERCENT', value: '100' }
         { name: 'DATASET_MIN_CONVERSATIONS', value: '10' }

@@ -1,0 +1,573 @@
+"""The Azure ML backend: the walkthrough's submission, registration and deployment, with its
+traps fixed. Nothing here blocks on a long-running operation: jobs and deployments are started
+and their progress is read later."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from shared.backends import BackendError, Endpoint, JobRequest, JobStatus, ModelRef
+from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
+from shared.backends.local.registry import model_name_for
+from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
+from shared.settings import AzureMLWorkspace, Settings
+
+if TYPE_CHECKING:
+    from azure.ai.ml import MLClient
+    from azure.ai.ml.entities import Model, PipelineJob
+
+log = logging.getLogger(__name__)
+MANAGED_BY = "finetune-on-upload"
+DEPLOYMENT = "ft"
+# NC v1 (K80) sizes, and NCv3 (V100) sizes retired on 2025-09-30.
+RETIRED_VM_SIZES = frozenset(
+    {"standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r",
+     "standard_nc6s_v3", "standard_nc12s_v3", "standard_nc24s_v3", "standard_nc24rs_v3"}
+)  # fmt: skip
+LIVENESS_INITIAL_DELAY_S = 600
+METRICS_API_VERSION = "2023-10-01"
+ENDPOINT_METRICS_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
+
+
+class PreflightError(BackendError):
+    """Refused before anything was created in Azure; the message says why."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a submission will use, decided by the preflight checks."""
+
+    model_id: str
+    model_name: str
+    model_version: str
+    compute: str
+    gpus_per_node: int
+    parameters: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _tags_literal(model: Model, key: str) -> Any:
+    value = (model.tags or {}).get(key)
+    if not value:
+        return None
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _retirement_date(model: Model) -> str | None:
+    """A fine-tune retirement date from the model's tags, whatever their spelling."""
+    for key, value in (model.tags or {}).items():
+        compact = re.sub(r"[^a-z]", "", key.lower())
+        if "retirement" in compact and ("finetun" in compact or compact.startswith("retirement")):
+            return str(value)
+    return None
+
+
+def check_model(model: Model, today: datetime) -> None:
+    """Refuse an archived model, or one past its fine-tune retirement date (naming the date)."""
+    label = f"{model.name}:{model.version}"
+    if str(getattr(model, "stage", "") or "").lower() == "archived" or (model.properties or {}).get("isArchived"):
+        raise PreflightError(f"base model {label} is archived in the {REGISTRY} registry: choose another BASE_MODEL")
+    retirement = _retirement_date(model)
+    if retirement:
+        try:
+            retired = datetime.fromisoformat(retirement[:10]).replace(tzinfo=UTC) <= today
+        except ValueError:
+            retired = False
+        if retired:
+            raise PreflightError(
+                f"base model {label} was retired for fine-tuning on {retirement[:10]}: choose another BASE_MODEL"
+            )
+
+
+def check_vm_size(model: Model, vm_size: str, allow_list_tag: str, purpose: str) -> None:
+    if vm_size.lower() in RETIRED_VM_SIZES:
+        raise PreflightError(
+            f"{purpose} VM size {vm_size} is retired: use an A100 size such as Standard_NC24ads_A100_v4"
+        )
+    allowed = _tags_literal(model, allow_list_tag)
+    if isinstance(allowed, list | tuple) and vm_size.lower() not in {str(size).lower() for size in allowed}:
+        raise PreflightError(
+            f"{purpose} VM size {vm_size} is not in {model.name}'s {allow_list_tag}: {', '.join(map(str, allowed))}"
+        )
+
+
+def job_name_for(run_id: str) -> str:
+    """A deterministic job name per run: a redelivered upload finds the job it already submitted."""
+    return f"ft-{run_id}"
+
+
+def model_version_for(job_name: str) -> str:
+    """A deterministic model version per job (Azure ML versions are strings; digits sort well)."""
+    return str(int(hashlib.sha256(job_name.encode()).hexdigest()[:10], 16))
+
+
+def display_name(model: str, parameters: dict[str, Any], gpus: int) -> str:
+    """The walkthrough's rule: {model}-ultrachat-bs{B}-{scheduler}-{ds2|nods}-{lora|nolora}-save_limit{L}-seqlen{S}."""
+    batch = (
+        int(parameters.get("per_device_train_batch_size", 1))
+        * int(parameters.get("gradient_accumulation_steps", 1))
+        * gpus
+        * int(parameters.get("num_nodes_finetune", 1))
+    )
+    deepspeed = f"ds{parameters.get('deepspeed_stage', 2)}" if parameters.get("apply_deepspeed") == "true" else "nods"
+    lora = "lora" if parameters.get("apply_lora") == "true" else "nolora"
+    return (
+        f"{model}-ultrachat-bs{batch}-{parameters.get('lr_scheduler_type', 'linear')}-{deepspeed}-{lora}"
+        f"-save_limit{parameters.get('save_total_limit', -1)}-seqlen{parameters.get('max_seq_length', -1)}"
+    )
+
+
+class AzureMLBackend:
+    def __init__(self, settings: Settings, transport: Any = None, credential: Any = None) -> None:
+        if settings.azureml is None:
+            raise BackendError("ML_BACKEND=azureml needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP, ...")
+        self.settings = settings
+        self.workspace_settings: AzureMLWorkspace = settings.azureml
+        self._transport = transport  # tests pass a fake HTTP transport; None is the real network
+        self._credential = credential
+
+    # Clients: created on first use and reused.
+    def _client_options(self) -> dict[str, Any]:
+        return {"transport": self._transport} if self._transport is not None else {}
+
+    @cached_property
+    def credential(self) -> Any:
+        if self._credential is not None:
+            return self._credential
+        from azure.identity import DefaultAzureCredential
+
+        return DefaultAzureCredential(managed_identity_client_id=self.settings.managed_identity_client_id)
+
+    @cached_property
+    def workspace(self) -> MLClient:
+        from azure.ai.ml import MLClient
+
+        ws = self.workspace_settings
+        return MLClient(self.credential, ws.subscription_id, ws.resource_group, ws.workspace_name,
+                        **self._client_options())  # fmt: skip
+
+    @cached_property
+    def registry(self) -> MLClient:
+        from azure.ai.ml import MLClient
+
+        return MLClient(self.credential, registry_name=REGISTRY, **self._client_options())
+
+    # Preflight: every refusal happens before anything is created.
+    def base_model(self) -> Model:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name, _, version = (self.settings.base_model or "").partition(":")
+        if not name:
+            name = self._newest_finetunable_phi()
+        try:
+            model = (
+                self.registry.models.get(name, version=version)
+                if version
+                else self.registry.models.get(name, label="latest")
+            )
+        except ResourceNotFoundError:
+            raise PreflightError(
+                f"base model {name}{':' + version if version else ''} is not in the {REGISTRY} registry"
+            ) from None
+        check_model(model, datetime.now(UTC))
+        return model
+
+    def _newest_finetunable_phi(self) -> str:
+        """The newest Phi chat model the registry offers for fine-tuning (Phi-3 models are retired)."""
+        candidates = []
+        for container in self.registry.models.list():
+            match = re.match(r"^Phi-(\d+(?:\.\d+)?)", container.name or "")
+            if not match:
+                continue
+            model = self.registry.models.get(container.name, label="latest")
+            tags = model.tags or {}
+            if tags.get("task", "").lower() != "chat-completion" or "finetune_compute_allow_list" not in tags:
+                continue
+            try:
+                check_model(model, datetime.now(UTC))
+            except PreflightError:
+                continue
+            candidates.append((float(match.group(1)), model.name))
+        if not candidates:
+            raise PreflightError(f"no fine-tunable Phi chat model found in the {REGISTRY} registry: set BASE_MODEL")
+        return max(candidates)[1]
+
+    def gpus_per_node(self, vm_size: str) -> int:
+        if self.workspace_settings.gpus_per_node:
+            return self.workspace_settings.gpus_per_node
+        sizes = list(self.workspace.compute.list_sizes())
+        for size in sizes:
+            if (size.name or "").lower() == vm_size.lower():
+                if not size.gpus:
+                    raise PreflightError(f"VM size {vm_size} has no GPU: fine-tuning needs one")
+                return int(size.gpus)
+        names = ", ".join(sorted(size.name for size in sizes if size.gpus))
+        raise PreflightError(f"VM size {vm_size} is not in the workspace's list of sizes (GPU sizes: {names})")
+
+    def plan(self, parameters: dict[str, Any]) -> Plan:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        model = self.base_model()
+        cluster = self.workspace_settings.compute_cluster
+        try:
+            compute = self.workspace.compute.get(cluster)
+        except ResourceNotFoundError:
+            raise PreflightError(f"compute cluster {cluster} does not exist in the workspace") from None
+        if str(compute.provisioning_state or "").lower() == "failed":
+            raise PreflightError(f"compute cluster {cluster} is in a failed provisioning state: recreate it")
+        vm_size = compute.size or ""
+        check_vm_size(model, vm_size, "finetune_compute_allow_list", "fine-tuning")
+        gpus = self.gpus_per_node(vm_size)
+        try:
+            merged, warnings = merge_parameters((model.tags or {}).get("model_specific_defaults"), parameters)
+        except ComponentInputError as error:
+            raise PreflightError(str(error)) from None
+        for warning in warnings:
+            log.warning("%s", warning)
+        return Plan(model.id, model.name, str(model.version), cluster, gpus, merged, warnings)
+
+    # Submission.
+    def _component_uri(self) -> str:
+        version = self.workspace_settings.component_version
+        suffix = f"versions/{version}" if version else "labels/latest"
+        return f"azureml://registries/{REGISTRY}/components/{COMPONENT_NAME}/{suffix}"
+
+    def _input_uri(self, prepared: str, name: str) -> str:
+        if not re.match(r"^(https://|azureml://datastores/)", prepared):
+            raise BackendError(f"prepared data must be an https:// or azureml://datastores/ URI, not {prepared!r}")
+        return f"{prepared.rstrip('/')}/{name}"
+
+    def build_job(self, request: JobRequest, plan: Plan) -> PipelineJob:
+        from azure.ai.ml import Input, Output
+        from azure.ai.ml.entities import PipelineJob
+        from azure.ai.ml.entities._builders.pipeline import Pipeline
+
+        inputs: dict[str, Any] = {
+            "mlflow_model_path": Input(type="mlflow_model", path=plan.model_id),
+            "train_file_path": Input(type="uri_file", path=self._input_uri(request.prepared, TRAIN_FILE)),
+            "test_file_path": Input(type="uri_file", path=self._input_uri(request.prepared, TEST_FILE)),
+            "compute_model_import": plan.compute,
+            "compute_preprocess": plan.compute,
+            "compute_finetune": plan.compute,
+            "compute_model_evaluation": plan.compute,
+            "number_of_gpu_to_use_finetuning": plan.gpus_per_node,
+            "task_name": "ChatCompletion",
+            **plan.parameters,
+        }
+        node = Pipeline(component=self._component_uri(), inputs=inputs,
+                        outputs={OUTPUT: "${{parent.outputs.trained_model}}"})  # fmt: skip
+        job = PipelineJob(
+            name=request.job_name,
+            display_name=display_name(plan.model_name, plan.parameters, plan.gpus_per_node),
+            experiment_name=self.workspace_settings.experiment_name,
+            description=f"Fine-tune {plan.model_name}:{plan.model_version} on {request.dataset}",
+            jobs={COMPONENT_NAME: node},
+            outputs={"trained_model": Output(type="mlflow_model")},
+            tags={
+                "managed-by": MANAGED_BY,
+                "base_model": f"{plan.model_name}:{plan.model_version}",
+                "dataset": request.dataset,
+                **request.tags,
+            },
+        )
+        job.settings.force_rerun = True
+        job.settings.continue_on_step_failure = False
+        return job
+
+    def dry_run(self, request: JobRequest) -> dict[str, Any]:
+        """The job body the SDK would PUT, with no network: the model comes from BASE_MODEL as
+        given and the GPUs per node from AZUREML_GPUS_PER_NODE."""
+        name, _, version = (self.settings.base_model or "").partition(":")
+        if not name or not self.workspace_settings.gpus_per_node:
+            raise BackendError(
+                "a dry run needs BASE_MODEL (name[:version]) and AZUREML_GPUS_PER_NODE: it cannot look them up"
+            )
+        model_id = f"azureml://registries/{REGISTRY}/models/{name}/" + (
+            f"versions/{version}" if version else "labels/latest"
+        )
+        try:
+            parameters, _ = merge_parameters(None, request.parameters)
+        except ComponentInputError as error:
+            raise PreflightError(str(error)) from None
+        plan = Plan(model_id, name, version or "latest", self.workspace_settings.compute_cluster,
+                    self.workspace_settings.gpus_per_node, parameters)  # fmt: skip
+        return self.build_job(request, plan)._to_rest_object().as_dict()
+
+    def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return self._status(self.workspace.jobs.get(request.job_name))
+        except ResourceNotFoundError:
+            pass
+        plan = self.plan(request.parameters)
+        job = self.build_job(request, plan)
+        with _refusals(f"submitting job {request.job_name}"):
+            created = self.workspace.jobs.create_or_update(job, experiment_name=self.workspace_settings.experiment_name)
+        return self._status(created)
+
+    def _status(self, job: Any) -> JobStatus:
+        status = _text(job.status) or "NotStarted"
+        reason = None
+        if status in ("Failed", "Canceled"):
+            reason = f"Azure ML job {job.name} {status.lower()}: see {job.studio_url or 'Azure ML studio'}"
+        return JobStatus(job.name, status, reason)
+
+    def job_status(self, job_name: str) -> JobStatus:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return self._status(self.workspace.jobs.get(job_name))
+        except ResourceNotFoundError:
+            raise BackendError(f"no Azure ML job {job_name!r}") from None
+
+    # Registration and deployment.
+    def register(self, job_name: str) -> ModelRef:
+        from azure.ai.ml.constants import AssetTypes
+        from azure.ai.ml.entities import Model
+        from azure.core.exceptions import ResourceNotFoundError
+
+        job = self.workspace.jobs.get(job_name)
+        if job.status != "Completed":
+            raise BackendError(f"job {job_name} is {job.status}; only a Completed job has a model to register")
+        tags = dict(job.tags or {})
+        base = tags.get("base_model", "model").split(":", 1)[0]
+        name, version = model_name_for(base, tags.get("dataset", "chat")), model_version_for(job_name)
+        try:
+            existing = self.workspace.models.get(name, version=version)
+            return ModelRef(existing.name, str(existing.version))
+        except ResourceNotFoundError:
+            pass
+        model = Model(
+            path=f"azureml://jobs/{job_name}/outputs/trained_model",
+            type=AssetTypes.MLFLOW_MODEL,
+            name=name,
+            version=version,
+            description=f"{tags.get('base_model', base)} fine-tuned on {tags.get('dataset', '?')} by job {job_name}",
+            tags={"job": job_name, **{k: v for k, v in tags.items() if k != "managed-by"}, "managed-by": MANAGED_BY},
+        )
+        registered = self.workspace.models.create_or_update(model)
+        return ModelRef(registered.name, str(registered.version))
+
+    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint:
+        """Start what is missing (the endpoint, then its deployment at 0% traffic) and return at
+        once; call again (the janitor does) to move it on."""
+        from azure.ai.ml.entities import (
+            ManagedOnlineDeployment,
+            ManagedOnlineEndpoint,
+            OnlineRequestSettings,
+            ProbeSettings,
+        )
+        from azure.core.exceptions import ResourceNotFoundError
+
+        registered = self.workspace.models.get(model.name, version=model.version)
+        base_name, _, base_version = (registered.tags or {}).get("base_model", ":").partition(":")
+        base = self.registry.models.get(base_name, version=base_version) if base_name else None
+        instance_type = self.workspace_settings.instance_type
+        if base is not None:
+            check_vm_size(base, instance_type, "inference_compute_allow_list", "deployment")
+        try:
+            found = self.workspace.online_endpoints.get(endpoint)
+        except ResourceNotFoundError:
+            with _refusals(f"creating endpoint {endpoint}"):
+                self.workspace.online_endpoints.begin_create_or_update(
+                    ManagedOnlineEndpoint(
+                        name=endpoint,
+                        auth_mode="key",
+                        tags={"managed-by": MANAGED_BY, **tags},
+                        description=f"{model.name}:{model.version}",
+                    )
+                )
+            return self.endpoint(endpoint)
+        if _text(found.provisioning_state).lower() != "succeeded":
+            return self.endpoint(endpoint)
+        try:
+            self.workspace.online_deployments.get(DEPLOYMENT, endpoint_name=endpoint)
+        except ResourceNotFoundError:
+            timeout_ms = min(self.settings.endpoint_request_timeout_s, 180) * 1000
+            with _refusals(f"creating deployment {DEPLOYMENT} of {endpoint}"):
+                self.workspace.online_deployments.begin_create_or_update(
+                    ManagedOnlineDeployment(
+                        name=DEPLOYMENT,
+                        endpoint_name=endpoint,
+                        model=f"azureml:{model.name}:{model.version}",
+                        instance_type=instance_type,
+                        instance_count=1,
+                        liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
+                        request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
+                        tags={"managed-by": MANAGED_BY},
+                    )
+                )
+        return self.endpoint(endpoint)
+
+    def advance(
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: dict[str, Any]
+    ) -> tuple[str, str | None]:
+        """Move a deployment one step on, never waiting: ("deploying", None) while Azure works,
+        ("deployed", None) once the smoke test passed and traffic is at 100%, ("failed", message)
+        when the deployment or its smoke test failed (the deployment is then deleted: it bills)."""
+        self.deploy(model, endpoint, tags)
+        state = self.deployment_state(endpoint)
+        if state.lower() == "failed":
+            message = self._deployment_logs(endpoint)
+            self.delete_deployment(endpoint)
+            return "failed", f"deployment {DEPLOYMENT} of {endpoint} failed: {message}"
+        if state.lower() != "succeeded":
+            return "deploying", None
+        if (self.workspace.online_endpoints.get(endpoint).traffic or {}).get(DEPLOYMENT) == 100:
+            return "deployed", None
+        try:
+            self.invoke(endpoint, smoke_test, deployment=DEPLOYMENT)  # 0% traffic: only this header reaches it
+        except BackendError as error:
+            self.delete_deployment(endpoint)
+            return "failed", f"smoke test of {endpoint} failed: {error}"
+        with _refusals(f"routing traffic to {endpoint}"):
+            self.set_traffic(endpoint, 100)
+        return "deployed", None
+
+    def _deployment_logs(self, endpoint: str) -> str:
+        try:
+            logs = self.workspace.online_deployments.get_logs(DEPLOYMENT, endpoint, lines=20)
+        except Exception as error:  # the logs are a courtesy; the failure itself is what matters
+            return f"no logs ({type(error).__name__})"
+        return " ".join(str(logs).split())[-500:] or "no logs"
+
+    def deployment_state(self, endpoint: str) -> str:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return _text(self.workspace.online_deployments.get(DEPLOYMENT, endpoint_name=endpoint).provisioning_state)
+        except ResourceNotFoundError:
+            return "Missing"
+
+    def set_traffic(self, endpoint: str, percent: int) -> None:
+        found = self.workspace.online_endpoints.get(endpoint)
+        found.traffic = {DEPLOYMENT: percent}
+        self.workspace.online_endpoints.begin_create_or_update(found)
+
+    def delete_deployment(self, endpoint: str) -> None:
+        self.workspace.online_deployments.begin_delete(DEPLOYMENT, endpoint_name=endpoint)
+
+    def endpoint(self, name: str) -> Endpoint:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            found = self.workspace.online_endpoints.get(name)
+        except ResourceNotFoundError:
+            raise BackendError(f"no Azure ML endpoint {name!r}") from None
+        return self._endpoint(found, last_request_at=None)
+
+    def _endpoint(self, found: Any, last_request_at: str | None) -> Endpoint:
+        model_label = (found.description or "").partition(":")
+        return Endpoint(
+            name=found.name,
+            state=_text(found.provisioning_state),
+            scoring_uri=found.scoring_uri,
+            model=ModelRef(model_label[0], model_label[2]) if model_label[1] else None,
+            created_at=str((found.properties or {}).get("createdAt", "")),
+            last_request_at=last_request_at,
+            tags=dict(found.tags or {}),
+        )
+
+    def keys(self, endpoint: str) -> dict[str, str]:
+        keys = self.workspace.online_endpoints.get_keys(endpoint)
+        return {"primary_key": keys.primary_key, "secondary_key": keys.secondary_key}
+
+    def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
+        """Score with our own HTTP call: `online_endpoints.invoke` takes only files and leaks
+        headers between calls in a long-lived process."""
+        from azure.core import PipelineClient
+        from azure.core.rest import HttpRequest
+
+        found = self.workspace.online_endpoints.get(endpoint)
+        headers = {"Authorization": f"Bearer {self.keys(endpoint)['primary_key']}", "Content-Type": "application/json"}
+        if deployment:
+            headers["azureml-model-deployment"] = deployment
+        client = PipelineClient(base_url=found.scoring_uri, **self._client_options())
+        response = client.send_request(HttpRequest("POST", found.scoring_uri, headers=headers, json=body))
+        if response.status_code != 200:
+            raise BackendError(f"endpoint {endpoint} answered {response.status_code}: {response.text()[:500]}")
+        return _output(response.json())
+
+    def list_endpoints(self) -> list[Endpoint]:
+        managed = [e for e in self.workspace.online_endpoints.list() if (e.tags or {}).get("managed-by") == MANAGED_BY]
+        return [self._endpoint(found, self.last_request_at(found.id)) for found in managed]
+
+    def last_request_at(self, endpoint_id: str, window: timedelta = timedelta(days=7)) -> str | None:
+        """The start of the last minute with a request, from the `RequestsPerMinute` metric
+        (queried over REST: azure-monitor-query 2.x dropped MetricsQueryClient)."""
+        from azure.core import PipelineClient
+        from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+        from azure.core.rest import HttpRequest
+
+        end = datetime.now(UTC).replace(microsecond=0)
+        query = {
+            "api-version": METRICS_API_VERSION,
+            "metricnames": "RequestsPerMinute",
+            "metricnamespace": ENDPOINT_METRICS_NAMESPACE,
+            "timespan": f"{(end - window).isoformat()}/{end.isoformat()}",
+            "interval": "PT1M",
+            "aggregation": "Total",
+        }
+        url = f"https://management.azure.com{endpoint_id}/providers/microsoft.insights/metrics"
+        policy = BearerTokenCredentialPolicy(self.credential, "https://management.azure.com/.default")
+        client = PipelineClient(base_url=url, per_call_policies=[policy], **self._client_options())
+        response = client.send_request(HttpRequest("GET", url, params=query))
+        response.raise_for_status()
+        last = None
+        for metric in response.json().get("value", []):
+            for series in metric.get("timeseries", []):
+                for point in series.get("data", []):
+                    if point.get("total"):  # grains without traffic come back as None, not 0
+                        last = max(last or point["timeStamp"], point["timeStamp"])
+        return last
+
+    def delete_endpoint(self, name: str) -> bool:
+        """Start the deletion and return: it takes minutes, and the endpoint stops billing."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            self.workspace.online_endpoints.begin_delete(name)
+        except ResourceNotFoundError:
+            return False
+        return True
+
+
+def _text(value: Any) -> str:
+    """The SDK's string enums (EndpointProvisioningState.SUCCEEDED) as the service spells them."""
+    return str(getattr(value, "value", value) or "")
+
+
+def _output(reply: Any) -> dict[str, Any]:
+    """Serving containers answer `{"output": ...}`, older ones a list of records."""
+    if isinstance(reply, dict) and "output" in reply:
+        return {"output": reply["output"]}
+    if isinstance(reply, list) and reply and isinstance(reply[0], dict):
+        first = reply[0]
+        return {"output": first.get("output") or first.get("0") or json.dumps(first)}
+    return {"output": reply if isinstance(reply, str) else json.dumps(reply)}
+
+
+@contextmanager
+def _refusals(action: str) -> Iterator[None]:
+    """A request the service refuses (quota, validation) becomes a BackendError with its message."""
+    from azure.core.exceptions import HttpResponseError
+
+    try:
+        yield
+    except HttpResponseError as error:
+        message = getattr(getattr(error, "error", None), "message", None) or str(error)
+        raise BackendError(f"Azure ML refused {action}: {' '.join(message.split())[:500]}") from None

@@ -1,0 +1,327 @@
+"""A fake Azure ML at the HTTP transport level: the real azure-ai-ml SDK runs against it, and every
+request it sends is recorded for the tests to assert. Responses have the shapes the service
+returns (only the fields the SDK reads); state (jobs, models, endpoints) lives in dictionaries."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from azure.core.credentials import AccessToken, AccessTokenInfo
+from azure.core.pipeline.transport import HttpResponse, HttpTransport
+
+SUB, RG, WS = "00000000-0000-0000-0000-000000000001", "rg-ml", "mlw-test"
+ARM = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+REGISTRY_HOST = "https://eastus.api.azureml.ms/"
+REGISTRY_PATH = "/mferp/managementfrontend/subscriptions/reg-sub/resourceGroups/reg-rg/providers/Microsoft.MachineLearningServices/registries/azureml"
+
+
+def _fake_jwt(scopes: tuple[str, ...]) -> str:
+    """An unsigned token with the claims the SDK reads (it decodes, never verifies, the JWT)."""
+
+    def part(payload: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+    audience = scopes[0].removesuffix("/.default") if scopes else ""
+    claims = {"aud": audience, "exp": int(time.time()) + 3600, "oid": "fake-object", "tid": "fake-tenant"}
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+class FakeCredential:
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken(_fake_jwt(scopes), int(time.time()) + 3600)
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
+        return AccessTokenInfo(_fake_jwt(scopes), int(time.time()) + 3600)
+
+
+@dataclass
+class Recorded:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: Any
+
+    @property
+    def path(self) -> str:
+        return urlparse(self.url).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(urlparse(self.url).query)
+
+
+class _Response(HttpResponse):
+    def __init__(self, request: Any, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(request, None)
+        self.status_code = status
+        self.reason = "OK" if status < 400 else "Error"
+        self._body = json.dumps(body).encode() if body is not None else b""
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.content_type = "application/json"
+
+    # Both response APIs: the legacy transport one and azure.core.rest's, which parts of the SDK use.
+    def body(self) -> bytes:
+        return self._body
+
+    def read(self) -> bytes:
+        return self._body
+
+    @property
+    def content(self) -> bytes:
+        return self._body
+
+    def iter_bytes(self, **kwargs: Any) -> Any:
+        yield self._body
+
+    def json(self) -> Any:
+        return json.loads(self._body) if self._body else None
+
+    def text(self, encoding: str | None = None) -> str:
+        return self._body.decode()
+
+
+def registry_model(name: str, version: str, tags: dict[str, str], archived: bool = False) -> dict[str, Any]:
+    return {
+        "id": f"azureml://registries/azureml/models/{name}/versions/{version}",
+        "name": version,
+        "type": "Microsoft.MachineLearningServices/registries/models/versions",
+        "properties": {
+            "tags": tags,
+            "properties": {},
+            "isArchived": archived,
+            "stage": "Archived" if archived else "Active",
+            "modelType": "mlflow_model",
+            "flavors": {},
+            "modelUri": f"azureml://registries/azureml/models/{name}/versions/{version}",
+        },
+    }
+
+
+PHI4_TAGS = {
+    "task": "chat-completion",
+    "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC48ads_A100_v4', 'Standard_NC96ads_A100_v4', 'Standard_ND96asr_v4', 'Standard_ND96amsr_A100_v4']",
+    "inference_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC48ads_A100_v4']",
+    "model_specific_defaults": "{'apply_lora': 'true', 'precision': '16', 'num_train_epochs': 1, 'save_total_limit': 1, 'learning_rate_min': 1e-6, 'learning_rate_max': 1e-4}",
+}  # fmt: skip
+
+
+@dataclass
+class FakeAzureML(HttpTransport):
+    """Routes requests by method and path; `fail_next` injects service errors."""
+
+    compute_size: str = "Standard_NC24ads_A100_v4"
+    compute_state: str = "Succeeded"
+    registry_models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deployments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    injected: list[tuple[str, str, int, Any]] = field(default_factory=list)  # (method, path regex, status, body)
+
+    def __post_init__(self) -> None:
+        if not self.registry_models:
+            self.registry_models[("Phi-4", "7")] = registry_model("Phi-4", "7", PHI4_TAGS)
+
+    # HttpTransport
+    def __enter__(self) -> FakeAzureML:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        pass
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def fail_next(self, method: str, path_pattern: str, status: int, body: Any = None) -> None:
+        self.injected.append((method, path_pattern, status, body))
+
+    def sent(self, method: str, pattern: str) -> list[Recorded]:
+        return [r for r in self.requests if r.method == method and re.search(pattern, r.path)]
+
+    def send(self, request: Any, **kwargs: Any) -> HttpResponse:
+        raw = request.body if hasattr(request, "body") else request.content
+        if isinstance(raw, bytes | bytearray):
+            raw = raw.decode()
+        body = json.loads(raw) if raw else None
+        recorded = Recorded(request.method, request.url, dict(request.headers), body)
+        self.requests.append(recorded)
+        for index, (method, pattern, status, error) in enumerate(self.injected):
+            if method == request.method and re.search(pattern, recorded.path):
+                del self.injected[index]
+                return _Response(request, status, error, {"Retry-After": "0"})
+        for method, pattern, handler in self._routes():
+            match = re.fullmatch(pattern, recorded.path)
+            if method == request.method and match:
+                status, reply = handler(recorded, *match.groups())
+                return _Response(request, status, reply)
+        return _Response(request, 404, _error("NotFound", f"no fake route for {request.method} {recorded.path}"))
+
+    def _routes(self) -> list[tuple[str, str, Callable[..., tuple[int, Any]]]]:
+        return [
+            ("GET", r"/registrymanagement/v1.0/registries/azureml/discovery", self._discovery),
+            ("GET", REGISTRY_PATH + r"/models/([^/]+)/versions/([^/]+)", self._registry_model),
+            ("GET", REGISTRY_PATH + r"/models/([^/]+)/versions", self._registry_model_latest),
+            ("GET", REGISTRY_PATH + r"/models", self._registry_containers),
+            ("GET", ARM + r"/computes/([^/]+)", self._compute),
+            ("GET", rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/vmSizes", self._vm_sizes),
+            ("GET", ARM, self._workspace),
+            ("GET", ARM + r"/jobs/([^/]+)", self._get(lambda name: self.jobs.get(name))),
+            ("PUT", ARM + r"/jobs/([^/]+)", self._put_job),
+            ("GET", ARM + r"/models/([^/]+)/versions/([^/]+)", self._get(lambda n, v: self.models.get((n, v)))),
+            ("PUT", ARM + r"/models/([^/]+)/versions/([^/]+)", self._put_model),
+            ("GET", ARM + r"/onlineEndpoints", self._list_endpoints),
+            ("GET", ARM + r"/onlineEndpoints/([^/]+)", self._get(lambda name: self.endpoints.get(name))),
+            ("PUT", ARM + r"/onlineEndpoints/([^/]+)", self._put_endpoint),
+            ("DELETE", ARM + r"/onlineEndpoints/([^/]+)", self._delete_endpoint),
+            ("POST", ARM + r"/onlineEndpoints/([^/]+)/listKeys", self._keys),
+            ("GET", ARM + r"/onlineEndpoints/([^/]+)/deployments", self._list_deployments),
+            ("GET", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._get(lambda e, d: self.deployments.get((e, d)))),
+            ("PUT", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._put_deployment),
+            ("DELETE", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._delete_deployment),
+            ("GET", ARM + r"/onlineEndpoints/([^/]+)/providers/microsoft.insights/metrics", self._metrics),
+            ("POST", r"/score", self._score),
+        ]  # fmt: skip
+
+    # Handlers: each returns (status, JSON body).
+    @staticmethod
+    def _get(lookup: Callable[..., Any]) -> Callable[..., tuple[int, Any]]:
+        def handler(request: Recorded, *keys: str) -> tuple[int, Any]:
+            found = lookup(*keys)
+            return (200, found) if found is not None else (404, _error("NotFound", f"{'/'.join(keys)} not found"))
+
+        return handler
+
+    def _discovery(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {
+            "registryName": "azureml",
+            "primaryRegion": "eastus",
+            "regions": ["eastus"],
+            "subscriptionId": "reg-sub",
+            "resourceGroup": "reg-rg",
+            "primaryRegionResourceProviderUri": REGISTRY_HOST,
+        }
+
+    def _registry_model(self, request: Recorded, name: str, version: str) -> tuple[int, Any]:
+        found = self.registry_models.get((name, version))
+        return (200, found) if found else (404, _error("NotFound", f"model {name}:{version} not found"))
+
+    def _registry_model_latest(self, request: Recorded, name: str) -> tuple[int, Any]:
+        versions = [m for (n, _), m in self.registry_models.items() if n == name]
+        return 200, {"value": versions[-1:]}
+
+    def _registry_containers(self, request: Recorded) -> tuple[int, Any]:
+        names = sorted({name for name, _ in self.registry_models})
+        return 200, {"value": [{"name": n, "id": f"{REGISTRY_PATH}/models/{n}", "properties": {}} for n in names]}
+
+    def _workspace(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"id": ARM, "name": WS, "location": "eastus", "properties": {}}
+
+    def _compute(self, request: Recorded, name: str) -> tuple[int, Any]:
+        if name != "gpu-a100":
+            return 404, _error("NotFound", f"compute {name} not found")
+        return 200, {
+            "id": f"{ARM}/computes/{name}",
+            "name": name,
+            "location": "eastus",
+            "properties": {
+                "computeType": "AmlCompute",
+                "provisioningState": self.compute_state,
+                "properties": {"vmSize": self.compute_size, "scaleSettings": {"minNodeCount": 0, "maxNodeCount": 2}},
+            },
+        }
+
+    def _vm_sizes(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"value": [
+            {"name": "Standard_NC24ads_A100_v4", "gpus": 1, "vCPUs": 24},
+            {"name": "Standard_NC96ads_A100_v4", "gpus": 4, "vCPUs": 96},
+            {"name": "Standard_D4s_v3", "gpus": 0, "vCPUs": 4},
+        ]}  # fmt: skip
+
+    def _put_job(self, request: Recorded, name: str) -> tuple[int, Any]:
+        job = {**request.body, "id": f"{ARM}/jobs/{name}", "name": name}
+        job["properties"] = {
+            **job["properties"],
+            "status": "NotStarted",
+            "services": {"Studio": {"endpoint": f"https://ml.azure.com/runs/{name}"}},
+        }
+        self.jobs[name] = job
+        return 201, job
+
+    def set_job_status(self, name: str, status: str) -> None:
+        self.jobs[name]["properties"]["status"] = status
+
+    def _put_model(self, request: Recorded, name: str, version: str) -> tuple[int, Any]:
+        model = {**request.body, "id": f"{ARM}/models/{name}/versions/{version}", "name": version}
+        model["properties"] = {"flavors": {}, **model["properties"]}
+        self.models[(name, version)] = model
+        return 201, model
+
+    def _endpoint_body(self, name: str, body: dict[str, Any], state: str) -> dict[str, Any]:
+        props = body.get("properties", {})
+        return {
+            **body,
+            "id": f"{ARM}/onlineEndpoints/{name}",
+            "name": name,
+            "location": "eastus",
+            "identity": {"type": "SystemAssigned"},
+            "properties": {
+                **props,
+                "provisioningState": state,
+                "scoringUri": f"https://{name}.eastus.inference.ml.azure.com/score",
+                "properties": {"createdAt": "2026-11-20T10:00:00Z", **props.get("properties", {})},
+            },
+        }
+
+    def _put_endpoint(self, request: Recorded, name: str) -> tuple[int, Any]:
+        state = "Succeeded" if name in self.endpoints else "Creating"
+        self.endpoints[name] = self._endpoint_body(name, request.body, state)
+        return 201, self.endpoints[name]
+
+    def _list_endpoints(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"value": list(self.endpoints.values())}
+
+    def _delete_endpoint(self, request: Recorded, name: str) -> tuple[int, Any]:
+        if self.endpoints.pop(name, None) is None:
+            return 404, _error("NotFound", f"endpoint {name} not found")
+        return 202, None
+
+    def _keys(self, request: Recorded, name: str) -> tuple[int, Any]:
+        return 200, {"primaryKey": f"primary-{name}", "secondaryKey": f"secondary-{name}"}
+
+    def _put_deployment(self, request: Recorded, endpoint: str, name: str) -> tuple[int, Any]:
+        self.deployments[(endpoint, name)] = {
+            **request.body, "id": f"{ARM}/onlineEndpoints/{endpoint}/deployments/{name}", "name": name,
+            "location": "eastus", "sku": {"name": "Default", "capacity": 1},
+            "properties": {**request.body["properties"], "provisioningState": "Creating"},
+        }  # fmt: skip
+        return 201, self.deployments[(endpoint, name)]
+
+    def _list_deployments(self, request: Recorded, endpoint: str) -> tuple[int, Any]:
+        return 200, {"value": [d for (e, _), d in self.deployments.items() if e == endpoint]}
+
+    def _delete_deployment(self, request: Recorded, endpoint: str, name: str) -> tuple[int, Any]:
+        self.deployments.pop((endpoint, name), None)
+        return 202, None
+
+    def _metrics(self, request: Recorded, endpoint: str) -> tuple[int, Any]:
+        points = self.metrics.get(endpoint, [])
+        return 200, {"value": [{"name": {"value": "RequestsPerMinute"}, "timeseries": [{"data": points}]}]}
+
+    def _score(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"output": "a reply from the deployment"}
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
