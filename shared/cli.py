@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -95,12 +96,12 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from shared.backends import JobRequest
+def _overrides(assignments: list[str] | None) -> dict[str, Any]:
+    """Training parameters from repeated `--set key=value`, checked against the schema."""
     from shared.training import ParameterError, parse_parameter
 
     overrides = {}
-    for assignment in args.set or []:
+    for assignment in assignments or []:
         key, sep, value = assignment.partition("=")
         if not sep:
             raise CliError(f"--set {assignment!r}: expected key=value")
@@ -108,6 +109,49 @@ def _train(args: argparse.Namespace) -> int:
             overrides[key.strip()] = parse_parameter(key.strip(), value)
         except ParameterError as error:
             raise CliError(str(error)) from None
+    return overrides
+
+
+def _submit(args: argparse.Namespace) -> int:
+    """Submit prepared data to a backend; with --dry-run (Azure ML), print the job body instead."""
+    from shared.backends import JobRequest, get_backend
+    from shared.settings import load_settings
+
+    settings = load_settings({**os.environ, "ML_BACKEND": args.backend or get_settings().ml_backend})
+    prepared = args.prepared
+    if "://" not in prepared:
+        folder = Path(prepared).resolve()
+        for name in ("train_sft.jsonl", "test_sft.jsonl"):
+            if not (folder / name).is_file():
+                raise CliError(f"{folder / name}: no such file; --prepared must be a folder written by 'prepare'")
+        if settings.ml_backend == "azureml":
+            prepared = f"azureml://datastores/workspaceblobstore/paths/prepared/{folder.name}"
+            _progress(f"note: Azure ML reads the files from {prepared}/: upload them there before a real submission")
+        else:
+            prepared = str(folder)
+    name = Path(args.prepared.rstrip("/")).name or "chat"
+    request = JobRequest(args.job or f"ft-{name}", prepared, name, _overrides(args.set))
+    if args.dry_run:
+        if settings.ml_backend != "azureml":
+            raise CliError("--dry-run shows the Azure ML job body: use --backend azureml")
+        from shared.backends.azureml.backend import AzureMLBackend
+
+        workspace = settings.azureml
+        assert workspace is not None
+        _progress(f"PUT https://management.azure.com/subscriptions/{workspace.subscription_id}/resourceGroups/"
+                  f"{workspace.resource_group}/providers/Microsoft.MachineLearningServices/workspaces/"
+                  f"{workspace.workspace_name}/jobs/{request.job_name}")  # fmt: skip
+        print(json.dumps(AzureMLBackend(settings).dry_run(request), indent=2))
+        return 0
+    status = get_backend(settings).submit(request)
+    _emit(asdict(status))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from shared.backends import JobRequest
+
+    overrides = _overrides(args.set)
     prepared = Path(args.prepared).resolve()
     backend = _local_backend()
     request = JobRequest(args.job, str(prepared), prepared.name or "chat", overrides)
@@ -210,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--test-pc", help="percentage of conversations held out for test (default 5)")
     prepare.add_argument("--sample-pc", help="percentage of conversations to keep at all (default 100)")
     prepare.set_defaults(handler=_prepare)
+
+    submit = commands.add_parser("submit", help="submit prepared data to the configured backend")
+    submit.add_argument("--prepared", required=True, help="a folder written by 'prepare', or a storage URI")
+    submit.add_argument("--backend", choices=("local", "azureml"), help="instead of ML_BACKEND")
+    submit.add_argument("--job", help="the job's name (default: ft-<folder name>)")
+    submit.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training parameter, repeatable")
+    submit.add_argument("--dry-run", action="store_true", help="print the Azure ML job body; send nothing")
+    submit.set_defaults(handler=_submit)
 
     train = commands.add_parser("train", help="start (or resume) a local fine-tune job")
     train.add_argument("--prepared", required=True, help="a folder written by 'prepare'")

@@ -18,8 +18,12 @@ from azure.core.pipeline.transport import HttpResponse, HttpTransport
 
 SUB, RG, WS = "00000000-0000-0000-0000-000000000001", "rg-ml", "mlw-test"
 ARM = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+VM_SIZES = rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/vmSizes"
 REGISTRY_HOST = "https://eastus.api.azureml.ms/"
-REGISTRY_PATH = "/mferp/managementfrontend/subscriptions/reg-sub/resourceGroups/reg-rg/providers/Microsoft.MachineLearningServices/registries/azureml"
+REGISTRY_PATH = (
+    "/mferp/managementfrontend/subscriptions/reg-sub/resourceGroups/reg-rg"
+    "/providers/Microsoft.MachineLearningServices/registries/azureml"
+)
 
 
 def _fake_jwt(scopes: tuple[str, ...]) -> str:
@@ -106,9 +110,15 @@ def registry_model(name: str, version: str, tags: dict[str, str], archived: bool
 
 PHI4_TAGS = {
     "task": "chat-completion",
-    "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC48ads_A100_v4', 'Standard_NC96ads_A100_v4', 'Standard_ND96asr_v4', 'Standard_ND96amsr_A100_v4']",
-    "inference_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC48ads_A100_v4']",
-    "model_specific_defaults": "{'apply_lora': 'true', 'precision': '16', 'num_train_epochs': 1, 'save_total_limit': 1, 'learning_rate_min': 1e-6, 'learning_rate_max': 1e-4}",
+    "finetune_compute_allow_list": str(
+        ["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4", "Standard_NC96ads_A100_v4",
+         "Standard_ND96asr_v4", "Standard_ND96amsr_A100_v4"]
+    ),
+    "inference_compute_allow_list": str(["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4"]),
+    "model_specific_defaults": str(
+        {"apply_lora": "true", "precision": "16", "num_train_epochs": 1, "save_total_limit": 1,
+         "learning_rate_min": 1e-6, "learning_rate_max": 1e-4}
+    ),
 }  # fmt: skip
 
 
@@ -160,7 +170,8 @@ class FakeAzureML(HttpTransport):
         for index, (method, pattern, status, error) in enumerate(self.injected):
             if method == request.method and re.search(pattern, recorded.path):
                 del self.injected[index]
-                return _Response(request, status, error, {"Retry-After": "0"})
+                throttled = {"Retry-After": "0"} if status in (429, 503) else {}
+                return _Response(request, status, error, throttled)
         for method, pattern, handler in self._routes():
             match = re.fullmatch(pattern, recorded.path)
             if method == request.method and match:
@@ -175,19 +186,19 @@ class FakeAzureML(HttpTransport):
             ("GET", REGISTRY_PATH + r"/models/([^/]+)/versions", self._registry_model_latest),
             ("GET", REGISTRY_PATH + r"/models", self._registry_containers),
             ("GET", ARM + r"/computes/([^/]+)", self._compute),
-            ("GET", rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/vmSizes", self._vm_sizes),
+            ("GET", VM_SIZES, self._vm_sizes),
             ("GET", ARM, self._workspace),
-            ("GET", ARM + r"/jobs/([^/]+)", self._get(lambda name: self.jobs.get(name))),
+            ("GET", ARM + r"/jobs/([^/]+)", self._get(self.jobs.get)),
             ("PUT", ARM + r"/jobs/([^/]+)", self._put_job),
-            ("GET", ARM + r"/models/([^/]+)/versions/([^/]+)", self._get(lambda n, v: self.models.get((n, v)))),
+            ("GET", ARM + r"/models/([^/]+)/versions/([^/]+)", self._get(lambda *k: self.models.get(k))),
             ("PUT", ARM + r"/models/([^/]+)/versions/([^/]+)", self._put_model),
             ("GET", ARM + r"/onlineEndpoints", self._list_endpoints),
-            ("GET", ARM + r"/onlineEndpoints/([^/]+)", self._get(lambda name: self.endpoints.get(name))),
+            ("GET", ARM + r"/onlineEndpoints/([^/]+)", self._get(self.endpoints.get)),
             ("PUT", ARM + r"/onlineEndpoints/([^/]+)", self._put_endpoint),
             ("DELETE", ARM + r"/onlineEndpoints/([^/]+)", self._delete_endpoint),
             ("POST", ARM + r"/onlineEndpoints/([^/]+)/listKeys", self._keys),
             ("GET", ARM + r"/onlineEndpoints/([^/]+)/deployments", self._list_deployments),
-            ("GET", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._get(lambda e, d: self.deployments.get((e, d)))),
+            ("GET", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._get(lambda *k: self.deployments.get(k))),  # noqa: E501
             ("PUT", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._put_deployment),
             ("DELETE", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._delete_deployment),
             ("GET", ARM + r"/onlineEndpoints/([^/]+)/providers/microsoft.insights/metrics", self._metrics),
@@ -304,7 +315,8 @@ class FakeAzureML(HttpTransport):
         self.deployments[(endpoint, name)] = {
             **request.body, "id": f"{ARM}/onlineEndpoints/{endpoint}/deployments/{name}", "name": name,
             "location": "eastus", "sku": {"name": "Default", "capacity": 1},
-            "properties": {**request.body["properties"], "provisioningState": "Creating"},
+            "properties": {"scaleSettings": {"scaleType": "Default"}, **request.body["properties"],
+                           "provisioningState": "Creating"},
         }  # fmt: skip
         return 201, self.deployments[(endpoint, name)]
 

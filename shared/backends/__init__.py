@@ -81,4 +81,6 @@ def get_backend(settings: Settings) -> Backend:
         from shared.backends.local.backend import LocalBackend
 
         return LocalBackend(settings)
-    raise BackendError(f"ML_BACKEND={settings.ml_backend} is not available yet")
+    from shared.backends.azureml.backend import AzureMLBackend
+
+    return AzureMLBackend(settings)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MANAGED_BY = "finetune-on-upload"
-DEPLOYMENT = "ft"
+DEPLOYMENT = "chat"  # 3-32 characters, like endpoint names
 # NC v1 (K80) sizes, and NCv3 (V100) sizes retired on 2025-09-30.
 RETIRED_VM_SIZES = frozenset(
     {"standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r",
@@ -226,7 +226,7 @@ class AzureMLBackend:
             compute = self.workspace.compute.get(cluster)
         except ResourceNotFoundError:
             raise PreflightError(f"compute cluster {cluster} does not exist in the workspace") from None
-        if str(compute.provisioning_state or "").lower() == "failed":
+        if _text(compute.provisioning_state).lower() == "failed":
             raise PreflightError(f"compute cluster {cluster} is in a failed provisioning state: recreate it")
         vm_size = compute.size or ""
         check_vm_size(model, vm_size, "finetune_compute_allow_list", "fine-tuning")
@@ -304,7 +304,9 @@ class AzureMLBackend:
             raise PreflightError(str(error)) from None
         plan = Plan(model_id, name, version or "latest", self.workspace_settings.compute_cluster,
                     self.workspace_settings.gpus_per_node, parameters)  # fmt: skip
-        return self.build_job(request, plan)._to_rest_object().as_dict()
+        body = self.build_job(request, plan)._to_rest_object().as_dict()
+        body.pop("name", None)  # it goes in the URL: PUT .../jobs/{name}
+        return body
 
     def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
         from azure.core.exceptions import ResourceNotFoundError
@@ -341,8 +343,8 @@ class AzureMLBackend:
         from azure.core.exceptions import ResourceNotFoundError
 
         job = self.workspace.jobs.get(job_name)
-        if job.status != "Completed":
-            raise BackendError(f"job {job_name} is {job.status}; only a Completed job has a model to register")
+        if _text(job.status) != "Completed":
+            raise BackendError(f"job {job_name} is {_text(job.status)}; only a Completed job has a model to register")
         tags = dict(job.tags or {})
         base = tags.get("base_model", "model").split(":", 1)[0]
         name, version = model_name_for(base, tags.get("dataset", "chat")), model_version_for(job_name)
