@@ -71,6 +71,7 @@ module app 'modules/app.bicep' = {
     janitorSchedule: janitorSchedule
     baseModel: baseModel
     inferenceInstanceType: inferenceInstanceType
+    workspaceId: ml.outputs.workspaceId
     identityName: 'id-${suffix}'
   }
 }

@@ -50,9 +50,15 @@ APP_SETTINGS = (
     "DATASET_MAX_SEQ_LENGTH",
     "BASE_MODEL",
     "ENDPOINT_REQUEST_TIMEOUT_S",
+    "ENDPOINT_IDLE_MINUTES",
+    "ENDPOINT_MIN_AGE_MINUTES",
+    "JANITOR_DRY_RUN",
+    "JOB_EVENTS_TOPICS",
+    "LIFECYCLE_TOPIC_ENDPOINT",
 )
 # Read only by the local backend; the cloud deployment has no use for them.
-LOCAL_SETTINGS = ("LOCAL_DATA_DIR", "JOB_EVENTS_TOPIC_ENDPOINT", "JOB_EVENTS_TOPIC_KEY")
+LOCAL_SETTINGS = ("LOCAL_DATA_DIR", "JOB_EVENTS_TOPIC_ENDPOINT", "JOB_EVENTS_TOPIC_KEY", "LIFECYCLE_TOPIC_KEY")
+LOCAL_TOPIC = "local/job-events"  # the topic the local host's Event Grid endpoint stamps on events
 KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS, *LOCAL_SETTINGS)
 MAX_REQUEST_TIMEOUT_S = 180  # Azure ML managed endpoints allow no more
 
@@ -118,6 +124,13 @@ class LocalBackendSettings:
 
 
 @dataclass(frozen=True)
+class JanitorSettings:
+    idle_minutes: float = 60.0
+    min_age_minutes: float = 30.0
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     storage: StorageConnection
     ml_backend: Literal["local", "azureml"]
@@ -128,6 +141,10 @@ class Settings:
     base_model: str | None  # None: the backend's default (local: tiny-phi3)
     endpoint_request_timeout_s: int
     local: LocalBackendSettings
+    janitor: JanitorSettings
+    job_event_topics: tuple[str, ...]  # accepted sources of job events, compared case-insensitively
+    lifecycle_topic_endpoint: str | None
+    lifecycle_topic_key: str | None  # None: publish with the app's identity (EventGrid Data Sender)
 
 
 class _Reader:
@@ -194,6 +211,19 @@ def _fraction(value: str) -> float:
     if not 0.0 <= number < 1.0:
         raise ValueError(value)
     return number
+
+
+def _non_negative(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+    return value.lower() == "true"
 
 
 def _bounded_int(value: str, low: int, high: int) -> int:
@@ -345,17 +375,23 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
         f"a whole number of seconds from 1 to {MAX_REQUEST_TIMEOUT_S}",
         lambda value: _bounded_int(value, 1, MAX_REQUEST_TIMEOUT_S),
     )
-    settings = Settings(
-        storage,
-        backend,
-        client_id,
-        schedule,
-        azureml,
-        dataset,
-        base_model,
-        timeout,
-        _local(reader),  # type: ignore[arg-type]
+    janitor = JanitorSettings(
+        idle_minutes=reader.parsed("ENDPOINT_IDLE_MINUTES", 60.0, "a number of minutes, at least 0", _non_negative),
+        min_age_minutes=reader.parsed(
+            "ENDPOINT_MIN_AGE_MINUTES", 30.0, "a number of minutes, at least 0", _non_negative
+        ),
+        dry_run=reader.parsed("JANITOR_DRY_RUN", False, "true or false", _boolean),
     )
+    workspace_topic = (
+        f"/subscriptions/{azureml.subscription_id}/resourceGroups/{azureml.resource_group}/providers/"
+        f"Microsoft.MachineLearningServices/workspaces/{azureml.workspace_name}"
+    ) if azureml else LOCAL_TOPIC  # fmt: skip
+    topics = tuple(t.strip() for t in (reader.raw("JOB_EVENTS_TOPICS") or workspace_topic).split(",") if t.strip())
+    lifecycle = reader.parsed("LIFECYCLE_TOPIC_ENDPOINT", None, "an http(s):// Event Grid topic endpoint", _https_uri)
+    settings = Settings(
+        storage, backend, client_id, schedule, azureml, dataset, base_model, timeout, _local(reader),  # type: ignore[arg-type]
+        janitor, topics, lifecycle, reader.raw("LIFECYCLE_TOPIC_KEY"),
+    )  # fmt: skip
     return settings, reader
 
 

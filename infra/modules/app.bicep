@@ -12,6 +12,7 @@ param gpusPerNode string
 param janitorSchedule string
 param baseModel string
 param inferenceInstanceType string
+param workspaceId string
 
 var datasetsContainer = 'datasets'
 var preparedContainer = 'prepared'
@@ -27,6 +28,7 @@ var roles = {
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
   storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
+  eventGridDataSender: 'd5a91429-5739-47e2-a06b-3470a27159e7'
 }
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
@@ -165,6 +167,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'DATASET_MAX_SEQ_LENGTH', value: '4096' }
         { name: 'BASE_MODEL', value: baseModel }
         { name: 'ENDPOINT_REQUEST_TIMEOUT_S', value: '90' }
+        { name: 'ENDPOINT_IDLE_MINUTES', value: '60' }
+        { name: 'ENDPOINT_MIN_AGE_MINUTES', value: '30' }
+        { name: 'JANITOR_DRY_RUN', value: 'false' }
+        { name: 'JOB_EVENTS_TOPICS', value: workspaceId }
+        { name: 'LIFECYCLE_TOPIC_ENDPOINT', value: lifecycleTopic.properties.endpoint }
       ]
     }
     functionAppConfig: {
@@ -184,6 +191,31 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       }
       runtime: { name: 'python', version: '3.11' }
     }
+  }
+}
+
+// Lifecycle events (FineTune.DatasetRejected, JobSubmitted, JobFailed, ModelDeployed,
+// EndpointDeleted) for other systems to subscribe to; the app publishes with its identity.
+resource lifecycleTopic 'Microsoft.EventGrid/topics@2024-06-01-preview' = {
+  // checkov:skip=CKV_AZURE_193:The app on Flex Consumption publishes without virtual network integration; local auth is off, so only Entra ID identities with EventGrid Data Sender can publish.
+  name: 'evgt-lifecycle-${suffix}'
+  location: location
+  tags: tags
+  identity: { type: 'SystemAssigned' }
+  properties: {
+    inputSchema: 'EventGridSchema'
+    disableLocalAuth: true
+    publicNetworkAccess: 'Enabled'
+  }
+}
+
+resource lifecycleSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(lifecycleTopic.id, identity.id, roles.eventGridDataSender)
+  scope: lifecycleTopic
+  properties: {
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.eventGridDataSender)
   }
 }
 

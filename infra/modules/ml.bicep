@@ -61,6 +61,7 @@ resource workspaceEvents 'Microsoft.EventGrid/systemTopics@2024-06-01-preview' =
 }
 
 output workspaceName string = workspaceName
+output workspaceId string = workspace.id
 output workspacePrincipalId string = workspace.identity.principalId
 output computeClusterName string = cluster.name
 output workspaceEventsTopicName string = workspaceEvents.name
