@@ -15,5 +15,6 @@ bp = func.Blueprint()
 @bp.event_grid_trigger(arg_name="event")
 def job_events(event: func.EventGridEvent) -> None:
     settings = get_settings()
-    outcome = handle_job_event(open_ledger(settings), event.get_json(), event.event_type, event.topic, event.subject)
+    ledger = open_ledger(settings)
+    outcome = handle_job_event(settings, ledger, event.get_json(), event.event_type, event.topic, event.subject)
     logging.info("event %s (%s): %s", event.id, event.event_type, outcome)

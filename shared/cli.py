@@ -21,8 +21,6 @@ from shared.status import runs_response
 if TYPE_CHECKING:
     from shared.backends.local.backend import LocalBackend
 
-MANAGED_BY = "finetune-on-upload"
-
 
 class CliError(Exception):
     """A failure the user can act on; printed as one line."""
@@ -186,7 +184,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from shared.backends import ModelRef
+    from shared.backends import MANAGED_BY, ModelRef
 
     name, sep, version = args.model.rpartition(":")
     if not sep or not name or not version:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.ledger import Ledger
+from shared import lifecycle
+from shared.deployment import drive_run
+from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +81,60 @@ def publish_job_status(
     EventGridPublisherClient(endpoint, AzureKeyCredential(key)).send([event])
 
 
-def handle_job_event(ledger: Ledger, data: Any, event_type: str, topic: str | None, subject: str | None) -> str:
-    """Record a job status event against the run that submitted the job. Returns what was done."""
+def _ignored(reason: str, status: JobStatus | None, topic: str | None) -> str:
+    log.debug("ignored job event from %s (%s): %s", topic, status, reason)
+    return f"ignored: {reason}"
+
+
+def handle_job_event(
+    settings: Settings, ledger: Ledger, data: Any, event_type: str, topic: str | None, subject: str | None
+) -> str:
+    """Act on a job status event: a finished pipeline job this app submitted moves its run on
+    (Completed: register, deploy, smoke test; Failed/Canceled: record why). Everything else,
+    duplicates and late events included, changes nothing. Returns what was done, for the log."""
     status = parse_job_status(event_type, data)
     if status is None:
-        log.debug("ignored %s event from %s (%s): not a job status event", event_type, topic, subject)
-        return "ignored: not a job status event"
+        return _ignored(f"{event_type} is not a job status event", None, topic)
+    if (topic or "").lower() not in {accepted.lower() for accepted in settings.job_event_topics}:
+        return _ignored(f"topic {topic!r} is not one of JOB_EVENTS_TOPICS", status, topic)
+    if status.run_type.lower() != PIPELINE_RUN_TYPE.lower():
+        return _ignored(f"run type {status.run_type!r} (steps report too; only the pipeline counts)", status, topic)
+    if not any(status.is_status(terminal) for terminal in TERMINAL_STATUSES):
+        return _ignored(f"status {status.status} is not final", status, topic)
     run = ledger.by_job(status.job_name)
     if run is None:
-        log.debug("ignored status %s of job %s: not submitted by this app", status.status, status.job_name)
-        return f"ignored: job {status.job_name} was not submitted by this app"
-    ledger.note(run.run_id, f"job {status.job_name} reported {status.status} ({status.run_type or 'no run type'})")
-    return f"recorded {status.status} for run {run.run_id}"
+        return _ignored(f"job {status.job_name} was not submitted by this app", status, topic)
+
+    if status.is_status("Completed"):
+        # A duplicate or a race finds the run already past this point, and drives it on from there.
+        with suppress(IllegalTransition, RunChanged):
+            ledger.advance(run, RunState.COMPLETED, f"job {status.job_name} completed")
+        run = drive_run(settings, ledger, run.run_id)
+        return f"run {run.run_id} is {run.state}"
+
+    target = RunState.FAILED if status.is_status("Failed") else RunState.CANCELED
+    reason = _reason(data) or _backend_reason(settings, status.job_name) or f"job {status.job_name} {status.status}"
+    try:
+        ended = ledger.advance(run, target, f"job {status.job_name} {status.status.lower()}", reason=reason)
+    except (IllegalTransition, RunChanged):
+        return f"run {run.run_id} is already {ledger.get(run.run_id).state}"
+    lifecycle.publish(settings, lifecycle.JOB_FAILED, ended, stage="training", jobStatus=status.status)
+    return f"run {run.run_id} is {ended.state}"
+
+
+def _reason(data: Any) -> str | None:
+    """A failure reason carried by the event itself, if any."""
+    for key in ("error", "errorMessage", "failureReason"):
+        value = _get(data, key) or _get(_get(data, "runProperties") or {}, key)
+        if value:
+            return str(value.get("message", value) if isinstance(value, dict) else value)
+    return None
+
+
+def _backend_reason(settings: Settings, job_name: str) -> str | None:
+    from shared.backends import BackendError, get_backend
+
+    try:
+        return get_backend(settings).job_status(job_name).reason
+    except BackendError:
+        return None

@@ -1,4 +1,7 @@
-"""What happens when a dataset lands in the `datasets` container: record it, prepare it."""
+"""What happens when a dataset lands in the `datasets` container: record it, prepare it, submit
+the fine-tune. Each step is recorded before the next starts, so a redelivered upload picks up
+where an earlier delivery stopped, and deterministic job names make the backend the source of
+truth for whether a job was already submitted."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.datasets.prepare import InputInfo, Preparation, prepare_dataset, report_summary
+from shared import lifecycle
+from shared.datasets.prepare import TEST_FILE, TRAIN_FILE, InputInfo, Preparation, prepare_dataset, report_summary
 from shared.ledger import Ledger, Run, RunChanged, RunState, Upload
 from shared.settings import Settings
 from shared.storage import PREPARED_CONTAINER, blob_service
@@ -32,12 +36,13 @@ def handle_upload(settings: Settings, ledger: Ledger, blob_path: str, properties
     blob = blob_service(settings.storage).get_blob_client(container, blob_name)
     etag = _trigger_etag(properties) or str(blob.get_blob_properties().etag).strip('"')
     run, created = ledger.receive(Upload(container, blob_name, etag), f"received {blob_path} (ETag {etag})")
-    if run.state != RunState.RECEIVED:
-        log.info("upload %s delivered again: run %s is already %s", blob_path, run.run_id, run.state)
-        return run
     if not created:
-        log.info("upload %s delivered again before it was prepared: preparing run %s", blob_path, run.run_id)
-    return prepare_run(settings, ledger, run, blob)
+        log.info("upload %s delivered again: run %s is %s", blob_path, run.run_id, run.state)
+    if run.state == RunState.RECEIVED:
+        run = prepare_run(settings, ledger, run, blob)
+    if run.state == RunState.PREPARED:
+        run = submit_run(settings, ledger, run)
+    return run
 
 
 def _prepare_blob(settings: Settings, blob: BlobClient, etag: str, work: Path) -> Preparation:
@@ -69,7 +74,58 @@ def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) 
     try:
         if preparation.accepted:
             return ledger.advance(run, RunState.PREPARED, preparation.reason, details=details)
-        return ledger.advance(run, RunState.REJECTED, "dataset rejected", reason=preparation.reason, details=details)
+        rejected = ledger.advance(
+            run, RunState.REJECTED, "dataset rejected", reason=preparation.reason, details=details
+        )
     except RunChanged:
         # A concurrent delivery prepared the same upload (same deterministic files) and won.
         return ledger.get(run.run_id)
+    lifecycle.publish(
+        settings, lifecycle.DATASET_REJECTED, rejected, report=f"{PREPARED_CONTAINER}/{run.run_id}/report.json"
+    )
+    return rejected
+
+
+def _prepared_location(settings: Settings, run: Run) -> str:
+    """Where the backend reads the prepared files: Azure ML straight from blob storage (no upload
+    at submit time); the local trainer from a local copy."""
+    service = blob_service(settings.storage)
+    if settings.ml_backend == "azureml":
+        return f"{service.url.rstrip('/')}/{PREPARED_CONTAINER}/{run.run_id}"
+    folder = settings.local.data_dir / "prepared" / run.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (TRAIN_FILE, TEST_FILE):
+        blob = service.get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{name}")
+        with (folder / name).open("wb") as target:
+            blob.download_blob().readinto(target)
+    return str(folder)
+
+
+def submit_run(settings: Settings, ledger: Ledger, run: Run) -> Run:
+    """Submit the fine-tune for a prepared run. Submitting again finds the job already there."""
+    from shared.backends import BackendError, JobRequest, get_backend, job_name_for
+
+    report = run.details.get("report", {})
+    request = JobRequest(
+        job_name=job_name_for(run.run_id),
+        prepared=_prepared_location(settings, run),
+        dataset=run.run_id.rsplit("-", 1)[0],
+        parameters=dict(report.get("training_overrides", {})),
+        tags={"run_id": run.run_id, "dataset_sha256": str(report.get("sha256", ""))},
+    )
+    try:
+        status = get_backend(settings).submit(request)
+    except BackendError as error:
+        try:
+            failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error))
+        except RunChanged:
+            return ledger.get(run.run_id)
+        lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="submission")
+        return failed
+    try:
+        submitted = ledger.advance(run, RunState.SUBMITTED, f"submitted job {status.job_name} ({status.status})",
+                                   job_name=status.job_name)  # fmt: skip
+    except RunChanged:
+        return ledger.get(run.run_id)
+    lifecycle.publish(settings, lifecycle.JOB_SUBMITTED, submitted, job=status.job_name)
+    return submitted

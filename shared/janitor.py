@@ -1,19 +1,97 @@
-"""The endpoint janitor: finds deployed endpoints and tears down the idle ones."""
+"""The janitor: on a timer, moves on deployments still provisioning, and tears down managed
+endpoints nobody has used for a while, so nothing keeps billing.
+
+An endpoint is deleted when this app manages it (tag `managed-by`), it is not tagged `keep`, it
+is older than ENDPOINT_MIN_AGE_MINUTES and has had no request for ENDPOINT_IDLE_MINUTES. Its run
+moves to `torn_down` first (a conditional transition), so of two overlapping sweeps only one
+deletes it."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from shared.ledger import Ledger, RunState
-from shared.settings import Settings
+from shared import lifecycle
+from shared.backends import MANAGED_BY, Endpoint, get_backend
+from shared.deployment import drive_run
+from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
+from shared.settings import JanitorSettings, Settings
 
 log = logging.getLogger(__name__)
 
 
-def sweep(settings: Settings, ledger: Ledger, past_due: bool) -> dict[str, object]:
-    """One janitor pass. Returns a summary for the log."""
+@dataclass(frozen=True)
+class Verdict:
+    endpoint: str
+    delete: bool
+    evidence: str
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
+    """Whether an endpoint goes, with the evidence either way."""
+    name = endpoint.name
+    if endpoint.tags.get("managed-by") != MANAGED_BY:
+        return Verdict(name, False, "not managed by this app")
+    if "keep" in endpoint.tags and endpoint.tags["keep"].lower() != "false":
+        return Verdict(name, False, "tagged keep")
+    created = _time(endpoint.created_at)
+    if created is None or now - created < timedelta(minutes=rules.min_age_minutes):
+        return Verdict(
+            name, False, f"created {endpoint.created_at or 'just now'}, younger than {rules.min_age_minutes:g} min"
+        )
+    last = _time(endpoint.last_request_at) or created
+    idle = now - last
+    seen = f"last request {endpoint.last_request_at}" if endpoint.last_request_at else "no request since creation"
+    if idle < timedelta(minutes=rules.idle_minutes):
+        return Verdict(name, False, f"{seen}, {idle.total_seconds() / 60:.1f} min ago")
+    return Verdict(name, True, f"{seen} ({idle.total_seconds() / 60:.1f} min idle, window {rules.idle_minutes:g} min)")
+
+
+def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | None = None) -> dict[str, Any]:
+    """One janitor pass; returns what it did, for the log."""
     if past_due:
-        # A missed tick is not made up twice: one sweep now covers everything since.
-        log.info("janitor tick is past due; sweeping once now")
-    deployed = ledger.by_state(RunState.DEPLOYED)
-    return {"backend": settings.ml_backend, "past_due": past_due, "deployed_endpoints": len(deployed)}
+        log.info("janitor tick is past due; one sweep now covers the missed ones")
+    backend = get_backend(settings)
+    advanced = {run.run_id: str(drive_run(settings, ledger, run.run_id, backend).state)
+                for run in ledger.by_state(RunState.DEPLOYING)}  # fmt: skip
+    now = now or datetime.now(UTC)
+    deleted, would_delete, kept = [], [], {}
+    for endpoint in backend.list_endpoints():
+        verdict = judge(endpoint, settings.janitor, now)
+        if not verdict.delete:
+            kept[verdict.endpoint] = verdict.evidence
+            continue
+        if settings.janitor.dry_run:
+            would_delete.append(f"{verdict.endpoint}: {verdict.evidence}")
+            continue
+        run = ledger.find(endpoint.tags.get("run_id", ""))
+        if run is not None:
+            if run.state == RunState.DEPLOYING:
+                kept[verdict.endpoint] = "still deploying"
+                continue
+            try:
+                run = ledger.advance(run, RunState.TORN_DOWN, f"endpoint {endpoint.name} deleted: {verdict.evidence}")
+            except (RunChanged, IllegalTransition):
+                continue  # another sweep claimed it first and deletes it
+        if backend.delete_endpoint(endpoint.name):
+            deleted.append(verdict.endpoint)
+            if run is not None:
+                lifecycle.publish(settings, lifecycle.ENDPOINT_DELETED, run, endpoint=endpoint.name,
+                                  evidence=verdict.evidence)  # fmt: skip
+    return {
+        "backend": settings.ml_backend,
+        "past_due": past_due,
+        "advanced": advanced,
+        "deleted": deleted,
+        "would_delete": would_delete,
+        "kept": kept,
+    }

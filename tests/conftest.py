@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
@@ -33,10 +38,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     get_settings.cache_clear()
 
 
+def stop_local_processes(data_dir: Path) -> None:
+    """Stop the trainers and endpoint servers a test started under `data_dir`."""
+    for spec in [*data_dir.glob("jobs/*/status.json"), *data_dir.glob("endpoints/*/endpoint.json")]:
+        pid = json.loads(spec.read_text()).get("pid")
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture
-def app_settings(azurite: Azurite, clean_env: pytest.MonkeyPatch) -> Settings:
+def app_settings(azurite: Azurite, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for the app under test: Azurite storage, and a local backend of its own."""
     clean_env.setenv("AzureWebJobsStorage", azurite.connection_string)
-    return get_settings()
+    clean_env.setenv("LOCAL_DATA_DIR", str(tmp_path / "local"))
+    yield get_settings()
+    stop_local_processes(tmp_path / "local")
 
 
 @pytest.fixture

@@ -20,11 +20,15 @@ from functions.janitor import endpoint_janitor
 from functions.job_events import job_events
 from functions.status import run_status
 from shared.datasets.sample import conversations
+from shared.events import RUN_STATUS_CHANGED
 from shared.ledger import Ledger, RunState, open_ledger
-from shared.settings import Settings
+from shared.settings import LOCAL_TOPIC, Settings
 from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
 
 SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=5))
+
+
+QUICK = {"max_steps": "2", "per_device_train_batch_size": "4"}  # the trainers these uploads start stay short
 
 
 def _upload_blob(settings: Settings, name: str, data: bytes = SAMPLE, metadata: dict[str, str] | None = None) -> str:
@@ -32,7 +36,7 @@ def _upload_blob(settings: Settings, name: str, data: bytes = SAMPLE, metadata: 
     if not container.exists():
         container.create_container()
     blob = container.get_blob_client(name)
-    return str(blob.upload_blob(data, overwrite=True, metadata=metadata)["etag"]).strip('"')
+    return str(blob.upload_blob(data, overwrite=True, metadata=metadata or QUICK)["etag"]).strip('"')
 
 
 def _prepared(settings: Settings, run_id: str) -> dict[str, bytes]:
@@ -61,9 +65,11 @@ def test_intake_records_the_upload_once_per_version(app_settings: Settings, app_
     intake(_trigger_stream(name, {"ETag": etag}))  # the same BlobCreated delivered again
     runs = app_ledger.by_blob(DATASETS_CONTAINER, name)
     assert len(runs) == 1
-    assert runs[0].state == RunState.PREPARED
+    assert runs[0].state == RunState.SUBMITTED
+    assert runs[0].job_name == f"ft-{runs[0].run_id}"
     assert runs[0].upload.version == etag
-    assert [entry.state for entry in app_ledger.history(runs[0].run_id)] == [RunState.RECEIVED, RunState.PREPARED]
+    history = [entry.state for entry in app_ledger.history(runs[0].run_id)]
+    assert history == [RunState.RECEIVED, RunState.PREPARED, RunState.SUBMITTED]
 
     new_etag = _upload_blob(app_settings, name, b'{"messages": [{"role": "user", "content": "hi"}]}\n')
     intake(_trigger_stream(name, {"ETag": new_etag}))
@@ -82,10 +88,10 @@ def test_intake_reads_the_etag_from_storage_when_the_trigger_has_none(
 
 def test_blob_trigger_prepares_the_upload_end_to_end(app_settings: Settings, app_ledger: Ledger) -> None:
     name = f"team/ultra-{uuid.uuid4().hex[:8]}.jsonl"
-    etag = _upload_blob(app_settings, name, metadata={"test_pc": "20", "num_train_epochs": "1"})
+    etag = _upload_blob(app_settings, name, metadata={"test_pc": "20", **QUICK})
     dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": etag}))
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
-    assert run.state == RunState.PREPARED
+    assert run.state == RunState.SUBMITTED
     files = _prepared(app_settings, run.run_id)
     assert set(files) == {"train_sft.jsonl", "test_sft.jsonl", "report.json"}
     report = json.loads(files["report.json"])
@@ -94,7 +100,10 @@ def test_blob_trigger_prepares_the_upload_end_to_end(app_settings: Settings, app
     assert report["settings"]["test_percent"] == 20
     train, test = files["train_sft.jsonl"].splitlines(), files["test_sft.jsonl"].splitlines()
     assert len(train) + len(test) == 40 and len(train) == report["split"]["train"]
-    assert run.details["report"]["training_overrides"] == {"num_train_epochs": 1}
+    assert run.details["report"]["training_overrides"] == {"max_steps": 2, "per_device_train_batch_size": 4}
+    job = json.loads((app_settings.local.data_dir / "jobs" / run.job_name / "job.json").read_text())
+    assert job["parameters"] == {"max_steps": 2, "per_device_train_batch_size": 4}
+    assert job["tags"]["run_id"] == run.run_id and job["tags"]["dataset_sha256"] == report["input"]["sha256"]
     assert run.details["report"]["sha256"] == report["input"]["sha256"]
     assert run.details["prepared"] == f"prepared/{run.run_id}/"
 
@@ -130,11 +139,11 @@ def test_an_upload_overwritten_before_it_is_read_is_rejected_with_that_reason(
     assert run.reason is not None and run.reason.startswith("the blob was overwritten before it could be read")
 
 
-def _grid_event(event_type: str, data: dict[str, Any]) -> func.EventGridEvent:
+def _grid_event(event_type: str, data: dict[str, Any], topic: str = LOCAL_TOPIC) -> func.EventGridEvent:
     return func.EventGridEvent(
         id=str(uuid.uuid4()),
         data=data,
-        topic="/subscriptions/x/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/mlw",
+        topic=topic,
         subject=f"experiments/e/runs/{data.get('runId')}",
         event_type=event_type,
         event_time=datetime.now(UTC),
@@ -142,28 +151,34 @@ def _grid_event(event_type: str, data: dict[str, Any]) -> func.EventGridEvent:
     )
 
 
-def test_job_events_are_recorded_against_the_run_that_submitted_the_job(
+def test_job_events_move_the_run_that_submitted_the_job_and_ignore_the_rest(
     app_settings: Settings, app_ledger: Ledger
 ) -> None:
     name = f"events-{uuid.uuid4().hex[:8]}.jsonl"
     dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
-    job_name = f"ft-{run.run_id}"
-    app_ledger.advance(run, RunState.SUBMITTED, "submitted", job_name=job_name)
-
+    job = run.job_name
     handler = job_events.build().get_user_function()
-    handler(
-        _grid_event(
-            "microsoft.machinelearningservices.runstatuschanged",
-            {"RunId": job_name, "RunStatus": "completed", "RunType": "azureml.PipelineRun"},
-        )
-    )
-    handler(_grid_event("Microsoft.MachineLearningServices.RunStatusChanged", {"runId": "someone-elses-job"}))
-    handler(_grid_event("Microsoft.Storage.BlobCreated", {"url": "https://x/datasets/y"}))
+    ignored = [
+        _grid_event(RUN_STATUS_CHANGED, {"runId": job, "runStatus": "Failed", "runType": "azureml.PipelineRun"},
+                    topic="/subscriptions/x/someone-else"),
+        _grid_event(RUN_STATUS_CHANGED, {"runId": job, "runStatus": "Failed", "runType": "azureml.StepRun"}),
+        _grid_event(RUN_STATUS_CHANGED, {"runId": job, "runStatus": "Running", "runType": "azureml.PipelineRun"}),
+        _grid_event(RUN_STATUS_CHANGED, {"runId": "someone-elses-job", "runStatus": "Failed",
+                                         "runType": "azureml.PipelineRun"}),
+        _grid_event("Microsoft.Storage.BlobCreated", {"url": "https://x/datasets/y"}),
+    ]  # fmt: skip
+    for event in ignored:
+        handler(event)
+    assert app_ledger.get(run.run_id) == run
 
-    messages = [entry.message for entry in app_ledger.history(run.run_id)]
-    assert messages[-1] == f"job {job_name} reported completed (azureml.PipelineRun)"
-    assert sum("reported" in message for message in messages) == 1
+    failed = {"RunId": job, "RunStatus": "failed", "RunType": "AzureML.PipelineRun", "error": "CUDA out of memory"}
+    handler(_grid_event("microsoft.machinelearningservices.runstatuschanged", failed))
+    handler(_grid_event("microsoft.machinelearningservices.runstatuschanged", failed))  # a duplicate
+    handler(_grid_event(RUN_STATUS_CHANGED, {"runId": job, "runStatus": "Running", "runType": "azureml.PipelineRun"}))
+    after = app_ledger.get(run.run_id)
+    assert after.state == RunState.FAILED and after.reason == "CUDA out of memory"
+    assert [e.state for e in app_ledger.history(run.run_id)].count(RunState.FAILED) == 1
 
 
 def test_the_janitor_runs_on_schedule_and_when_past_due(
@@ -193,7 +208,7 @@ def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: S
     name = f"status-{uuid.uuid4().hex[:8]}.jsonl"
     dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
 
-    listing = _get("runs", {"state": "prepared", "limit": "200"})
+    listing = _get("runs", {"state": "submitted", "limit": "200"})
     assert listing.status_code == 200
     assert listing.mimetype == "application/json"
     runs = {run["upload"]["blob_name"]: run for run in json.loads(listing.get_body())["runs"]}
@@ -202,9 +217,9 @@ def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: S
     one = _get(f"runs/{run_id}", run_id=run_id)
     assert one.status_code == 200
     body = json.loads(one.get_body())
-    assert body["state"] == "prepared"
-    assert body["state_times"].keys() == {"received", "prepared"}
-    assert [entry["state"] for entry in body["history"]] == ["received", "prepared"]
+    assert body["state"] == "submitted"
+    assert body["state_times"].keys() == {"received", "prepared", "submitted"}
+    assert [entry["state"] for entry in body["history"]] == ["received", "prepared", "submitted"]
     assert body["details"]["report"]["split"]["train"] + body["details"]["report"]["split"]["test"] == 40
     assert "etag" not in body
 

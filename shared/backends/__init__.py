@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 TERMINAL_JOB_STATUSES = ("Completed", "Failed", "Canceled")
+MANAGED_BY = "finetune-on-upload"  # the `managed-by` tag on everything this app creates
+
+
+def job_name_for(run_id: str) -> str:
+    """A deterministic job name per run: a redelivered upload finds the job it already submitted."""
+    return f"ft-{run_id}"
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,15 @@ class Backend(Protocol):
 
     def job_status(self, job_name: str) -> JobStatus: ...
 
+    def job_metrics(self, job_name: str) -> dict[str, Any]: ...
+
     def register(self, job_name: str) -> ModelRef: ...
 
     def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
+
+    def advance(
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: dict[str, Any]
+    ) -> tuple[str, str | None]: ...
 
     def endpoint(self, name: str) -> Endpoint: ...
 

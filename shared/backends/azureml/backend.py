@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from shared.backends import BackendError, Endpoint, JobRequest, JobStatus, ModelRef
+from shared.backends import MANAGED_BY, BackendError, Endpoint, JobRequest, JobStatus, ModelRef
 from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
 from shared.backends.local.registry import model_name_for
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from azure.ai.ml.entities import Model, PipelineJob
 
 log = logging.getLogger(__name__)
-MANAGED_BY = "finetune-on-upload"
 DEPLOYMENT = "chat"  # 3-32 characters, like endpoint names
 # NC v1 (K80) sizes, and NCv3 (V100) sizes retired on 2025-09-30.
 RETIRED_VM_SIZES = frozenset(
@@ -102,11 +101,6 @@ def check_vm_size(model: Model, vm_size: str, allow_list_tag: str, purpose: str)
         raise PreflightError(
             f"{purpose} VM size {vm_size} is not in {model.name}'s {allow_list_tag}: {', '.join(map(str, allowed))}"
         )
-
-
-def job_name_for(run_id: str) -> str:
-    """A deterministic job name per run: a redelivered upload finds the job it already submitted."""
-    return f"ft-{run_id}"
 
 
 def model_version_for(job_name: str) -> str:
@@ -335,6 +329,10 @@ class AzureMLBackend:
             return self._status(self.workspace.jobs.get(job_name))
         except ResourceNotFoundError:
             raise BackendError(f"no Azure ML job {job_name!r}") from None
+
+    def job_metrics(self, job_name: str) -> dict[str, Any]:
+        """Azure ML keeps a job's metrics in its MLflow run, shown in the studio; none are copied."""
+        return {}
 
     # Registration and deployment.
     def register(self, job_name: str) -> ModelRef:

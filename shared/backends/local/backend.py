@@ -89,6 +89,20 @@ class LocalBackend:
         )
         return _endpoint(started)
 
+    def advance(
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: dict[str, Any]
+    ) -> tuple[str, str | None]:
+        """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failed
+        endpoint is removed, as a failed Azure ML deployment is."""
+        self.deploy(model, endpoint, tags)
+        try:
+            self.wait_ready(endpoint)
+            self.invoke(endpoint, smoke_test)
+        except BackendError as error:
+            self.delete_endpoint(endpoint)
+            return "failed", str(error)
+        return "deployed", None
+
     def wait_ready(self, endpoint: str, timeout_s: float = 120) -> Endpoint:
         return _endpoint(endpoints.wait_ready(self.data_dir, endpoint, timeout_s))
 

@@ -97,15 +97,16 @@ def deploy(
 ) -> LocalEndpoint:
     """Start serving `model` (name, version, MLflow model folder) at endpoint `name`; returns at once."""
     directory = _directory(data_dir, name)
-    if (directory / "endpoint.json").exists():
-        existing = _read(directory)
-        if existing.state != "Failed":
-            return existing
-        shutil.rmtree(directory)
     model_name, model_version, model_path = model
     if not (model_path / "MLmodel").exists():
         raise EndpointError(f"{model_path} is not an MLflow model folder")
-    directory.mkdir(parents=True)
+    if (directory / "endpoint.json").exists() and _read(directory).state == "Failed":
+        shutil.rmtree(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir()  # the claim: of concurrent deployers, one creates the folder and starts the server
+    except FileExistsError:
+        return _wait_for_spec(directory)
     keys = directory / "keys.json"
     keys.touch(mode=0o600)
     keys.write_text(json.dumps({"primary_key": secrets.token_urlsafe(32), "secondary_key": secrets.token_urlsafe(32)}))
@@ -130,7 +131,19 @@ def deploy(
         "tags": tags,
         "pid": process.pid,
     }
-    (directory / "endpoint.json").write_text(json.dumps(spec, indent=2))
+    staged = directory / "endpoint.json.tmp"
+    staged.write_text(json.dumps(spec, indent=2))
+    os.replace(staged, directory / "endpoint.json")
+    return _read(directory)
+
+
+def _wait_for_spec(directory: Path, timeout_s: float = 30) -> LocalEndpoint:
+    """The endpoint another deployer is creating, once it has written its spec."""
+    deadline = time.monotonic() + timeout_s
+    while not (directory / "endpoint.json").exists():
+        if time.monotonic() > deadline:
+            raise EndpointError(f"endpoint {directory.name} is being created by another process that did not finish")
+        time.sleep(0.05)
     return _read(directory)
 
 

@@ -1,0 +1,99 @@
+"""From a completed job to a serving endpoint: register, deploy, smoke-test, route traffic.
+
+Every step is idempotent on the backend (the same job gives the same model version, the same run
+the same endpoint) and recorded by a conditional ledger transition, so any number of handlers
+(duplicate events, the janitor's timer) can drive the same run concurrently: each step happens
+once, and a handler that loses a race re-reads the run and carries on from where it now is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from shared import lifecycle
+from shared.backends import MANAGED_BY, Backend, BackendError, ModelRef, get_backend
+from shared.datasets.prepare import TEST_FILE
+from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
+from shared.settings import Settings
+from shared.storage import PREPARED_CONTAINER, blob_service
+
+log = logging.getLogger(__name__)
+S = RunState
+DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING)
+# The walkthrough's smoke-test generation settings.
+METRICS_SUMMARY = ("train_loss", "eval_loss", "perplexity", "tokens_per_second", "steps")
+SMOKE_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
+
+
+def endpoint_name_for(run_id: str) -> str:
+    """A valid endpoint name (3-32 characters, a letter first) that is unique per upload."""
+    slug, _, digest = run_id.rpartition("-")
+    short = re.sub(r"-+", "-", slug[:14]).strip("-")
+    return f"ft-{short}-{digest}" if short else f"ft-{digest}"
+
+
+def smoke_request(settings: Settings, run: Run) -> dict[str, Any]:
+    """Azure ML's chat body with a held-out conversation (the first of test_sft.jsonl), cut
+    before its last assistant turn so the model has something to answer."""
+    blob = blob_service(settings.storage).get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{TEST_FILE}")
+    head = blob.download_blob(offset=0, length=1024 * 1024).readall()
+    messages = json.loads(head.split(b"\n", 1)[0])["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return {"input_data": {"input_string": [messages[: last_user + 1]], "parameters": SMOKE_PARAMETERS}, "params": {}}
+
+
+def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
+    """Take the run one step on; False when there is nothing more to do now."""
+    if run.state == S.COMPLETED:
+        model = backend.register(run.job_name or "")
+        metrics = backend.job_metrics(run.job_name or "")
+        summary = {key: metrics.get(key) for key in METRICS_SUMMARY}
+        details = {"metrics": summary, "loss_curve": metrics.get("loss_curve")} if metrics else None
+        ledger.advance(run, S.REGISTERED, f"registered model {model.name}:{model.version}",
+                       model_name=model.name, model_version=model.version, details=details)  # fmt: skip
+        return True
+    model = ModelRef(run.model_name or "", run.model_version or "")
+    tags = {"managed-by": MANAGED_BY, "run_id": run.run_id}
+    if run.state == S.REGISTERED:
+        endpoint = endpoint_name_for(run.run_id)
+        backend.deploy(model, endpoint, tags)
+        ledger.advance(run, S.DEPLOYING, f"deploying {model.name}:{model.version} to endpoint {endpoint}",
+                       endpoint_name=endpoint)  # fmt: skip
+        return True
+    if run.state == S.DEPLOYING:
+        outcome, message = backend.advance(model, run.endpoint_name or "", tags, smoke_request(settings, run))
+        if outcome == "deploying":
+            return False  # Azure is still at it; the janitor's timer comes back
+        if outcome == "deployed":
+            url = backend.endpoint(run.endpoint_name or "").scoring_uri
+            run = ledger.advance(run, S.DEPLOYED, "smoke test passed; serving", endpoint_url=url or "")
+            lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, run, endpoint=run.endpoint_name, scoringUri=url,
+                              model=f"{model.name}:{model.version}")  # fmt: skip
+        else:
+            run = ledger.advance(run, S.DEPLOY_FAILED, "deployment failed", reason=message or "no message")
+            lifecycle.publish(settings, lifecycle.JOB_FAILED, run, stage="deployment")
+        return False
+    return False
+
+
+def drive_run(settings: Settings, ledger: Ledger, run_id: str, backend: Backend | None = None) -> Run:
+    """Move a completed run as far towards `deployed` as it can go now."""
+    backend = backend or get_backend(settings)
+    for _ in range(50):  # bounded: each pass either moves the run, loses a race, or stops
+        run = ledger.get(run_id)
+        if run.state not in DRIVEN_STATES:
+            return run
+        try:
+            if not _step(settings, ledger, backend, run):
+                return ledger.get(run_id)
+        except (RunChanged, IllegalTransition):
+            continue  # another handler moved it: look again
+        except BackendError as error:
+            try:
+                failed = ledger.advance(run, S.DEPLOY_FAILED, f"{run.state} step failed", reason=str(error))
+                lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="deployment")
+            except (RunChanged, IllegalTransition):
+                continue
+    return ledger.get(run_id)
