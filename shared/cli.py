@@ -221,6 +221,12 @@ def _delete_endpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host(args: argparse.Namespace) -> int:
+    from shared.localhost import run_host
+
+    return run_host(start_azurite=args.azurite)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from shared.demo import run_demo
 
@@ -296,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete-endpoint", help="stop and remove a local endpoint")
     delete.add_argument("endpoint")
     delete.set_defaults(handler=_delete_endpoint)
+
+    host = commands.add_parser("host", help="run the function app locally without Core Tools")
+    host.add_argument("--azurite", action="store_true", help="also start Azurite (data kept in .azurite/)")
+    host.set_defaults(handler=_host)
 
     demo = commands.add_parser("demo", help="run the end-to-end demo on the local backend")
     demo.set_defaults(handler=_demo)

@@ -1,0 +1,270 @@
+"""A local Functions host for users without Core Tools: `python -m shared.cli host`.
+
+It loads `function_app` and runs its functions from their own binding metadata, as the real host
+does: blob triggers fire for new or changed blobs (receipts kept by ETag in the
+`azure-webjobs-hosts` container, so a restart does not fire them again), timer triggers on their
+NCRONTAB schedules, and Event Grid triggers receive what is posted to a local topic endpoint,
+with retries and backoff, then dead-lettering to a container after the last attempt.
+Azurite sends no Event Grid events, so blobs are found by listing."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from queue import Empty, Queue
+from typing import Any
+
+from shared.eventgrid_topic import LocalTopic
+from shared.ncrontab import Schedule
+from shared.settings import LOCAL_TOPIC, get_settings
+from shared.storage import blob_service
+
+log = logging.getLogger("localhost")
+RECEIPTS_CONTAINER = "azure-webjobs-hosts"
+DEAD_LETTER_CONTAINER = "dead-letter"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Trigger:
+    function_name: str
+    kind: str  # blobTrigger, timerTrigger, eventGridTrigger, httpTrigger
+    binding: dict[str, Any]
+    call: Callable[..., Any]
+
+
+def _resolve(value: str) -> str:
+    """`%NAME%` app-setting references in binding values, as the host resolves them."""
+
+    def setting(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in os.environ:
+            return os.environ[name]
+        if name == "JANITOR_SCHEDULE":
+            return get_settings().janitor_schedule
+        raise KeyError(f"binding refers to app setting {name}, which is not set")
+
+    return re.sub(r"%([^%]+)%", setting, value)
+
+
+def load_triggers(module_name: str = "function_app") -> list[Trigger]:
+    """Every function of the app with its trigger binding, from the app's own metadata."""
+    module = importlib.import_module(module_name)
+    triggers = []
+    for function in module.app.get_functions():
+        bindings = json.loads(function.get_function_json())["bindings"]
+        (trigger,) = [b for b in bindings if b["type"].endswith("Trigger")]
+        triggers.append(Trigger(function.get_function_name(), trigger["type"], trigger, function.get_user_function()))
+    return triggers
+
+
+def load_local_settings(path: Path = REPO_ROOT / "local.settings.json") -> None:
+    """Like Core Tools: `local.settings.json` Values become environment variables (never
+    overriding ones already set)."""
+    if path.exists():
+        for name, value in json.loads(path.read_text()).get("Values", {}).items():
+            os.environ.setdefault(name, str(value))
+
+
+class LocalHost:
+    def __init__(self, poll_interval_s: float = 1.0, delivery_attempts: int = 5, backoff_s: float = 1.0) -> None:
+        self.poll_interval_s, self.delivery_attempts, self.backoff_s = poll_interval_s, delivery_attempts, backoff_s
+        self.topic_key = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._events: Queue[dict[str, Any]] = Queue()
+        self._threads: list[threading.Thread] = []
+        self._blob_pool = ThreadPoolExecutor(4, thread_name_prefix="blob-trigger")
+        self._in_flight: set[tuple[str, str, str]] = set()
+        self._receipts: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+        self.topic = LocalTopic(self.topic_key, self._events.put, topic=LOCAL_TOPIC)
+        # The trainer reports job status, and the app its lifecycle events, to this host's topic.
+        os.environ["JOB_EVENTS_TOPIC_ENDPOINT"] = self.topic.endpoint
+        os.environ["JOB_EVENTS_TOPIC_KEY"] = self.topic_key
+        os.environ.setdefault("LIFECYCLE_TOPIC_ENDPOINT", self.topic.endpoint)
+        os.environ.setdefault("LIFECYCLE_TOPIC_KEY", self.topic_key)
+        get_settings.cache_clear()
+        self.settings = get_settings()
+        self.triggers = load_triggers()
+        with open(REPO_ROOT / "host.json") as host_json:
+            self.blob_attempts = json.load(host_json)["extensions"]["blobs"]["poisonBlobThreshold"]
+
+    def start(self) -> LocalHost:
+        service = blob_service(self.settings.storage)
+        for container in (RECEIPTS_CONTAINER, DEAD_LETTER_CONTAINER):
+            if not service.get_container_client(container).exists():
+                service.create_container(container)
+        for trigger in self.triggers:
+            if trigger.kind == "blobTrigger":
+                self._spawn(self._watch_blobs, trigger)
+            elif trigger.kind == "timerTrigger":
+                self._spawn(self._run_timer, trigger)
+        for _ in range(4):
+            self._spawn(self._deliver_events, None)
+        log.info("local host: Event Grid topic at %s; functions: %s", self.topic.endpoint,
+                 ", ".join(f"{t.function_name} ({t.kind})" for t in self.triggers))  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._blob_pool.shutdown(wait=True)
+        self.topic.close()
+
+    def _spawn(self, target: Callable[[Trigger | None], None], trigger: Trigger | None) -> None:
+        thread = threading.Thread(target=target, args=(trigger,), daemon=True,
+                                  name=f"host-{trigger.function_name if trigger else 'events'}")  # fmt: skip
+        thread.start()
+        self._threads.append(thread)
+
+    # Blob triggers: list, compare with receipts, fire for new ETags.
+    def _receipt_name(self, function: str, container: str, name: str, etag: str) -> str:
+        return f"blobreceipts/local/{function}/{container}/{name}/{etag}"
+
+    def _watch_blobs(self, trigger: Trigger | None) -> None:
+        assert trigger is not None
+        container = _resolve(trigger.binding["path"]).split("/", 1)[0]
+        service = blob_service(self.settings.storage)
+        receipts = service.get_container_client(RECEIPTS_CONTAINER)
+        while not self._stop.is_set():
+            try:
+                client = service.get_container_client(container)
+                blobs = list(client.list_blobs()) if client.exists() else []
+                for blob in blobs:
+                    etag = str(blob.etag).strip('"')
+                    key = (trigger.function_name, blob.name, etag)
+                    with self._lock:
+                        if key in self._receipts or key in self._in_flight:
+                            continue
+                    receipt = self._receipt_name(trigger.function_name, container, blob.name, etag)
+                    if receipts.get_blob_client(receipt).exists():
+                        with self._lock:
+                            self._receipts.add(key)
+                        continue
+                    with self._lock:
+                        self._in_flight.add(key)
+                    self._blob_pool.submit(self._fire_blob, trigger, container, blob, etag, key, receipt)
+            except Exception:
+                log.exception("listing %s failed; trying again", container)
+            self._stop.wait(self.poll_interval_s)
+
+    def _fire_blob(self, trigger: Trigger, container: str, blob: Any, etag: str, key: Any, receipt: str) -> None:
+        from azure.functions.blob import InputStream
+
+        service = blob_service(self.settings.storage)
+        error: Exception | None = None
+        for attempt in range(1, self.blob_attempts + 1):
+            # The app reads data with the storage SDK, never from the binding's stream.
+            stream = InputStream(data=b"", name=f"{container}/{blob.name}", length=blob.size,
+                                 uri=service.get_blob_client(container, blob.name).url,
+                                 blob_properties={"ETag": etag, "Length": blob.size}, metadata=blob.metadata)  # fmt: skip
+            try:
+                trigger.call(stream)
+                error = None
+                break
+            except Exception as failure:
+                error = failure
+                log.warning("%s failed on %s (attempt %d of %d): %s", trigger.function_name, blob.name,
+                            attempt, self.blob_attempts, failure)  # fmt: skip
+        if error is not None:  # poison: the host gives up on this blob version and says so
+            self._dead_letter(f"{trigger.function_name}/{blob.name}/{etag}.json",
+                              {"blob": f"{container}/{blob.name}", "etag": etag, "error": str(error)})  # fmt: skip
+        service.get_container_client(RECEIPTS_CONTAINER).upload_blob(receipt, b"", overwrite=True)
+        with self._lock:
+            self._receipts.add(key)
+            self._in_flight.discard(key)
+
+    # Timer triggers.
+    def _run_timer(self, trigger: Trigger | None) -> None:
+        from azure.functions.timer import TimerRequest
+
+        assert trigger is not None
+        schedule = Schedule(_resolve(trigger.binding["schedule"]))
+        due = schedule.next_after(datetime.now(UTC))
+        while not self._stop.wait(max(0.0, (due - datetime.now(UTC)).total_seconds())):
+            late = (datetime.now(UTC) - due).total_seconds()
+            try:
+                trigger.call(TimerRequest(past_due=late > 5, schedule_status={"Last": due.isoformat()}))
+            except Exception:
+                log.exception("%s failed", trigger.function_name)
+            due = schedule.next_after(datetime.now(UTC))
+
+    # Event Grid triggers: delivery with retries, backoff and dead-lettering.
+    def _deliver_events(self, _: Trigger | None) -> None:
+        import azure.functions as func
+
+        grid_functions = [t for t in self.triggers if t.kind == "eventGridTrigger"]
+        while not self._stop.is_set():
+            try:
+                raw = self._events.get(timeout=0.2)
+            except Empty:
+                continue
+            event = func.EventGridEvent(
+                id=raw.get("id", str(uuid.uuid4())),
+                data=raw.get("data"),
+                topic=raw.get("topic", LOCAL_TOPIC),
+                subject=raw.get("subject", ""),
+                event_type=raw.get("eventType", ""),
+                event_time=datetime.fromisoformat(raw["eventTime"].replace("Z", "+00:00"))
+                if raw.get("eventTime")
+                else None,
+                data_version=raw.get("dataVersion", ""),
+            )
+            for trigger in grid_functions:
+                self._deliver(trigger, event, raw)
+
+    def _deliver(self, trigger: Trigger, event: Any, raw: dict[str, Any]) -> None:
+        for attempt in range(1, self.delivery_attempts + 1):
+            try:
+                trigger.call(event)
+                return
+            except Exception as failure:
+                log.warning("%s failed on event %s (attempt %d of %d): %s", trigger.function_name, event.id,
+                            attempt, self.delivery_attempts, failure)  # fmt: skip
+                if attempt == self.delivery_attempts:
+                    self._dead_letter(f"{trigger.function_name}/{event.id}.json",
+                                      {"event": raw, "error": str(failure), "attempts": attempt})  # fmt: skip
+                elif self._stop.wait(self.backoff_s * 2 ** (attempt - 1)):
+                    return
+
+    def _dead_letter(self, name: str, payload: dict[str, Any]) -> None:
+        container = blob_service(self.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
+        container.upload_blob(name, json.dumps(payload, indent=2, default=str).encode(), overwrite=True)
+        log.error("dead-lettered %s/%s", DEAD_LETTER_CONTAINER, name)
+
+
+def run_host(start_azurite: bool) -> int:
+    """The `host` command: serve until interrupted."""
+    from shared.azurite import start_azurite as launch
+
+    load_local_settings()
+    azurite = None
+    if start_azurite:
+        azurite = launch(location=REPO_ROOT / ".azurite")
+        os.environ["AzureWebJobsStorage"] = azurite.connection_string
+        print(f"Azurite: {azurite.connection_string}", flush=True)
+    host = LocalHost().start()
+    print(f"host running; Event Grid topic {host.topic.endpoint} (key in JOB_EVENTS_TOPIC_KEY); Ctrl-C stops",
+          flush=True)  # fmt: skip
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        host.stop()
+        if azurite:
+            azurite.stop()
+    return 0
