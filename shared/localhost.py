@@ -69,6 +69,10 @@ def load_triggers(module_name: str = "function_app") -> list[Trigger]:
     return triggers
 
 
+def _event_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
 def load_local_settings(path: Path = REPO_ROOT / "local.settings.json") -> None:
     """Like Core Tools: `local.settings.json` Values become environment variables (never
     overriding ones already set)."""
@@ -167,9 +171,14 @@ class LocalHost:
         error: Exception | None = None
         for attempt in range(1, self.blob_attempts + 1):
             # The app reads data with the storage SDK, never from the binding's stream.
-            stream = InputStream(data=b"", name=f"{container}/{blob.name}", length=blob.size,
-                                 uri=service.get_blob_client(container, blob.name).url,
-                                 blob_properties={"ETag": etag, "Length": blob.size}, metadata=blob.metadata)  # fmt: skip
+            stream = InputStream(
+                data=b"",
+                name=f"{container}/{blob.name}",
+                length=blob.size,
+                uri=service.get_blob_client(container, blob.name).url,
+                blob_properties={"ETag": etag, "Length": blob.size},
+                metadata=blob.metadata,
+            )
             try:
                 trigger.call(stream)
                 error = None
@@ -217,9 +226,7 @@ class LocalHost:
                 topic=raw.get("topic", LOCAL_TOPIC),
                 subject=raw.get("subject", ""),
                 event_type=raw.get("eventType", ""),
-                event_time=datetime.fromisoformat(raw["eventTime"].replace("Z", "+00:00"))
-                if raw.get("eventTime")
-                else None,
+                event_time=_event_time(raw.get("eventTime")),
                 data_version=raw.get("dataVersion", ""),
             )
             for trigger in grid_functions:
@@ -248,12 +255,13 @@ class LocalHost:
 def run_host(start_azurite: bool) -> int:
     """The `host` command: serve until interrupted."""
     from shared.azurite import start_azurite as launch
+    from shared.settings import STORAGE_SETTING
 
     load_local_settings()
     azurite = None
     if start_azurite:
         azurite = launch(location=REPO_ROOT / ".azurite")
-        os.environ["AzureWebJobsStorage"] = azurite.connection_string
+        os.environ[STORAGE_SETTING] = azurite.connection_string
         print(f"Azurite: {azurite.connection_string}", flush=True)
     host = LocalHost().start()
     print(f"host running; Event Grid topic {host.topic.endpoint} (key in JOB_EVENTS_TOPIC_KEY); Ctrl-C stops",
