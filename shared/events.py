@@ -11,7 +11,7 @@ from typing import Any
 
 from shared import lifecycle
 from shared.deployment import drive_run
-from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
+from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,22 +104,27 @@ def handle_job_event(
     run = ledger.by_job(status.job_name)
     if run is None:
         return _ignored(f"job {status.job_name} was not submitted by this app", status, topic)
+    run = finish_job(settings, ledger, run, status.status, _reason(data))
+    return f"run {run.run_id} is {run.state}"
 
-    if status.is_status("Completed"):
+
+def finish_job(settings: Settings, ledger: Ledger, run: Run, job_status: str, reason: str | None) -> Run:
+    """Record that the run's job ended (from its event, or from the janitor's poll): Completed
+    drives the run on to deployment; Failed and Canceled record why. Idempotent."""
+    job = run.job_name or "?"
+    if job_status.lower() == "completed":
         # A duplicate or a race finds the run already past this point, and drives it on from there.
         with suppress(IllegalTransition, RunChanged):
-            ledger.advance(run, RunState.COMPLETED, f"job {status.job_name} completed")
-        run = drive_run(settings, ledger, run.run_id)
-        return f"run {run.run_id} is {run.state}"
-
-    target = RunState.FAILED if status.is_status("Failed") else RunState.CANCELED
-    reason = _reason(data) or _backend_reason(settings, status.job_name) or f"job {status.job_name} {status.status}"
+            ledger.advance(run, RunState.COMPLETED, f"job {job} completed")
+        return drive_run(settings, ledger, run.run_id)
+    target = RunState.FAILED if job_status.lower() == "failed" else RunState.CANCELED
+    reason = reason or _backend_reason(settings, job) or f"job {job} {job_status}"
     try:
-        ended = ledger.advance(run, target, f"job {status.job_name} {status.status.lower()}", reason=reason)
+        ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason)
     except (IllegalTransition, RunChanged):
-        return f"run {run.run_id} is already {ledger.get(run.run_id).state}"
-    lifecycle.publish(settings, lifecycle.JOB_FAILED, ended, stage="training", jobStatus=status.status)
-    return f"run {run.run_id} is {ended.state}"
+        return ledger.get(run.run_id)
+    lifecycle.publish(settings, lifecycle.JOB_FAILED, ended, stage="training", jobStatus=job_status)
+    return ended
 
 
 def _reason(data: Any) -> str | None:

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared import lifecycle
-from shared.backends import MANAGED_BY, Endpoint, get_backend
+from shared.backends import MANAGED_BY, Backend, BackendError, Endpoint, get_backend
 from shared.deployment import drive_run
+from shared.events import finish_job
 from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
 from shared.settings import JanitorSettings, Settings
 
@@ -56,11 +57,27 @@ def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
     return Verdict(name, True, f"{seen} ({idle.total_seconds() / 60:.1f} min idle, window {rules.idle_minutes:g} min)")
 
 
+def _poll_jobs(settings: Settings, ledger: Ledger, backend: Backend) -> dict[str, str]:
+    """A safety net under the job events: a job that ended without its event being handled (a
+    lost event, a killed local trainer) is found here and its run moved on."""
+    finished = {}
+    for run in [*ledger.by_state(RunState.SUBMITTED), *ledger.by_state(RunState.RUNNING)]:
+        try:
+            status = backend.job_status(run.job_name or "")
+        except BackendError as error:
+            log.warning("could not read job %s of run %s: %s", run.job_name, run.run_id, error)
+            continue
+        if status.is_terminal:
+            finished[run.run_id] = str(finish_job(settings, ledger, run, status.status, status.reason).state)
+    return finished
+
+
 def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | None = None) -> dict[str, Any]:
     """One janitor pass; returns what it did, for the log."""
     if past_due:
         log.info("janitor tick is past due; one sweep now covers the missed ones")
     backend = get_backend(settings)
+    finished = _poll_jobs(settings, ledger, backend)
     advanced = {run.run_id: str(drive_run(settings, ledger, run.run_id, backend).state)
                 for run in ledger.by_state(RunState.DEPLOYING)}  # fmt: skip
     now = now or datetime.now(UTC)
@@ -90,6 +107,7 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
     return {
         "backend": settings.ml_backend,
         "past_due": past_due,
+        "jobs_finished": finished,
         "advanced": advanced,
         "deleted": deleted,
         "would_delete": would_delete,

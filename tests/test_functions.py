@@ -239,22 +239,3 @@ def test_status_explains_bad_requests(
     response = _get("runs", params, run_id)
     assert response.status_code == status
     assert says in json.loads(response.get_body())["error"]
-
-
-def test_the_demo_runs_what_exists_and_says_what_does_not() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "demo"],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "prepared   prepared 200 conversations" in result.stdout
-    assert "not built yet" in result.stdout
-    assert result.stdout.rstrip().endswith("stopped Azurite")

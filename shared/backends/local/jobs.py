@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,14 +154,20 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
     """Start the job, or find it: a job that exists is returned as it is, unless `restart` is
     set and it ended without completing, in which case it resumes from its last checkpoint."""
     directory = job_dir(data_dir, spec.job_name)
-    if (directory / "status.json").exists():
-        state = read_state(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir()  # the claim: of concurrent submitters of one job, one starts it
+    except FileExistsError:
+        state = _wait_for_state(directory)
         if not restart or state.status == "Completed" or not state.is_terminal:
             return state
         (directory / _PUBLISHED).unlink(missing_ok=True)
     else:
-        directory.mkdir(parents=True, exist_ok=True)
-        _stage_inputs(prepared, directory / "inputs")
+        try:
+            _stage_inputs(prepared, directory / "inputs")
+        except JobError:
+            shutil.rmtree(directory)
+            raise
     _write_json(directory / "job.json", asdict(spec))
     write_state(directory, JobState(spec.job_name, "Queued", started_at=_now()))
     log = (directory / "trainer.log").open("ab")
@@ -178,6 +185,16 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
     # The trainer writes only final states; it needs seconds to start, so this write comes first.
     if not read_state(directory).is_terminal:
         write_state(directory, state)
+    return read_state(directory)
+
+
+def _wait_for_state(directory: Path, timeout_s: float = 30) -> JobState:
+    """The state of a job another submitter is starting, once it has written one."""
+    deadline = time.monotonic() + timeout_s
+    while not (directory / "status.json").exists():
+        if time.monotonic() > deadline:
+            raise JobError(f"job {directory.name} is being submitted by another process that did not finish")
+        time.sleep(0.05)
     return read_state(directory)
 
 

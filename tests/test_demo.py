@@ -1,0 +1,25 @@
+"""The README's demo, run as a user runs it: upload to teardown on this machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_runs_the_whole_flow_and_cleans_up() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "demo"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    for state in ("received", "prepared", "submitted", "completed", "registered", "deploying", "deployed", "torn_down"):
+        assert f" {state} " in out, state
+    assert "answered:" in out and "loss plot: " in out and "loss_curve.png" in out
+    assert out.rstrip().endswith("stopped the host and Azurite")
+    loss_plot = out.split("loss plot: ", 1)[1].split()[0]
+    assert Path(loss_plot).read_bytes()[:4] == b"\x89PNG"
+    leftover = subprocess.run(["pgrep", "-f", "shared.backends.local.serve .*demo"], capture_output=True, text=True)
+    assert leftover.stdout == ""
