@@ -1,0 +1,271 @@
+"""Exactly once under at-least-once delivery: the event flow with Azurite and the local backend
+for real, deliveries repeated and raced, handlers and trainers killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import azure.functions as func
+import orjson
+import pytest
+from azure.functions.blob import InputStream
+
+from functions.intake import dataset_intake
+from functions.job_events import job_events
+from shared.backends import MANAGED_BY, get_backend
+from shared.datasets.sample import conversations
+from shared.eventgrid_topic import LocalTopic
+from shared.events import RUN_STATUS_CHANGED
+from shared.intake import handle_upload
+from shared.janitor import sweep
+from shared.ledger import Ledger, Run, RunState, open_ledger
+from shared.settings import LOCAL_TOPIC, Settings, get_settings
+from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
+
+S = RunState
+SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=21))
+QUICK = {"max_steps": "2", "per_device_train_batch_size": "4"}
+
+
+@pytest.fixture
+def lifecycle_events(app_settings: Settings, clean_env: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """What the app tells other systems, captured on a local topic."""
+    received: list[dict[str, Any]] = []
+    topic = LocalTopic("lifecycle-key", received.append, topic="lifecycle")
+    clean_env.setenv("LIFECYCLE_TOPIC_ENDPOINT", topic.endpoint)
+    clean_env.setenv("LIFECYCLE_TOPIC_KEY", "lifecycle-key")
+    get_settings.cache_clear()
+    yield received
+    topic.close()
+
+
+@pytest.fixture
+def settings(app_settings: Settings, lifecycle_events: list[Any]) -> Settings:
+    return get_settings()
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> Ledger:
+    return open_ledger(settings)
+
+
+def _upload(settings: Settings, data: bytes = SAMPLE, metadata: dict[str, str] | None = None) -> tuple[str, str]:
+    name = f"flow-{uuid.uuid4().hex[:8]}.jsonl"
+    container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
+    if not container.exists():
+        container.create_container()
+    etag = container.get_blob_client(name).upload_blob(data, metadata=metadata or QUICK)["etag"]
+    return name, str(etag).strip('"')
+
+
+def _deliver_upload(name: str, etag: str) -> None:
+    stream = InputStream(data=b"", name=f"{DATASETS_CONTAINER}/{name}", blob_properties={"ETag": etag})
+    dataset_intake.build().get_user_function()(stream)
+
+
+def _completed_event(job: str) -> func.EventGridEvent:
+    return func.EventGridEvent(
+        id=str(uuid.uuid4()), topic=LOCAL_TOPIC, subject=f"experiments/x/runs/{job}", event_type=RUN_STATUS_CHANGED,
+        event_time=datetime.now(UTC), data_version="2",
+        data={"runId": job, "runStatus": "Completed", "runType": "azureml.PipelineRun"},
+    )  # fmt: skip
+
+
+def _wait_job(settings: Settings, job: str, timeout_s: float = 240) -> str:
+    backend = get_backend(settings)
+    deadline = time.monotonic() + timeout_s
+    while not (status := backend.job_status(job)).is_terminal:
+        assert time.monotonic() < deadline, f"job {job} still {status.status}"
+        time.sleep(0.5)
+    return status.status
+
+
+def _states(ledger: Ledger, run: Run) -> list[RunState]:
+    return [entry.state for entry in ledger.history(run.run_id)]
+
+
+def _job_dirs(settings: Settings) -> list[Path]:
+    return sorted((settings.local.data_dir / "jobs").glob("*/status.json"))
+
+
+def test_200_concurrent_deliveries_of_one_upload_make_one_run_and_one_job(settings: Settings, ledger: Ledger) -> None:
+    name, etag = _upload(settings)
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda _: _deliver_upload(name, etag), range(200)))
+    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == S.SUBMITTED
+    assert _states(ledger, run) == [S.RECEIVED, S.PREPARED, S.SUBMITTED]
+    assert [path.parent.name for path in _job_dirs(settings)] == [run.job_name]
+
+
+def test_200_concurrent_completed_events_register_and_deploy_once(settings: Settings, ledger: Ledger) -> None:
+    from mlflow.tracking import MlflowClient
+
+    name, etag = _upload(settings)
+    _deliver_upload(name, etag)
+    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    assert _wait_job(settings, run.job_name or "") == "Completed"
+    handler = job_events.build().get_user_function()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda _: handler(_completed_event(run.job_name or "")), range(200)))
+    run = ledger.get(run.run_id)
+    assert run.state == S.DEPLOYED, run.reason
+    states = _states(ledger, run)
+    assert states == [S.RECEIVED, S.PREPARED, S.SUBMITTED, S.COMPLETED, S.REGISTERED, S.DEPLOYING, S.DEPLOYED]
+    tracking = f"sqlite:///{settings.local.data_dir / 'mlflow.db'}"
+    assert len(MlflowClient(tracking_uri=tracking).search_model_versions(f"name = '{run.model_name}'")) == 1
+    endpoints = get_backend(settings).list_endpoints()
+    assert [e.name for e in endpoints] == [run.endpoint_name]
+    assert run.endpoint_url == endpoints[0].scoring_uri
+    assert run.details["metrics"]["steps"] == 2
+
+
+class HandlerKilled(BaseException):
+    """Stands for the process dying: nothing after it runs, nothing catches it."""
+
+
+class KilledBeforeRecordingSubmission(Ledger):
+    def advance(self, run: Run, target: RunState, message: str, **kwargs: Any) -> Run:
+        if target == S.SUBMITTED:
+            raise HandlerKilled
+        return super().advance(run, target, message, **kwargs)
+
+
+def test_a_handler_killed_between_submit_and_ledger_write_leaves_one_job(
+    settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
+) -> None:
+    name, etag = _upload(settings)
+    with pytest.raises(HandlerKilled):
+        handle_upload(settings, KilledBeforeRecordingSubmission(ledger._table), f"{DATASETS_CONTAINER}/{name}",
+                      {"ETag": etag})  # fmt: skip
+    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == S.PREPARED and len(_job_dirs(settings)) == 1  # the job exists; the ledger does not know
+
+    _deliver_upload(name, etag)  # Event Grid delivers again
+    run = ledger.get(run.run_id)
+    assert run.state == S.SUBMITTED and len(_job_dirs(settings)) == 1
+    assert _wait_job(settings, run.job_name or "") == "Completed"
+    sweep(settings, ledger, past_due=False)  # the janitor notices the finished job: no event needed
+    run = ledger.get(run.run_id)
+    assert run.state == S.DEPLOYED, run.reason
+    published = [e["eventType"] for e in lifecycle_events if e["data"]["runId"] == run.run_id]
+    assert published == ["FineTune.JobSubmitted", "FineTune.ModelDeployed"]
+
+
+def test_a_killed_trainer_ends_the_run_failed_with_no_deployment(
+    settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
+) -> None:
+    name, etag = _upload(settings, metadata={"num_train_epochs": "200", "per_device_train_batch_size": "1"})
+    _deliver_upload(name, etag)
+    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    status_file = settings.local.data_dir / "jobs" / (run.job_name or "") / "status.json"
+    deadline = time.monotonic() + 60
+    while (pid := json.loads(status_file.read_text()).get("pid")) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(3)  # mid-run
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    report = sweep(settings, ledger, past_due=False)
+    run = ledger.get(run.run_id)
+    assert run.state == S.FAILED
+    assert "ended without reporting a result" in (run.reason or "")
+    assert report["jobs_finished"] == {run.run_id: "failed"}
+    assert get_backend(settings).list_endpoints() == []
+    failed = [
+        e for e in lifecycle_events if e["data"]["runId"] == run.run_id and e["eventType"] == "FineTune.JobFailed"
+    ]
+    assert len(failed) == 1 and failed[0]["data"]["reason"] == run.reason
+
+
+def test_a_rejected_dataset_is_recorded_reported_left_untouched_and_announced(
+    settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
+) -> None:
+    data = SAMPLE + b'[{"role": "user", "content": "not an object"}]\n'
+    name, etag = _upload(settings, data)
+    _deliver_upload(name, etag)
+    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == S.REJECTED and "line 41" in (run.reason or "")
+    service = blob_service(settings.storage)
+    report = json.loads(
+        service.get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/report.json").download_blob().readall()
+    )
+    assert report["status"] == "rejected"
+    original = service.get_blob_client(DATASETS_CONTAINER, name)
+    assert original.download_blob().readall() == data and str(original.get_blob_properties().etag).strip('"') == etag
+    (event,) = [e for e in lifecycle_events if e["data"]["runId"] == run.run_id]
+    assert event["eventType"] == "FineTune.DatasetRejected" and event["data"]["reason"] == run.reason
+    assert _job_dirs(settings) == []
+
+
+def _set_endpoint_time(settings: Settings, endpoint: str, created: datetime | None = None,
+                       last_request: datetime | None = None) -> None:  # fmt: skip
+    directory = settings.local.data_dir / "endpoints" / endpoint
+    if created:
+        spec = json.loads((directory / "endpoint.json").read_text())
+        (directory / "endpoint.json").write_text(json.dumps({**spec, "created_at": created.isoformat()}))
+    if last_request:
+        (directory / "last_request").write_text(last_request.isoformat())
+
+
+def test_the_janitor_deletes_only_idle_managed_endpoints_once(
+    settings: Settings, ledger: Ledger, clean_env: pytest.MonkeyPatch, lifecycle_events: list[dict[str, Any]]
+) -> None:
+    clean_env.setenv("ENDPOINT_IDLE_MINUTES", "10")
+    clean_env.setenv("ENDPOINT_MIN_AGE_MINUTES", "30")
+    get_settings.cache_clear()
+    settings = get_settings()
+    name, etag = _upload(settings)
+    _deliver_upload(name, etag)
+    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    _wait_job(settings, run.job_name or "")
+    sweep(settings, ledger, past_due=True)  # finishes the job's run: registered, deployed
+    run = ledger.get(run.run_id)
+    assert run.state == S.DEPLOYED, run.reason
+
+    backend = get_backend(settings)
+    model = backend.register(run.job_name or "")
+    later = datetime.now(UTC) + timedelta(minutes=45)
+    managed = {"managed-by": MANAGED_BY}
+    others = {"ep-fresh": managed, "ep-kept": {**managed, "keep": "true"}, "ep-unmanaged": {}, "ep-recent": managed}
+    for endpoint, tags in others.items():
+        backend.deploy(model, endpoint, tags)
+        backend.wait_ready(endpoint)
+    _set_endpoint_time(settings, "ep-fresh", created=later - timedelta(minutes=5))
+    _set_endpoint_time(settings, "ep-recent", last_request=later - timedelta(minutes=2))
+
+    clean_env.setenv("JANITOR_DRY_RUN", "true")
+    get_settings.cache_clear()
+    dry = sweep(get_settings(), ledger, past_due=False, now=later)
+    assert [line.split(":")[0] for line in dry["would_delete"]] == [run.endpoint_name]
+    assert ledger.get(run.run_id).state == S.DEPLOYED
+
+    clean_env.setenv("JANITOR_DRY_RUN", "false")
+    get_settings.cache_clear()
+    reports: list[dict[str, Any]] = []
+    sweeps = [threading.Thread(target=lambda: reports.append(sweep(get_settings(), ledger, False, now=later)))
+              for _ in range(2)]  # fmt: skip
+    for thread in sweeps:
+        thread.start()
+    for thread in sweeps:
+        thread.join()
+    assert sorted(name for report in reports for name in report["deleted"]) == [run.endpoint_name]
+    kept = reports[0]["kept"]
+    assert kept["ep-kept"] == "tagged keep" and kept["ep-unmanaged"] == "not managed by this app"
+    assert "younger than 30 min" in kept["ep-fresh"] and "2.0 min ago" in kept["ep-recent"]
+    assert sorted(e.name for e in backend.list_endpoints()) == ["ep-fresh", "ep-kept", "ep-recent", "ep-unmanaged"]
+    run = ledger.get(run.run_id)
+    assert run.state == S.TORN_DOWN
+    assert "min idle, window 10 min" in ledger.history(run.run_id)[-1].message
+    deleted = [e for e in lifecycle_events if e["eventType"] == "FineTune.EndpointDeleted"]
+    assert [e["data"]["endpoint"] for e in deleted] == [run.endpoint_name]
