@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from functools import partial
 from typing import Any
 
 from shared import lifecycle
@@ -63,7 +64,7 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
                        endpoint_name=endpoint)  # fmt: skip
         return True
     if run.state == S.DEPLOYING:
-        outcome, message = backend.advance(model, run.endpoint_name or "", tags, smoke_request(settings, run))
+        outcome, message = backend.advance(model, run.endpoint_name or "", tags, partial(smoke_request, settings, run))
         if outcome == "deploying":
             return False  # Azure is still at it; the janitor's timer comes back
         if outcome == "deployed":

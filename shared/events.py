@@ -7,11 +7,14 @@ import logging
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import lifecycle
 from shared.deployment import drive_run
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
+
+if TYPE_CHECKING:
+    from shared.backends import Backend
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,7 +111,9 @@ def handle_job_event(
     return f"run {run.run_id} is {run.state}"
 
 
-def finish_job(settings: Settings, ledger: Ledger, run: Run, job_status: str, reason: str | None) -> Run:
+def finish_job(
+    settings: Settings, ledger: Ledger, run: Run, job_status: str, reason: str | None, backend: Backend | None = None
+) -> Run:
     """Record that the run's job ended (from its event, or from the janitor's poll): Completed
     drives the run on to deployment; Failed and Canceled record why. Idempotent."""
     job = run.job_name or "?"
@@ -116,7 +121,7 @@ def finish_job(settings: Settings, ledger: Ledger, run: Run, job_status: str, re
         # A duplicate or a race finds the run already past this point, and drives it on from there.
         with suppress(IllegalTransition, RunChanged):
             ledger.advance(run, RunState.COMPLETED, f"job {job} completed")
-        return drive_run(settings, ledger, run.run_id)
+        return drive_run(settings, ledger, run.run_id, backend)
     target = RunState.FAILED if job_status.lower() == "failed" else RunState.CANCELED
     reason = reason or _backend_reason(settings, job) or f"job {job} {job_status}"
     try:

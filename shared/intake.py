@@ -20,6 +20,8 @@ from shared.storage import PREPARED_CONTAINER, blob_service
 if TYPE_CHECKING:
     from azure.storage.blob import BlobClient
 
+    from shared.backends import Backend
+
 log = logging.getLogger(__name__)
 
 
@@ -101,7 +103,7 @@ def _prepared_location(settings: Settings, run: Run) -> str:
     return str(folder)
 
 
-def submit_run(settings: Settings, ledger: Ledger, run: Run) -> Run:
+def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | None = None) -> Run:
     """Submit the fine-tune for a prepared run. Submitting again finds the job already there."""
     from shared.backends import BackendError, JobRequest, get_backend, job_name_for
 
@@ -114,7 +116,7 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run) -> Run:
         tags={"run_id": run.run_id, "dataset_sha256": str(report.get("sha256", ""))},
     )
     try:
-        status = get_backend(settings).submit(request)
+        status = (backend or get_backend(settings)).submit(request)
     except BackendError as error:
         try:
             failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error))

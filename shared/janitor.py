@@ -68,7 +68,7 @@ def _poll_jobs(settings: Settings, ledger: Ledger, backend: Backend) -> dict[str
             log.warning("could not read job %s of run %s: %s", run.job_name, run.run_id, error)
             continue
         if status.is_terminal:
-            finished[run.run_id] = str(finish_job(settings, ledger, run, status.status, status.reason).state)
+            finished[run.run_id] = str(finish_job(settings, ledger, run, status.status, status.reason, backend).state)
     return finished
 
 

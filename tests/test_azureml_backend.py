@@ -169,13 +169,13 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
     tags = {"run_id": "chats-0123456789ab"}
-    assert backend.advance(model, "ep-chats", tags, SMOKE) == ("deploying", None)
+    assert backend.advance(model, "ep-chats", tags, lambda: SMOKE) == ("deploying", None)
     (endpoint_put,) = fake.sent("PUT", r"/onlineEndpoints/ep-chats$")
     assert endpoint_put.body["properties"]["authMode"] == "Key"
     assert endpoint_put.body["tags"] == {"managed-by": "finetune-on-upload", "run_id": "chats-0123456789ab"}
 
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
-    assert backend.advance(model, "ep-chats", tags, SMOKE) == ("deploying", None)
+    assert backend.advance(model, "ep-chats", tags, lambda: SMOKE) == ("deploying", None)
     (deployment_put,) = fake.sent("PUT", f"/onlineEndpoints/ep-chats/deployments/{DEPLOYMENT}$")
     properties = deployment_put.body["properties"]
     assert properties["model"].endswith(f"/models/Phi-4-chats/versions/{model.version}")
@@ -186,7 +186,7 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
     assert not fake.sent("POST", "/score")  # nothing is sent to a deployment still provisioning
 
     fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
-    assert backend.advance(model, "ep-chats", tags, SMOKE) == ("deployed", None)
+    assert backend.advance(model, "ep-chats", tags, lambda: SMOKE) == ("deployed", None)
     (score,) = fake.sent("POST", "/score")
     assert score.headers["azureml-model-deployment"] == DEPLOYMENT
     assert score.headers["Authorization"] == "Bearer primary-ep-chats"
@@ -195,7 +195,7 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
     traffic = fake.sent("PUT", r"/onlineEndpoints/ep-chats$")[-1]
     assert traffic.body["properties"]["traffic"] == {DEPLOYMENT: 100}
 
-    assert backend.advance(model, "ep-chats", tags, SMOKE) == ("deployed", None)  # a duplicate event
+    assert backend.advance(model, "ep-chats", tags, lambda: SMOKE) == ("deployed", None)  # a duplicate event
     assert len(fake.sent("PUT", r"/onlineEndpoints/ep-chats$")) == 2
     assert len(fake.sent("PUT", "/deployments/")) == 1 and len(fake.sent("POST", "/score")) == 1
 
@@ -203,12 +203,12 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
 def test_a_failed_smoke_test_is_reported_and_the_deployment_deleted(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.advance(model, "ep-chats", {}, SMOKE)
+    backend.advance(model, "ep-chats", {}, lambda: SMOKE)
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
-    backend.advance(model, "ep-chats", {}, SMOKE)
+    backend.advance(model, "ep-chats", {}, lambda: SMOKE)
     fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
     fake.fail_next("POST", "/score", 424, {"message": "upstream model error"})
-    state, message = backend.advance(model, "ep-chats", {}, SMOKE)
+    state, message = backend.advance(model, "ep-chats", {}, lambda: SMOKE)
     assert state == "failed" and "smoke test of ep-chats failed" in (message or "") and "424" in (message or "")
     assert fake.sent("DELETE", f"/deployments/{DEPLOYMENT}$")
     assert not [r for r in fake.sent("PUT", r"/onlineEndpoints/ep-chats$") if r.body["properties"].get("traffic")]
@@ -217,12 +217,12 @@ def test_a_failed_smoke_test_is_reported_and_the_deployment_deleted(fake: FakeAz
 def test_a_quota_error_becomes_a_failure_with_the_service_text(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.advance(model, "ep-chats", {}, SMOKE)
+    backend.advance(model, "ep-chats", {}, lambda: SMOKE)
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
     quota = "Not enough quota available for Standard_NC24ads_A100_v4 in SubscriptionId. Current usage/limit: 24/24."
     fake.fail_next("PUT", "/deployments/", 400, {"error": {"code": "InferencingClientCallFailed", "message": quota}})
     with pytest.raises(BackendError, match="Not enough quota available for Standard_NC24ads_A100_v4"):
-        backend.advance(model, "ep-chats", {}, SMOKE)
+        backend.advance(model, "ep-chats", {}, lambda: SMOKE)
 
 
 def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzureML) -> None:
@@ -238,7 +238,7 @@ def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzu
 def test_listing_reads_idle_evidence_from_metrics_and_deletion_does_not_wait(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.advance(model, "ep-chats", {}, SMOKE)
+    backend.advance(model, "ep-chats", {}, lambda: SMOKE)
     fake.endpoints["other"] = {**fake.endpoints["ep-chats"], "name": "other", "tags": {"owner": "someone"}}
     fake.metrics["ep-chats"] = [
         {"timeStamp": "2026-11-24T10:00:00Z", "total": 3.0},

@@ -6,6 +6,7 @@ made instead of making a second one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,7 +71,7 @@ class Backend(Protocol):
     def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
 
     def advance(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: dict[str, Any]
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: Callable[[], dict[str, Any]]
     ) -> tuple[str, str | None]: ...
 
     def endpoint(self, name: str) -> Endpoint: ...

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -414,7 +414,7 @@ class AzureMLBackend:
         return self.endpoint(endpoint)
 
     def advance(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: dict[str, Any]
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: Callable[[], dict[str, Any]]
     ) -> tuple[str, str | None]:
         """Move a deployment one step on, never waiting: ("deploying", None) while Azure works,
         ("deployed", None) once the smoke test passed and traffic is at 100%, ("failed", message)
@@ -430,7 +430,7 @@ class AzureMLBackend:
         if (self.workspace.online_endpoints.get(endpoint).traffic or {}).get(DEPLOYMENT) == 100:
             return "deployed", None
         try:
-            self.invoke(endpoint, smoke_test, deployment=DEPLOYMENT)  # 0% traffic: only this header reaches it
+            self.invoke(endpoint, smoke_test(), deployment=DEPLOYMENT)  # 0% traffic: only this header reaches it
         except BackendError as error:
             self.delete_deployment(endpoint)
             return "failed", f"smoke test of {endpoint} failed: {error}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class LocalBackend:
         return _endpoint(started)
 
     def advance(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: dict[str, Any]
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: Callable[[], dict[str, Any]]
     ) -> tuple[str, str | None]:
         """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failed
         endpoint is removed, as a failed Azure ML deployment is."""
@@ -98,7 +99,7 @@ class LocalBackend:
         try:
             ready = self.wait_ready(endpoint)
             if ready.last_request_at is None:  # not smoke-tested yet (a passed test leaves its mark)
-                self.invoke(endpoint, smoke_test)
+                self.invoke(endpoint, smoke_test())
         except BackendError as error:
             self.delete_endpoint(endpoint)
             return "failed", str(error)
