@@ -89,7 +89,7 @@ def _run() -> None:
     from shared.ledger import open_ledger
     from shared.localhost import LocalHost
     from shared.settings import STORAGE_SETTING, get_settings
-    from shared.storage import DATASETS_CONTAINER, blob_service
+    from shared.storage import DATASETS_CONTAINER, container
 
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
@@ -106,11 +106,8 @@ def _run() -> None:
 
         with _step("generate a sample ultrachat-shaped dataset and upload it to datasets/"):
             sample = write_sample(DEMO_DIR / "ultrachat_sample.jsonl", 200, seed=42)
-            container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
-            if not container.exists():
-                container.create_container()
             with sample.open("rb") as data:
-                container.upload_blob(sample.name, data, metadata=UPLOAD_METADATA)
+                container(settings.storage, DATASETS_CONTAINER).upload_blob(sample.name, data, metadata=UPLOAD_METADATA)
             _say(f"    uploaded {DATASETS_CONTAINER}/{sample.name} ({sample.stat().st_size:,} bytes), "
                  f"metadata {UPLOAD_METADATA}")  # fmt: skip
 

@@ -15,7 +15,7 @@ from shared import lifecycle
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE, InputInfo, Preparation, prepare_dataset, report_summary
 from shared.ledger import Ledger, Run, RunChanged, RunState, Upload
 from shared.settings import Settings
-from shared.storage import PREPARED_CONTAINER, blob_service
+from shared.storage import PREPARED_CONTAINER, blob_service, container
 
 if TYPE_CHECKING:
     from azure.storage.blob import BlobClient
@@ -64,9 +64,7 @@ def _prepare_blob(settings: Settings, blob: BlobClient, etag: str, work: Path) -
 
 def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) -> Run:
     """Prepare the run's upload into `prepared/<run id>/` and record the outcome."""
-    prepared = blob_service(settings.storage).get_container_client(PREPARED_CONTAINER)
-    if not prepared.exists():
-        prepared.create_container()
+    prepared = container(settings.storage, PREPARED_CONTAINER)
     with tempfile.TemporaryDirectory(prefix="prepare-") as work:
         preparation = _prepare_blob(settings, blob, run.upload.version, Path(work))
         for path in preparation.files:

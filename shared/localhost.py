@@ -28,7 +28,7 @@ from typing import Any
 from shared.eventgrid_topic import LocalTopic
 from shared.ncrontab import Schedule
 from shared.settings import LOCAL_TOPIC, get_settings
-from shared.storage import blob_service
+from shared.storage import blob_service, container
 
 log = logging.getLogger("localhost")
 RECEIPTS_CONTAINER = "azure-webjobs-hosts"
@@ -105,10 +105,8 @@ class LocalHost:
             self.blob_attempts = json.load(host_json)["extensions"]["blobs"]["poisonBlobThreshold"]
 
     def start(self) -> LocalHost:
-        service = blob_service(self.settings.storage)
-        for container in (RECEIPTS_CONTAINER, DEAD_LETTER_CONTAINER):
-            if not service.get_container_client(container).exists():
-                service.create_container(container)
+        for name in (RECEIPTS_CONTAINER, DEAD_LETTER_CONTAINER):
+            container(self.settings.storage, name)
         for trigger in self.triggers:
             if trigger.kind == "blobTrigger":
                 self._spawn(self._watch_blobs, trigger)

@@ -5,6 +5,7 @@ The SDKs are imported here, inside the functions, so importing the function app 
 
 from __future__ import annotations
 
+from contextlib import suppress
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from shared.settings import StorageConnection
 
 if TYPE_CHECKING:
     from azure.data.tables import TableServiceClient
-    from azure.storage.blob import BlobServiceClient
+    from azure.storage.blob import BlobServiceClient, ContainerClient
 
 DATASETS_CONTAINER = "datasets"
 PREPARED_CONTAINER = "prepared"
@@ -43,3 +44,13 @@ def table_service(connection: StorageConnection) -> TableServiceClient:
     if connection.connection_string is not None:
         return TableServiceClient.from_connection_string(connection.connection_string)
     return TableServiceClient(connection.table_service_uri or "", credential=_credential(connection))
+
+
+def container(connection: StorageConnection, name: str) -> ContainerClient:
+    """A blob container of the app's, created if missing (safe when handlers race to create it)."""
+    from azure.core.exceptions import ResourceExistsError
+
+    client = blob_service(connection).get_container_client(name)
+    with suppress(ResourceExistsError):
+        client.create_container()
+    return client
