@@ -312,3 +312,21 @@ def test_cli_commands_end_with_one_line_of_json(backend: LocalBackend, trained: 
     missing = _cli("train", "--prepared", str(tmp_path), "--job", "x2", data_dir=backend.data_dir)
     assert missing.returncode == 1 and "train_sft.jsonl: no such file" in missing.stderr
     assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_an_adapter_only_model_is_served_with_its_adapter(backend: LocalBackend, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from shared.backends.local.scoring import ChatRequest
+    from shared.backends.local.serve import ChatModel
+
+    prepared = _prepared(tmp_path, 30, seed=13)
+    parameters = {**FAST, "max_steps": 2, "merge_lora_weights": False}
+    backend.submit(JobRequest("job-adapter", str(prepared), "sample", parameters))
+    assert _wait(backend, "job-adapter") == "Completed"
+    folder = Path(backend.job_metrics("job-adapter")["model_folder"])
+    assert (folder / "peft" / "adapter_config.json").exists()
+    served = ChatModel(folder)
+    assert isinstance(served.model, PeftModel)
+    text, _, new_tokens, _ = served.generate(ChatRequest(CONVERSATION, max_new_tokens=5), timeout_s=60)
+    assert isinstance(text, str) and 0 < new_tokens <= 5

@@ -36,7 +36,12 @@ class ChatModel:
         self.tokenizer = AutoTokenizer.from_pretrained(model_folder / "components" / "tokenizer")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_folder / "model", dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_folder / "model", dtype=dtype)
+        if (model_folder / "peft").exists():  # adapter-only (merge_lora_weights=false): base + LoRA
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_folder / "peft")
+        self.model = model.to(device).eval()
         self.device = device
         end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.stop_ids = [i for i in (end, self.tokenizer.eos_token_id) if isinstance(i, int) and i >= 0]
