@@ -10,8 +10,6 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.backends import BackendError
+from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 
 
@@ -55,19 +53,11 @@ def _directory(data_dir: Path, name: str) -> Path:
     return data_dir / "endpoints" / check_endpoint_name(name)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (ProcessLookupError, OSError, IndexError):
-        return False
-
-
 def _read(directory: Path) -> LocalEndpoint:
     spec = json.loads((directory / "endpoint.json").read_text())
     ready = directory / "ready.json"
     port = json.loads(ready.read_text())["port"] if ready.exists() else None
-    state = ("Succeeded" if port else "Creating") if _alive(spec["pid"]) else "Failed"
+    state = ("Succeeded" if port else "Creating") if pid_alive(spec["pid"]) else "Failed"
     last = directory / "last_request"
     return LocalEndpoint(
         name=spec["name"],
@@ -106,21 +96,13 @@ def deploy(
     try:
         directory.mkdir()  # the claim: of concurrent deployers, one creates the folder and starts the server
     except FileExistsError:
-        return _wait_for_spec(directory)
+        if not wait_for(directory / "endpoint.json"):
+            raise EndpointError(f"endpoint {name} is being created by another process that did not finish") from None
+        return _read(directory)
     keys = directory / "keys.json"
     keys.touch(mode=0o600)
     keys.write_text(json.dumps({"primary_key": secrets.token_urlsafe(32), "secondary_key": secrets.token_urlsafe(32)}))
-    log = (directory / "server.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shared.backends.local.serve", str(directory)],
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"},
-    )
-    log.close()
+    pid = spawn("shared.backends.local.serve", directory, "server.log")
     spec = {
         "name": name,
         "model_name": model_name,
@@ -129,21 +111,9 @@ def deploy(
         "request_timeout_s": request_timeout_s,
         "created_at": datetime.now(UTC).isoformat(),
         "tags": tags,
-        "pid": process.pid,
+        "pid": pid,
     }
-    staged = directory / "endpoint.json.tmp"
-    staged.write_text(json.dumps(spec, indent=2))
-    os.replace(staged, directory / "endpoint.json")
-    return _read(directory)
-
-
-def _wait_for_spec(directory: Path, timeout_s: float = 30) -> LocalEndpoint:
-    """The endpoint another deployer is creating, once it has written its spec."""
-    deadline = time.monotonic() + timeout_s
-    while not (directory / "endpoint.json").exists():
-        if time.monotonic() > deadline:
-            raise EndpointError(f"endpoint {directory.name} is being created by another process that did not finish")
-        time.sleep(0.05)
+    write_json(directory / "endpoint.json", spec)
     return _read(directory)
 
 
@@ -204,12 +174,12 @@ def delete(data_dir: Path, name: str) -> bool:
     if not spec_file.exists():
         return False
     pid = json.loads(spec_file.read_text())["pid"]
-    if _alive(pid):
+    if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(directory, ignore_errors=True)
     return True

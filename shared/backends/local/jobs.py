@@ -13,19 +13,16 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shared.backends import BackendError
+from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
 from shared.events import publish_job_status
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 TERMINAL = ("Completed", "Failed", "Canceled")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 _PUBLISHED = "event-published"
@@ -78,33 +75,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)
-
-
 def write_state(directory: Path, state: JobState) -> None:
-    _write_json(directory / "status.json", asdict(state))
+    write_json(directory / "status.json", asdict(state))
 
 
 def read_spec(directory: Path) -> JobSpec:
     return JobSpec(**json.loads((directory / "job.json").read_text()))
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def publish_once(directory: Path, state: JobState) -> None:
@@ -125,7 +101,7 @@ def read_state(directory: Path) -> JobState:
     if not (directory / "status.json").exists():
         raise JobError(f"no job {directory.name!r}")
     state = JobState(**json.loads((directory / "status.json").read_text()))
-    if state.is_terminal or state.status == "Queued" or _pid_alive(state.pid):
+    if state.is_terminal or state.status == "Queued" or pid_alive(state.pid):
         return state
     failed = JobState(
         state.job_name,
@@ -158,7 +134,9 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
     try:
         directory.mkdir()  # the claim: of concurrent submitters of one job, one starts it
     except FileExistsError:
-        state = _wait_for_state(directory)
+        if not wait_for(directory / "status.json"):
+            raise JobError(f"job {directory.name} is being submitted by another process that did not finish") from None
+        state = read_state(directory)
         if not restart or state.status == "Completed" or not state.is_terminal:
             return state
         (directory / _PUBLISHED).unlink(missing_ok=True)
@@ -168,33 +146,13 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
         except JobError:
             shutil.rmtree(directory)
             raise
-    _write_json(directory / "job.json", asdict(spec))
+    write_json(directory / "job.json", asdict(spec))
     write_state(directory, JobState(spec.job_name, "Queued", started_at=_now()))
-    log = (directory / "trainer.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shared.backends.local.trainer", str(directory)],
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # survives the caller, like a submitted cloud job
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"},
-    )
-    log.close()
-    state = JobState(spec.job_name, "Running", pid=process.pid, started_at=_now())
+    pid = spawn("shared.backends.local.trainer", directory, "trainer.log")
+    state = JobState(spec.job_name, "Running", pid=pid, started_at=_now())
     # The trainer writes only final states; it needs seconds to start, so this write comes first.
     if not read_state(directory).is_terminal:
         write_state(directory, state)
-    return read_state(directory)
-
-
-def _wait_for_state(directory: Path, timeout_s: float = 30) -> JobState:
-    """The state of a job another submitter is starting, once it has written one."""
-    deadline = time.monotonic() + timeout_s
-    while not (directory / "status.json").exists():
-        if time.monotonic() > deadline:
-            raise JobError(f"job {directory.name} is being submitted by another process that did not finish")
-        time.sleep(0.05)
     return read_state(directory)
 
 

@@ -1,0 +1,62 @@
+"""What local jobs and endpoints share: detached processes, files written whole, and waiting for
+a file another process is about to write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def spawn(module: str, directory: Path, log_name: str) -> int:
+    """Start `python -m module directory` in its own session (it outlives the caller, like a
+    cloud job or endpoint), logging to `directory/log_name`; returns its pid."""
+    with (directory / log_name).open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, str(directory)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"},
+        )
+    return process.pid
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(payload, indent=2))
+    os.replace(staged, path)
+
+
+def wait_for(path: Path, timeout_s: float = 30) -> bool:
+    """Whether `path` appeared within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
