@@ -271,7 +271,7 @@ def test_a_killed_trainer_ends_failed_published_and_resumes_from_its_checkpoint(
     backend.submit(request)
     job_dir = backend.data_dir / "jobs" / "job-killed"
     deadline = time.monotonic() + 240
-    while not list((job_dir / "checkpoints").glob("checkpoint-*")):
+    while not list((job_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")):
         assert time.monotonic() < deadline and not backend.job_status("job-killed").is_terminal
         time.sleep(0.2)
     pid = json.loads((job_dir / "status.json").read_text())["pid"]

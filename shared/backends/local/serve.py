@@ -113,6 +113,10 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise _HttpError(411, "a Content-Length header is required")
         if int(length) > MAX_BODY_BYTES:
+            if int(length) <= 8 * MAX_BODY_BYTES:  # read it, so the client hears the 413, not a broken pipe
+                self.rfile.read(int(length))
+            else:
+                self.close_connection = True
             raise _HttpError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         raw = self.rfile.read(int(length))
         try:

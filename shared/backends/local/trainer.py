@@ -135,8 +135,10 @@ def _loss_curve(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def _last_checkpoint(checkpoints: Path) -> str | None:
-    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(found[-1]) if found else None
+    """The newest complete checkpoint: a trainer killed while saving leaves one without its
+    trainer_state.json (written last), which cannot be resumed from."""
+    found = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return str(found[-1].parent) if found else None
 
 
 def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
