@@ -1,8 +1,8 @@
 """Training throughput: our local trainer against a plain trl SFTTrainer, same tiny model, same
 data, same LoRA and batch settings, in the same process, alternating runs.
 
-Both train on assistant tokens only for the same number of steps over the same examples, so the
-ratio of tokens per second is the inverse ratio of training time. Goal: at least 1.0x.
+Both train on assistant tokens only; tokens per second count real (not padding) tokens. Goals:
+at least 1.0x as is, and at least 1.5x with packing on short conversations.
 Usage: .venv/bin/python bench/train.py [--steps 40] [--rounds 2]
 """
 
@@ -32,8 +32,8 @@ BATCH = 4
 MAX_LENGTH = 512
 
 
-def ours(work: Path, prepared: Path, steps: int, round_number: int) -> float:
-    job = work / f"ours-{round_number}"
+def ours(work: Path, prepared: Path, steps: int, round_number: int, packing: bool = False) -> float:
+    job = work / f"ours-{prepared.name}-{round_number}-{packing}"
     (job / "inputs").mkdir(parents=True)
     for name in (TRAIN_FILE, TEST_FILE):
         (job / "inputs" / name).write_bytes((prepared / name).read_bytes())
@@ -67,7 +67,7 @@ def trl_baseline(work: Path, prepared: Path, steps: int, round_number: int) -> f
     # Only `messages`: a `prompt` column makes trl take the rows for prompt/completion data.
     dataset = Dataset.from_list([{"messages": row["messages"]} for row in rows])
     config = SFTConfig(
-        output_dir=str(work / f"trl-{round_number}"),
+        output_dir=str(work / f"trl-{prepared.name}-{round_number}"),
         max_steps=steps,
         per_device_train_batch_size=BATCH,
         learning_rate=1e-3,
@@ -93,31 +93,44 @@ def trl_baseline(work: Path, prepared: Path, steps: int, round_number: int) -> f
     return sum(len(examples[i].input_ids) for i in consumed if i < len(examples)) / seconds
 
 
+def _prepare(work: Path, name: str, rows: int, answer_sentences: int) -> Path:
+    sample = write_sample(work / f"{name}.jsonl", rows, seed=7, answer_sentences=answer_sentences)
+    with sample.open("rb") as data:
+        prepare_dataset(file_chunks(data), work / name, InputInfo(sample.name), DatasetSettings())
+    return work / name
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rows", type=int, default=400)
     args = parser.parse_args()
+    results: dict[str, list[float]] = {"ours": [], "trl": [], "ours_packed_short": [], "trl_short": []}
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
-        sample = write_sample(work / "sample.jsonl", args.rows, seed=7)
-        with sample.open("rb") as data:
-            prepare_dataset(file_chunks(data), work / "prepared", InputInfo(sample.name), DatasetSettings())
+        chats = _prepare(work, "chats", args.rows, answer_sentences=4)
+        short = _prepare(work, "short", args.rows, answer_sentences=1)
         build_tiny_phi3(work / "models" / TINY_PHI3)
-        results: dict[str, list[float]] = {"ours": [], "trl": []}
         for round_number in range(args.rounds):
-            results["trl"].append(trl_baseline(work, work / "prepared", args.steps, round_number))
-            results["ours"].append(ours(work, work / "prepared", args.steps, round_number))
-    ratio = statistics.median(results["ours"]) / statistics.median(results["trl"])
+            results["trl"].append(trl_baseline(work, chats, args.steps, round_number))
+            results["ours"].append(ours(work, chats, args.steps, round_number))
+            results["trl_short"].append(trl_baseline(work, short, args.steps, round_number))
+            results["ours_packed_short"].append(ours(work, short, args.steps, round_number, packing=True))
+    median = {name: statistics.median(values) for name, values in results.items()}
+    ratios = {
+        "ours_to_trl": round(median["ours"] / median["trl"], 2),
+        "ours_packed_to_trl_on_short_conversations": round(median["ours_packed_short"] / median["trl_short"], 2),
+    }
+    goals = {"ours >= 1.0x trl": ratios["ours_to_trl"] >= 1.0,
+             "packed >= 1.5x trl on short": ratios["ours_packed_to_trl_on_short_conversations"] >= 1.5}  # fmt: skip
     print(json.dumps({
         "tokens_per_second": {name: [round(v) for v in values] for name, values in results.items()},
-        "ratio_ours_to_trl": round(ratio, 2),
-        "goal": ">= 1.0x",
-        "met": ratio >= 1.0,
+        **ratios,
+        "goals_met": goals,
         "settings": {"steps": args.steps, "batch": BATCH, "max_length": MAX_LENGTH, **LORA, "device": "cpu"},
     }, indent=2))  # fmt: skip
-    return 0 if ratio >= 1.0 else 1
+    return 0 if all(goals.values()) else 1
 
 
 if __name__ == "__main__":

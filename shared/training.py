@@ -79,6 +79,10 @@ PARAMETERS: Mapping[str, Parameter] = {
     "seed": _with_default(_int(0), 42),
     "save_total_limit": _unlimited_or(1, "keep all"),
     "resume_from_checkpoint": _with_default(_FLAG, True),
+    # The local trainer's own: short conversations packed into max_seq_length rows (no padding;
+    # attention may cross conversations, as in trl's packing). The Azure ML component has no
+    # such input, so the azureml backend refuses it.
+    "packing": _with_default(_FLAG, False),
 }  # fmt: skip
 
 

@@ -281,3 +281,9 @@ def test_dry_run_prints_the_job_body_with_no_network(tmp_path: Path) -> None:
     assert node["inputs"]["num_train_epochs"]["value"] == "1"
     assert node["inputs"]["train_file_path"]["uri"].endswith("/chats/train_sft.jsonl")
     assert "PUT" in result.stderr and "/jobs/ft-chats" in result.stderr
+
+
+def test_the_local_trainers_own_packing_option_is_refused(fake: FakeAzureML) -> None:
+    with pytest.raises(PreflightError, match="'packing' is not an input of chat_completion_pipeline"):
+        _backend(fake).submit(JobRequest("ft-packed", PREPARED, "chats", {"packing": True}))
+    assert not fake.sent("PUT", "/jobs/")

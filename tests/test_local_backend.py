@@ -330,3 +330,20 @@ def test_an_adapter_only_model_is_served_with_its_adapter(backend: LocalBackend,
     assert isinstance(served.model, PeftModel)
     text, _, new_tokens, _ = served.generate(ChatRequest(CONVERSATION, max_new_tokens=5), timeout_s=60)
     assert isinstance(text, str) and 0 < new_tokens <= 5
+
+
+def test_packing_fills_rows_without_losing_or_mixing_labels() -> None:
+    from shared.backends.local.trainer import Example, pack
+
+    examples = [Example(list(range(n)), [-100] * (n // 2) + list(range(n // 2, n))) for n in (30, 50, 70, 90, 120, 200)]
+    rows = pack(examples, max_length=256, seed=1)
+    assert all(len(row.input_ids) <= 256 for row in rows) and len(rows) < len(examples)
+    assert sorted(len(row.input_ids) for row in rows) != sorted(len(e.input_ids) for e in examples)
+    assert sum(len(row.input_ids) for row in rows) == sum(len(e.input_ids) for e in examples)
+    for row in rows:
+        assert len(row.labels) == len(row.input_ids) == len(row.position_ids or [])
+        starts = [i for i, position in enumerate(row.position_ids or []) if position == 0]
+        assert starts[0] == 0  # every conversation starts again at position 0
+        for start, end in zip(starts, [*starts[1:], len(row.input_ids)], strict=True):
+            assert row.input_ids[start:end] == list(range(end - start))  # kept whole and in order
+    assert pack(examples, 256, seed=1) == rows  # deterministic

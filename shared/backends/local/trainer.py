@@ -38,6 +38,30 @@ class Canceled(Exception):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # set on packed rows: positions restart per conversation
+
+
+def pack(examples: list[Example], max_length: int, seed: int) -> list[Example]:
+    """Concatenate conversations (in a seeded random order) into rows of at most `max_length`
+    tokens, so no step computes on padding. Each keeps its own labels and positions."""
+    import random
+
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    rows: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in order:
+        if ids and len(ids) + len(example.input_ids) > max_length:
+            rows.append(Example(ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids.extend(example.input_ids)
+        labels.extend(example.labels)
+        positions.extend(range(len(example.input_ids)))
+    if ids:
+        rows.append(Example(ids, labels, positions))
+    return rows
 
 
 def resolve_base_model(name: str, models_dir: Path) -> str:
@@ -79,11 +103,16 @@ class _Collator:
 
         width = max(len(e.input_ids) for e in batch)
         self.tokens += sum(len(e.input_ids) for e in batch)
-        return {
+        tensors = {
             "input_ids": torch.tensor([e.input_ids + [self.pad_id] * (width - len(e.input_ids)) for e in batch]),
             "labels": torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch]),
             "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]),
         }
+        if all(e.position_ids is not None for e in batch):
+            tensors["position_ids"] = torch.tensor(
+                [(e.position_ids or []) + list(range(width - len(e.input_ids))) for e in batch]
+            )
+        return tensors
 
 
 def _metrics_callback(collator: _Collator) -> Any:
@@ -159,6 +188,8 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
     eval_set, _ = tokenize_conversations(directory / "inputs" / TEST_FILE, tokenizer, max_length)
     if not train_set:
         raise ValueError(f"no training conversation keeps an assistant token within max_seq_length={max_length}")
+    if parameters["packing"]:
+        train_set = pack(train_set, max_length, parameters["seed"])
     if parameters["apply_lora"]:
         lora = LoraConfig(
             r=parameters["lora_r"],
