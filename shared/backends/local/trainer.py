@@ -27,6 +27,7 @@ from shared.training import resolve_parameters
 log = logging.getLogger("trainer")
 MODEL_FOLDER = "mlflow_model_folder"
 DEFAULT_MAX_LENGTH = 2048
+LOSS_CURVE_POINTS = 50
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "tokenizers"]
 
 
@@ -201,6 +202,10 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
         model = get_peft_model(model, lora)
 
     collator = _Collator(tokenizer.pad_token_id)
+    per_epoch = -(
+        -len(train_set) // (parameters["per_device_train_batch_size"] * parameters["gradient_accumulation_steps"])
+    )
+    total_steps = parameters["max_steps"] if parameters["max_steps"] > 0 else per_epoch * parameters["num_train_epochs"]
     checkpoints = directory / "checkpoints"
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -217,7 +222,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
         save_strategy="epoch",
         eval_strategy="epoch" if eval_set else "no",
         save_total_limit=None if parameters["save_total_limit"] < 1 else parameters["save_total_limit"],
-        logging_steps=1,
+        logging_steps=max(1, total_steps // LOSS_CURVE_POINTS),  # a curve, without a write per step
         report_to=[],
         use_cpu=not cuda,
         bf16=bf16,
