@@ -6,6 +6,7 @@ made instead of making a second one."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -15,6 +16,12 @@ if TYPE_CHECKING:
 
 TERMINAL_JOB_STATUSES = ("Completed", "Failed", "Canceled")
 MANAGED_BY = "finetune-on-upload"  # the `managed-by` tag on everything this app creates
+
+
+def model_name_for(base_model: str, dataset: str) -> str:
+    """`{base}-{dataset}`, as the walkthrough's `{model}-ultrachat-200k`, '/' and odd characters as '-'."""
+    base = base_model.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{dataset}").strip("-")
 
 
 def job_name_for(run_id: str) -> str:

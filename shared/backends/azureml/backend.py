@@ -16,9 +16,8 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from shared.backends import MANAGED_BY, BackendError, Endpoint, JobRequest, JobStatus, ModelRef
+from shared.backends import MANAGED_BY, BackendError, Endpoint, JobRequest, JobStatus, ModelRef, model_name_for
 from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
-from shared.backends.local.registry import model_name_for
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
 from shared.settings import AzureMLWorkspace, Settings
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.backends import BackendError, Endpoint, JobRequest, JobStatus, ModelRef
+from shared.backends import BackendError, Endpoint, JobRequest, JobStatus, ModelRef, model_name_for
 from shared.backends.local import endpoints, jobs, registry
 from shared.backends.local.tiny_model import TINY_PHI3
 from shared.settings import Settings
@@ -72,7 +72,7 @@ class LocalBackend:
         directory = jobs.job_dir(self.data_dir, job_name)
         spec = jobs.read_spec(directory)
         metrics = self.job_metrics(job_name)
-        name = registry.model_name_for(spec.base_model, spec.tags.get("dataset", "chat"))
+        name = model_name_for(spec.base_model, spec.tags.get("dataset", "chat"))
         tags = {"job": job_name, "base_model": spec.base_model, **spec.tags}
         version = registry.register(
             self.tracking_uri, self.data_dir, name, Path(metrics["model_folder"]), metrics.get("mlflow_run_id"), tags

@@ -4,16 +4,7 @@ A job's model gets one version, however often it is registered."""
 from __future__ import annotations
 
 import fcntl
-import re
 from pathlib import Path
-
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def model_name_for(base_model: str, dataset: str) -> str:
-    """`{base}-{dataset}`, as the walkthrough's `{model}-ultrachat-200k`, '/' and odd characters as '-'."""
-    base = base_model.rstrip("/").rsplit("/", 1)[-1]
-    return _NAME.sub("-", f"{base}-{dataset}").strip("-")
 
 
 def register(
