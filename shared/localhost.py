@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -21,9 +22,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
 
 from shared.eventgrid_topic import LocalTopic
 from shared.ncrontab import Schedule
@@ -60,13 +63,32 @@ def _resolve(value: str) -> str:
 
 def load_triggers(module_name: str = "function_app") -> list[Trigger]:
     """Every function of the app with its trigger binding, from the app's own metadata."""
-    module = importlib.import_module(module_name)
+    # A fresh import: the functions library lets an app instance be indexed only once.
+    module = (
+        importlib.reload(sys.modules[module_name])
+        if module_name in sys.modules
+        else importlib.import_module(module_name)
+    )
     triggers = []
     for function in module.app.get_functions():
         bindings = json.loads(function.get_function_json())["bindings"]
         (trigger,) = [b for b in bindings if b["type"].endswith("Trigger")]
         triggers.append(Trigger(function.get_function_name(), trigger["type"], trigger, function.get_user_function()))
     return triggers
+
+
+def _route_pattern(route: str) -> re.Pattern[str]:
+    """A Functions route template (`runs/{run_id?}`) as a regular expression with named groups."""
+    parts = []
+    for segment in route.strip("/").split("/"):
+        parameter = re.fullmatch(r"\{(\w+)(\?)?\}", segment)
+        if parameter is None:
+            parts.append("/" + re.escape(segment))
+        elif parameter.group(2):
+            parts.append(f"(?:/(?P<{parameter.group(1)}>[^/]+))?")
+        else:
+            parts.append(f"/(?P<{parameter.group(1)}>[^/]+)")
+    return re.compile("".join(parts).removeprefix("/"))
 
 
 def _event_time(value: str | None) -> datetime | None:
@@ -81,6 +103,43 @@ def load_local_settings(path: Path = REPO_ROOT / "local.settings.json") -> None:
             os.environ.setdefault(name, str(value))
 
 
+class _HttpFunctions(BaseHTTPRequestHandler):
+    """Calls the HTTP-triggered function whose route and methods match, with a real HttpRequest."""
+
+    routes: ClassVar[list[tuple[re.Pattern[str], Trigger]]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("http %s", format % args)
+
+    def _dispatch(self) -> None:
+        import azure.functions as func
+
+        path, _, query = self.path.partition("?")
+        for pattern, trigger in self.routes:
+            match = pattern.fullmatch(path.removeprefix("/api/"))
+            if not match or self.command not in [m.upper() for m in trigger.binding.get("methods", [self.command])]:
+                continue
+            request = func.HttpRequest(
+                method=self.command,
+                url=f"http://127.0.0.1{self.path}",
+                headers=dict(self.headers),
+                params={key: values[0] for key, values in parse_qs(query).items()},
+                route_params={key: value for key, value in match.groupdict().items() if value},
+                body=self.rfile.read(int(self.headers.get("Content-Length") or 0)),
+            )
+            response = trigger.call(request)
+            body = response.get_body()
+            self.send_response(response.status_code)
+            self.send_header("Content-Type", response.mimetype or "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_error(404, "no function serves this route")
+
+    do_GET = do_POST = _dispatch
+
+
 class LocalHost:
     def __init__(self, poll_interval_s: float = 1.0, delivery_attempts: int = 5, backoff_s: float = 1.0) -> None:
         self.poll_interval_s, self.delivery_attempts, self.backoff_s = poll_interval_s, delivery_attempts, backoff_s
@@ -92,6 +151,7 @@ class LocalHost:
         self._in_flight: set[tuple[str, str, str]] = set()
         self._receipts: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
+        self._http: ThreadingHTTPServer | None = None
         self.topic = LocalTopic(self.topic_key, self._events.put, topic=LOCAL_TOPIC)
         # The trainer reports job status, and the app its lifecycle events, to this host's topic.
         os.environ["JOB_EVENTS_TOPIC_ENDPOINT"] = self.topic.endpoint
@@ -118,8 +178,24 @@ class LocalHost:
                  ", ".join(f"{t.function_name} ({t.kind})" for t in self.triggers))  # fmt: skip
         return self
 
+    def serve_http(self, port: int = 7071) -> str:
+        """Serve the HTTP-triggered functions under /api/ (as `func start` does, on port 7071 when
+        free); keys are not checked locally, as Core Tools does not check them."""
+        routes = [(_route_pattern(t.binding["route"]), t) for t in self.triggers if t.kind == "httpTrigger"]
+        handler = type("FunctionRoutes", (_HttpFunctions,), {"routes": routes})
+        try:
+            server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        except OSError:
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._http = server
+        threading.Thread(target=server.serve_forever, name="host-http", daemon=True).start()
+        return f"http://127.0.0.1:{server.server_address[1]}/api/"
+
     def stop(self) -> None:
         self._stop.set()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
         for thread in self._threads:
             thread.join(timeout=30)
         self._blob_pool.shutdown(wait=True)
@@ -262,8 +338,8 @@ def run_host(start_azurite: bool) -> int:
         os.environ[STORAGE_SETTING] = azurite.connection_string
         print(f"Azurite: {azurite.connection_string}", flush=True)
     host = LocalHost().start()
-    print(f"host running; Event Grid topic {host.topic.endpoint} (key in JOB_EVENTS_TOPIC_KEY); Ctrl-C stops",
-          flush=True)  # fmt: skip
+    api = host.serve_http()
+    print(f"host running; runs at {api}runs; Event Grid topic {host.topic.endpoint}; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)

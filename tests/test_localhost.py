@@ -1,0 +1,114 @@
+"""The local host runs the real app from its binding metadata: schedules, routes, blob receipts,
+Event Grid delivery with retries and dead-lettering."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from azure.core.credentials import AzureKeyCredential
+from azure.core.exceptions import HttpResponseError
+from azure.eventgrid import EventGridEvent, EventGridPublisherClient
+
+from shared.events import RUN_STATUS_CHANGED
+from shared.ledger import RunState, Upload, open_ledger
+from shared.localhost import DEAD_LETTER_CONTAINER, RECEIPTS_CONTAINER, LocalHost, Trigger, _route_pattern
+from shared.ncrontab import Schedule, ScheduleError
+from shared.settings import Settings
+from shared.storage import DATASETS_CONTAINER, blob_service, container
+
+
+@pytest.mark.parametrize(
+    ("expression", "after", "fires"),
+    [
+        ("0 */10 * * * *", datetime(2026, 11, 24, 13, 21, 5), datetime(2026, 11, 24, 13, 30)),
+        ("*/5 * * * * *", datetime(2026, 11, 24, 13, 21, 5), datetime(2026, 11, 24, 13, 21, 10)),
+        ("0 30 9 * * 1-5", datetime(2026, 11, 28, 10, 0), datetime(2026, 11, 30, 9, 30)),  # Saturday -> Monday
+        ("0 0 0 29 2 *", datetime(2026, 3, 1), datetime(2028, 2, 29)),
+        ("0 0 12 1 * 0", datetime(2026, 11, 24), datetime(2026, 11, 29, 12)),  # the 1st or a Sunday
+    ],
+)
+def test_ncrontab_next_occurrence(expression: str, after: datetime, fires: datetime) -> None:
+    assert Schedule(expression).next_after(after) == fires
+
+
+@pytest.mark.parametrize("expression", ["*/5 * * * *", "0 61 * * * *", "0 0 0 31 2 *"])
+def test_bad_schedules_are_refused(expression: str) -> None:
+    with pytest.raises(ScheduleError):
+        Schedule(expression).next_after(datetime(2026, 1, 1))
+
+
+def test_route_templates() -> None:
+    pattern = _route_pattern("runs/{run_id?}")
+    assert pattern.fullmatch("runs").groupdict() == {"run_id": None}
+    assert pattern.fullmatch("runs/abc-1").groupdict() == {"run_id": "abc-1"}
+    assert pattern.fullmatch("runs/a/b") is None
+
+
+@pytest.fixture
+def host(app_settings: Settings, clean_env: pytest.MonkeyPatch) -> Iterator[LocalHost]:
+    clean_env.setenv("JANITOR_SCHEDULE", "*/1 * * * * *")
+    started = LocalHost(poll_interval_s=0.2, delivery_attempts=3, backoff_s=0.05).start()
+    yield started
+    started.stop()
+
+
+def test_the_host_fires_blob_triggers_once_per_version_and_serves_routes(host: LocalHost) -> None:
+    settings = host.settings
+    name = f"host-{uuid.uuid4().hex[:8]}.jsonl"
+    container(settings.storage, DATASETS_CONTAINER).upload_blob(name, b'{"not": "chat"}\n')
+    ledger = open_ledger(settings)
+    deadline = time.monotonic() + 30
+    while not (runs := ledger.by_blob(DATASETS_CONTAINER, name)) or runs[0].state != RunState.REJECTED:
+        assert time.monotonic() < deadline, "the blob trigger did not fire"
+        time.sleep(0.2)
+    time.sleep(1)  # several more polls: the receipt stops a second firing
+    assert len(ledger.by_blob(DATASETS_CONTAINER, name)) == 1
+    receipts = [b.name for b in blob_service(settings.storage).get_container_client(RECEIPTS_CONTAINER).list_blobs()]
+    assert any(f"/{DATASETS_CONTAINER}/{name}/" in receipt for receipt in receipts)
+
+    api = host.serve_http(port=0)
+    with urllib.request.urlopen(f"{api}runs/{runs[0].run_id}", timeout=10) as reply:
+        assert json.loads(reply.read())["state"] == "rejected"
+
+
+def test_posted_job_events_reach_the_job_events_function(host: LocalHost) -> None:
+    ledger = open_ledger(host.settings)
+    run, _ = ledger.receive(Upload(DATASETS_CONTAINER, "posted.jsonl", uuid.uuid4().hex), "received")
+    run = ledger.advance(ledger.advance(run, RunState.PREPARED, "prepared"), RunState.SUBMITTED, "submitted",
+                         job_name=f"ft-{run.run_id}")  # fmt: skip
+    failed = EventGridEvent(subject=f"experiments/x/runs/{run.job_name}", event_type=RUN_STATUS_CHANGED,
+                            data={"runId": run.job_name, "runStatus": "Failed", "runType": "azureml.PipelineRun",
+                                  "error": "out of memory"}, data_version="2")  # fmt: skip
+    EventGridPublisherClient(host.topic.endpoint, AzureKeyCredential(host.topic_key)).send([failed])
+    deadline = time.monotonic() + 30
+    while (current := ledger.get(run.run_id)).state != RunState.FAILED:
+        assert time.monotonic() < deadline, "the event was not delivered"
+        time.sleep(0.2)
+    assert current.reason == "out of memory"
+    with pytest.raises(HttpResponseError, match="Unauthorized"):
+        EventGridPublisherClient(host.topic.endpoint, AzureKeyCredential("wrong")).send([failed])
+
+
+def test_a_failing_delivery_is_retried_then_dead_lettered(host: LocalHost) -> None:
+    import azure.functions as func
+
+    attempts = []
+
+    def always_fails(event: func.EventGridEvent) -> None:
+        attempts.append(event.id)
+        raise RuntimeError("handler is down")
+
+    raw = {"id": uuid.uuid4().hex, "eventType": "Custom.Test", "data": {}}
+    event = func.EventGridEvent(id=raw["id"], data={}, topic="t", subject="s", event_type="Custom.Test",
+                                event_time=None, data_version="1")  # fmt: skip
+    host._deliver(Trigger("always_fails", "eventGridTrigger", {}, always_fails), event, raw)
+    assert attempts == [raw["id"]] * 3
+    dead = blob_service(host.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
+    letter = json.loads(dead.download_blob(f"always_fails/{raw['id']}.json").readall())
+    assert letter == {"event": raw, "error": "handler is down", "attempts": 3}
