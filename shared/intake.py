@@ -30,14 +30,14 @@ def _trigger_etag(properties: Mapping[str, Any]) -> str | None:
 
 
 def handle_upload(settings: Settings, ledger: Ledger, blob_path: str, properties: Mapping[str, Any]) -> Run:
-    """Record the upload as a run and prepare it. A redelivered upload finds its run and does
-    nothing more, unless an earlier delivery died before preparation was recorded."""
-    container, _, blob_name = blob_path.partition("/")
-    if not container or not blob_name:
+    """Record the upload as a run, prepare it and submit its fine-tune. A redelivered upload
+    finds its run and carries on from wherever an earlier delivery stopped (usually: nowhere)."""
+    container_name, _, blob_name = blob_path.partition("/")
+    if not container_name or not blob_name:
         raise ValueError(f"blob path {blob_path!r} is not 'container/name'")
-    blob = blob_service(settings.storage).get_blob_client(container, blob_name)
+    blob = blob_service(settings.storage).get_blob_client(container_name, blob_name)
     etag = _trigger_etag(properties) or str(blob.get_blob_properties().etag).strip('"')
-    run, created = ledger.receive(Upload(container, blob_name, etag), f"received {blob_path} (ETag {etag})")
+    run, created = ledger.receive(Upload(container_name, blob_name, etag), f"received {blob_path} (ETag {etag})")
     if not created:
         log.info("upload %s delivered again: run %s is %s", blob_path, run.run_id, run.state)
     if run.state == RunState.RECEIVED:
