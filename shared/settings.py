@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from shared.ncrontab import Schedule
 
 T = TypeVar("T")
 
@@ -61,8 +63,6 @@ LOCAL_SETTINGS = ("LOCAL_DATA_DIR", "JOB_EVENTS_TOPIC_ENDPOINT", "JOB_EVENTS_TOP
 LOCAL_TOPIC = "local/job-events"  # the topic the local host's Event Grid endpoint stamps on events
 KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS, *LOCAL_SETTINGS)
 MAX_REQUEST_TIMEOUT_S = 180  # Azure ML managed endpoints allow no more
-
-_NCRONTAB_FIELD = re.compile(r"^[0-9A-Za-z*/,\-]+$")
 
 
 class SettingsError(ValueError):
@@ -189,35 +189,16 @@ def _one_of(options: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
+def _checked(convert: Callable[[str], T], accept: Callable[[T], bool]) -> Callable[[str], T]:
+    """A parser that converts, then refuses values outside what `accept` allows."""
 
+    def parse(value: str) -> T:
+        converted = convert(value)
+        if not accept(converted):
+            raise ValueError(value)
+        return converted
 
-def percent(value: str, *, allow_zero: bool = False, allow_hundred: bool = True) -> float:
-    """A percentage; raises ValueError outside the allowed range."""
-    number = float(value)
-    low_ok = number >= 0 if allow_zero else number > 0
-    high_ok = number <= 100 if allow_hundred else number < 100
-    if not (low_ok and high_ok):
-        raise ValueError(value)
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number < 1.0:
-        raise ValueError(value)
-    return number
-
-
-def _non_negative(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
+    return parse
 
 
 def _boolean(value: str) -> bool:
@@ -226,19 +207,22 @@ def _boolean(value: str) -> bool:
     return value.lower() == "true"
 
 
-def _bounded_int(value: str, low: int, high: int) -> int:
-    number = int(value)
-    if not low <= number <= high:
-        raise ValueError(value)
-    return number
+class Rule(NamedTuple):
+    """What a setting expects (said in errors) and how its text is parsed."""
+
+    expects: str
+    parse: Callable[[str], Any]
 
 
-def _ncrontab(value: str) -> str:
-    """The six-field NCRONTAB the Functions timer trigger takes (seconds first)."""
-    fields = value.split()
-    if len(fields) != 6 or not all(_NCRONTAB_FIELD.match(field) for field in fields):
-        raise ValueError(value)
-    return value
+POSITIVE_INT = _checked(int, lambda number: number >= 1)
+# Shared with the per-upload overrides in blob metadata (test_pc, sample_pc).
+TEST_PERCENT = Rule("a percentage above 0 and below 100", _checked(float, lambda number: 0 < number < 100))
+SAMPLE_PERCENT = Rule("a percentage above 0, at most 100", _checked(float, lambda number: 0 < number <= 100))
+_MINUTES = Rule("a number of minutes, at least 0", _checked(float, lambda number: number >= 0))
+_SCHEDULE = Rule(
+    "a six-field NCRONTAB expression such as '0 */10 * * * *' (second minute hour day month weekday)",
+    lambda value: Schedule(value).expression,  # the parser the local host fires timers with
+)
 
 
 def _https_uri(value: str) -> str:
@@ -298,7 +282,7 @@ def _storage(reader: _Reader) -> StorageConnection:
 
 
 def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
-    gpus_per_node = reader.parsed("AZUREML_GPUS_PER_NODE", None, "a whole number of GPUs, at least 1", _positive_int)
+    gpus_per_node = reader.parsed("AZUREML_GPUS_PER_NODE", None, "a whole number of GPUs, at least 1", POSITIVE_INT)
     names = {
         "AZURE_SUBSCRIPTION_ID": "the Azure subscription id of the Azure ML workspace",
         "AZURE_RESOURCE_GROUP": "the resource group of the Azure ML workspace",
@@ -319,26 +303,19 @@ def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
 def _dataset(reader: _Reader) -> DatasetSettings:
     defaults = DatasetSettings()
     return DatasetSettings(
-        test_percent=reader.parsed(
-            "DATASET_TEST_PERCENT",
-            defaults.test_percent,
-            "a percentage above 0 and below 100",
-            lambda value: percent(value, allow_hundred=False),
-        ),
-        sample_percent=reader.parsed(
-            "DATASET_SAMPLE_PERCENT", defaults.sample_percent, "a percentage above 0, at most 100", percent
-        ),
+        test_percent=reader.parsed("DATASET_TEST_PERCENT", defaults.test_percent, *TEST_PERCENT),
+        sample_percent=reader.parsed("DATASET_SAMPLE_PERCENT", defaults.sample_percent, *SAMPLE_PERCENT),
         min_conversations=reader.parsed(
-            "DATASET_MIN_CONVERSATIONS", defaults.min_conversations, "a whole number, at least 1", _positive_int
+            "DATASET_MIN_CONVERSATIONS", defaults.min_conversations, "a whole number, at least 1", POSITIVE_INT
         ),
         max_invalid_fraction=reader.parsed(
             "DATASET_MAX_INVALID_FRACTION",
             defaults.max_invalid_fraction,
             "a fraction from 0 (any invalid row rejects the upload) to below 1",
-            _fraction,
+            _checked(float, lambda number: 0 <= number < 1),
         ),
         max_seq_length=reader.parsed(
-            "DATASET_MAX_SEQ_LENGTH", defaults.max_seq_length, "a whole number of tokens, at least 1", _positive_int
+            "DATASET_MAX_SEQ_LENGTH", defaults.max_seq_length, "a whole number of tokens, at least 1", POSITIVE_INT
         ),
     )
 
@@ -359,12 +336,7 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
     reader = _Reader(environ)
     storage = _storage(reader)
     backend = reader.parsed("ML_BACKEND", "local", "one of: " + ", ".join(BACKENDS), _one_of(BACKENDS))
-    schedule = reader.parsed(
-        "JANITOR_SCHEDULE",
-        "0 */10 * * * *",
-        "a six-field NCRONTAB expression such as '0 */10 * * * *' (second minute hour day month weekday)",
-        _ncrontab,
-    )
+    schedule = reader.parsed("JANITOR_SCHEDULE", "0 */10 * * * *", *_SCHEDULE)
     azureml = _azureml(reader, required=backend == "azureml")
     dataset = _dataset(reader)
     client_id = reader.raw("AZURE_CLIENT_ID")
@@ -373,13 +345,11 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
         "ENDPOINT_REQUEST_TIMEOUT_S",
         90,
         f"a whole number of seconds from 1 to {MAX_REQUEST_TIMEOUT_S}",
-        lambda value: _bounded_int(value, 1, MAX_REQUEST_TIMEOUT_S),
+        _checked(int, lambda number: 1 <= number <= MAX_REQUEST_TIMEOUT_S),
     )
     janitor = JanitorSettings(
-        idle_minutes=reader.parsed("ENDPOINT_IDLE_MINUTES", 60.0, "a number of minutes, at least 0", _non_negative),
-        min_age_minutes=reader.parsed(
-            "ENDPOINT_MIN_AGE_MINUTES", 30.0, "a number of minutes, at least 0", _non_negative
-        ),
+        idle_minutes=reader.parsed("ENDPOINT_IDLE_MINUTES", 60.0, *_MINUTES),
+        min_age_minutes=reader.parsed("ENDPOINT_MIN_AGE_MINUTES", 30.0, *_MINUTES),
         dry_run=reader.parsed("JANITOR_DRY_RUN", False, "true or false", _boolean),
     )
     workspace_topic = (

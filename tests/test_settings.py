@@ -72,6 +72,7 @@ def test_azureml_backend_settings() -> None:
         ("ML_BACKEND", "sagemaker", "one of: local, azureml"),
         ("JANITOR_SCHEDULE", "*/5 * * * *", "six-field NCRONTAB"),
         ("JANITOR_SCHEDULE", "0 */5 * * * * *", "six-field NCRONTAB"),
+        ("JANITOR_SCHEDULE", "0 61 * * * *", "six-field NCRONTAB"),
         ("AZUREML_GPUS_PER_NODE", "0", "at least 1"),
         ("AZUREML_GPUS_PER_NODE", "four", "at least 1"),
         (f"{STORAGE_SETTING}__credential", "password", "'managedidentity'"),

@@ -20,7 +20,7 @@ import orjson
 from shared.datasets.offload import BlockWriter, Offload
 from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_rows
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
-from shared.settings import DatasetSettings, percent
+from shared.settings import SAMPLE_PERCENT, TEST_PERCENT, DatasetSettings
 from shared.training import PARAMETERS, ParameterError, parse_parameter, resolve_parameters
 
 TRAIN_FILE = "train_sft.jsonl"
@@ -31,10 +31,7 @@ FIRST_LINES = 20
 _BUCKETS = 10_000
 _TOKEN_HISTOGRAM_SIZE = 1 << 16
 # Per-upload overrides of the dataset settings, from blob metadata (the rest are training parameters).
-DATASET_OVERRIDES = {
-    "test_pc": ("test_percent", "a percentage above 0 and below 100", lambda v: percent(v, allow_hundred=False)),
-    "sample_pc": ("sample_percent", "a percentage above 0, at most 100", percent),
-}
+DATASET_OVERRIDES = {"test_pc": ("test_percent", TEST_PERCENT), "sample_pc": ("sample_percent", SAMPLE_PERCENT)}
 
 
 @dataclass(frozen=True)
@@ -114,11 +111,11 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
     for key, value in sorted(metadata.items()):
         name = key.lower()
         if name in DATASET_OVERRIDES:
-            attribute, expects, parse = DATASET_OVERRIDES[name]
+            attribute, rule = DATASET_OVERRIDES[name]
             try:
-                dataset_changes[attribute] = parse(value)
+                dataset_changes[attribute] = rule.parse(value)
             except ValueError:
-                raise ParameterError(f"{key}={value!r}: expected {expects}") from None
+                raise ParameterError(f"{key}={value!r}: expected {rule.expects}") from None
         elif name in PARAMETERS:
             training[name] = parse_parameter(name, value)
         else:
