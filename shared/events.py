@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared import lifecycle
 from shared.deployment import drive_run
+from shared.eventgrid import send_event
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 
 if TYPE_CHECKING:
@@ -65,23 +66,19 @@ def publish_job_status(
     """Publish a job's status as Azure ML does (`RunStatusChanged` of a pipeline run), so the local
     trainer and Azure ML drive the same job-events function."""
     from azure.core.credentials import AzureKeyCredential
-    from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
-    event = EventGridEvent(
-        subject=f"experiments/{experiment}/runs/{job_name}",
-        event_type=RUN_STATUS_CHANGED,
-        data_version="2",
-        data={
-            "experimentId": experiment,
-            "experimentName": experiment,
-            "runId": job_name,
-            "runType": PIPELINE_RUN_TYPE,
-            "runTags": dict(tags),
-            "runProperties": {},
-            "runStatus": status,
-        },
+    data = {
+        "experimentId": experiment,
+        "experimentName": experiment,
+        "runId": job_name,
+        "runType": PIPELINE_RUN_TYPE,
+        "runTags": dict(tags),
+        "runProperties": {},
+        "runStatus": status,
+    }
+    send_event(
+        endpoint, AzureKeyCredential(key), f"experiments/{experiment}/runs/{job_name}", RUN_STATUS_CHANGED, "2", data
     )
-    EventGridPublisherClient(endpoint, AzureKeyCredential(key)).send([event])
 
 
 def _ignored(reason: str, status: JobStatus | None, topic: str | None) -> str:

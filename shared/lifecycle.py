@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from shared.eventgrid import send_event
 from shared.ledger import Run
 from shared.settings import Settings
 
@@ -23,7 +24,6 @@ def publish(settings: Settings, event_type: str, run: Run, **data: Any) -> None:
     if not settings.lifecycle_topic_endpoint:
         return
     from azure.core.credentials import AzureKeyCredential
-    from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
     if settings.lifecycle_topic_key:
         credential: Any = AzureKeyCredential(settings.lifecycle_topic_key)
@@ -31,19 +31,14 @@ def publish(settings: Settings, event_type: str, run: Run, **data: Any) -> None:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
-    event = EventGridEvent(
-        subject=f"runs/{run.run_id}",
-        event_type=event_type,
-        data_version="1",
-        data={
-            "runId": run.run_id,
-            "state": str(run.state),
-            "upload": f"{run.upload.container}/{run.upload.blob_name}",
-            "reason": run.reason,
-            **data,
-        },
-    )
+    payload = {
+        "runId": run.run_id,
+        "state": str(run.state),
+        "upload": f"{run.upload.container}/{run.upload.blob_name}",
+        "reason": run.reason,
+        **data,
+    }
     try:
-        EventGridPublisherClient(settings.lifecycle_topic_endpoint, credential).send([event])
+        send_event(settings.lifecycle_topic_endpoint, credential, f"runs/{run.run_id}", event_type, "1", payload)
     except Exception as error:  # the run goes on; the log says what was not told
         log.warning("could not publish %s for run %s: %s", event_type, run.run_id, error)

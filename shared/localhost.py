@@ -28,7 +28,7 @@ from queue import Empty, Queue
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
-from shared.eventgrid_topic import LocalTopic
+from shared.eventgrid import LocalTopic
 from shared.ncrontab import Schedule
 from shared.settings import LOCAL_TOPIC, get_settings
 from shared.storage import blob_service, container

@@ -24,7 +24,7 @@ from functions.intake import dataset_intake
 from functions.job_events import job_events
 from shared.backends import MANAGED_BY, get_backend
 from shared.datasets.sample import conversations
-from shared.eventgrid_topic import LocalTopic
+from shared.eventgrid import LocalTopic
 from shared.events import RUN_STATUS_CHANGED
 from shared.intake import handle_upload
 from shared.janitor import sweep

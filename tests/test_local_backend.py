@@ -26,7 +26,7 @@ from shared.backends.local.trainer import tokenize_conversations
 from shared.datasets.prepare import InputInfo, prepare_dataset
 from shared.datasets.sample import write_sample
 from shared.datasets.sources import file_chunks
-from shared.eventgrid_topic import LocalTopic
+from shared.eventgrid import LocalTopic
 from shared.settings import DatasetSettings, LocalBackendSettings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent

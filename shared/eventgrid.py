@@ -1,9 +1,8 @@
-"""A local Event Grid topic: an HTTP endpoint on 127.0.0.1 that takes what azure-eventgrid's
-`EventGridPublisherClient` posts (checking the `aeg-sas-key` header, as Event Grid does), adds the
-`topic` that Event Grid adds on delivery, and hands each event to a subscriber.
-
-No Event Grid emulator exists, so the local backend's trainer, the tests and the local host
-publish here."""
+"""Event Grid, both ends: sending events (azure-eventgrid, imported only when sending), and a
+local topic: an HTTP endpoint on 127.0.0.1 that takes what `EventGridPublisherClient` posts
+(checking the `aeg-sas-key` header, as Event Grid does), adds the `topic` that Event Grid adds on
+delivery, and hands each event to a subscriber. No Event Grid emulator exists, so the local
+backend's trainer, the tests and the local host publish to this one."""
 
 from __future__ import annotations
 
@@ -17,6 +16,16 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024  # Event Grid's own limit for one post
+
+
+def send_event(
+    endpoint: str, credential: Any, subject: str, event_type: str, data_version: str, data: dict[str, Any]
+) -> None:
+    """Post one event in the Event Grid schema; `credential` is a key credential or an identity."""
+    from azure.eventgrid import EventGridEvent, EventGridPublisherClient
+
+    event = EventGridEvent(subject=subject, event_type=event_type, data_version=data_version, data=data)
+    EventGridPublisherClient(endpoint, credential).send([event])
 
 
 class LocalTopic(ThreadingHTTPServer):
