@@ -11,8 +11,10 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
+
+from shared.httpserver import ReplyingHandler
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024  # Event Grid's own limit for one post
@@ -49,37 +51,29 @@ class LocalTopic(ThreadingHTTPServer):
         self._thread.join()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ReplyingHandler):
     server: LocalTopic
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
 
-    def _reply(self, status: int, message: str = "") -> None:
-        body = json.dumps({"error": message} if message else {}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def do_POST(self) -> None:
         presented = self.headers.get("aeg-sas-key", "")
         if not hmac.compare_digest(presented.encode(), self.server.key.encode()):
-            self._reply(401, "missing or wrong aeg-sas-key")
+            self.send_json(401, {"error": "missing or wrong aeg-sas-key"})
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
-            self._reply(413, "events larger than 1 MB")
+            self.send_json(413, {"error": "events larger than 1 MB"})
             return
         try:
             events = json.loads(self.rfile.read(length))
         except json.JSONDecodeError as error:
-            self._reply(400, f"malformed JSON: {error}")
+            self.send_json(400, {"error": f"malformed JSON: {error}"})
             return
         if not isinstance(events, list) or not all(isinstance(e, dict) and "eventType" in e for e in events):
-            self._reply(400, "expected a JSON array of Event Grid events")
+            self.send_json(400, {"error": "expected a JSON array of Event Grid events"})
             return
         for event in events:
             self.server.subscriber({**event, "topic": self.server.topic})
-        self._reply(200)
+        self.send_json(200, {})

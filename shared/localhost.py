@@ -22,13 +22,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 from shared.eventgrid import LocalTopic
+from shared.httpserver import ReplyingHandler
 from shared.ncrontab import Schedule
 from shared.settings import LOCAL_TOPIC, get_settings
 from shared.storage import blob_service, container
@@ -103,7 +104,7 @@ def load_local_settings(path: Path = REPO_ROOT / "local.settings.json") -> None:
             os.environ.setdefault(name, str(value))
 
 
-class _HttpFunctions(BaseHTTPRequestHandler):
+class _HttpFunctions(ReplyingHandler):
     """Calls the HTTP-triggered function whose route and methods match, with a real HttpRequest."""
 
     routes: ClassVar[list[tuple[re.Pattern[str], Trigger]]] = []
@@ -128,12 +129,7 @@ class _HttpFunctions(BaseHTTPRequestHandler):
                 body=self.rfile.read(int(self.headers.get("Content-Length") or 0)),
             )
             response = trigger.call(request)
-            body = response.get_body()
-            self.send_response(response.status_code)
-            self.send_header("Content-Type", response.mimetype or "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_body(response.status_code, response.get_body(), response.mimetype or "application/json")
             return
         self.send_error(404, "no function serves this route")
 

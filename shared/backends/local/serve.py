@@ -15,12 +15,13 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from shared.backends.local.scoring import BadRequest, ChatRequest, parse_openai, parse_score
 from shared.backends.local.tiny_model import END_OF_TURN
+from shared.httpserver import ReplyingHandler
 
 log = logging.getLogger("endpoint")
 MAX_BODY_BYTES = 1024 * 1024
@@ -84,20 +85,12 @@ class EndpointServer(ThreadingHTTPServer):
         (self.directory / "last_request").write_text(datetime.now(UTC).isoformat())
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(ReplyingHandler):
     server: EndpointServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)  # the request line and status, never headers
-
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def _authorized(self) -> bool:
         header = self.headers.get("Authorization", "")
@@ -126,9 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            self._reply(200, {"status": "ready", "endpoint": self.server.name})
+            self.send_json(200, {"status": "ready", "endpoint": self.server.name})
         else:
-            self._reply(404, {"error": f"no route GET {self.path}"})
+            self.send_json(404, {"error": f"no route GET {self.path}"})
 
     def do_POST(self) -> None:
         routes = {"/score": parse_score, "/v1/chat/completions": parse_openai}
@@ -146,19 +139,19 @@ class _Handler(BaseHTTPRequestHandler):
             if not stopped and time.monotonic() - started >= self.server.timeout_s:
                 raise _HttpError(408, f"the request took longer than {self.server.timeout_s:.0f} s")
         except _HttpError as error:
-            self._reply(error.status, {"error": str(error)})
+            self.send_json(error.status, {"error": str(error)})
             return
         except BadRequest as error:
-            self._reply(400, {"error": str(error)})
+            self.send_json(400, {"error": str(error)})
             return
         except Exception:
             log.exception("scoring failed")
-            self._reply(500, {"error": "the model failed to answer; see the endpoint log"})
+            self.send_json(500, {"error": "the model failed to answer; see the endpoint log"})
             return
         if parse is parse_score:
-            self._reply(200, {"output": text})
+            self.send_json(200, {"output": text})
             return
-        self._reply(
+        self.send_json(
             200,
             {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
