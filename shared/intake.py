@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,19 +87,20 @@ def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) 
     return rejected
 
 
-def _prepared_location(settings: Settings, run: Run) -> str:
-    """Where the backend reads the prepared files: Azure ML straight from blob storage (no upload
-    at submit time); the local trainer from a local copy."""
+@contextmanager
+def _prepared_location(settings: Settings, run: Run) -> Iterator[str]:
+    """Where the backend reads the prepared files while it submits: Azure ML straight from blob
+    storage (no upload at submit time); the local backend from a download it copies into its job."""
     service = blob_service(settings.storage)
     if settings.ml_backend == "azureml":
-        return f"{service.url.rstrip('/')}/{PREPARED_CONTAINER}/{run.run_id}"
-    folder = settings.local.data_dir / "prepared" / run.run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in (TRAIN_FILE, TEST_FILE):
-        blob = service.get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{name}")
-        with (folder / name).open("wb") as target:
-            blob.download_blob().readinto(target)
-    return str(folder)
+        yield f"{service.url.rstrip('/')}/{PREPARED_CONTAINER}/{run.run_id}"
+        return
+    with tempfile.TemporaryDirectory(prefix="submit-") as folder:
+        for name in (TRAIN_FILE, TEST_FILE):
+            blob = service.get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{name}")
+            with (Path(folder) / name).open("wb") as target:
+                blob.download_blob().readinto(target)
+        yield folder
 
 
 def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | None = None) -> Run:
@@ -106,15 +108,16 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | 
     from shared.backends import BackendError, JobRequest, get_backend, job_name_for
 
     report = run.details.get("report", {})
-    request = JobRequest(
-        job_name=job_name_for(run.run_id),
-        prepared=_prepared_location(settings, run),
-        dataset=run.run_id.rsplit("-", 1)[0],
-        parameters=dict(report.get("training_overrides", {})),
-        tags={"run_id": run.run_id, "dataset_sha256": str(report.get("sha256", ""))},
-    )
     try:
-        status = (backend or get_backend(settings)).submit(request)
+        with _prepared_location(settings, run) as prepared:
+            request = JobRequest(
+                job_name=job_name_for(run.run_id),
+                prepared=prepared,
+                dataset=run.run_id.rsplit("-", 1)[0],
+                parameters=dict(report.get("training_overrides", {})),
+                tags={"run_id": run.run_id, "dataset_sha256": str(report.get("sha256", ""))},
+            )
+            status = (backend or get_backend(settings)).submit(request)
     except BackendError as error:
         try:
             failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error))
