@@ -166,7 +166,7 @@ def test_registering_twice_gives_one_version(backend: LocalBackend, trained: str
     assert versions[0].tags["base_model"] == TINY_PHI3
 
 
-def test_registering_an_unfinished_or_unknown_job_is_refused(backend: LocalBackend) -> None:
+def test_registering_an_unknown_job_is_refused(backend: LocalBackend) -> None:
     with pytest.raises(BackendError, match="no job 'nope'"):
         backend.register("nope")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -262,8 +263,6 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
         )
         output = directory / "outputs" / MODEL_FOLDER
         if output.exists():
-            import shutil
-
             shutil.rmtree(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         mlflow.transformers.save_model(
