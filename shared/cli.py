@@ -113,13 +113,14 @@ def _overrides(assignments: list[str] | None) -> dict[str, Any]:
 def _submit(args: argparse.Namespace) -> int:
     """Submit prepared data to a backend; with --dry-run (Azure ML), print the job body instead."""
     from shared.backends import JobRequest, get_backend
+    from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
     from shared.settings import load_settings
 
     settings = load_settings({**os.environ, "ML_BACKEND": args.backend or get_settings().ml_backend})
     prepared = args.prepared
     if "://" not in prepared:
         folder = Path(prepared).resolve()
-        for name in ("train_sft.jsonl", "test_sft.jsonl"):
+        for name in (TRAIN_FILE, TEST_FILE):
             if not (folder / name).is_file():
                 raise CliError(f"{folder / name}: no such file; --prepared must be a folder written by 'prepare'")
         if settings.ml_backend == "azureml":
