@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shared import lifecycle
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE, InputInfo, Preparation, prepare_dataset, report_summary
@@ -26,18 +26,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _trigger_etag(properties: Mapping[str, Any]) -> str | None:
-    return next((str(v).strip('"') for k, v in properties.items() if k.lower() == "etag" and v), None)
-
-
-def handle_upload(settings: Settings, ledger: Ledger, blob_path: str, properties: Mapping[str, Any]) -> Run:
+def handle_upload(settings: Settings, ledger: Ledger, container_name: str, blob_name: str) -> Run:
     """Record the upload as a run, prepare it and submit its fine-tune. A redelivered upload
-    finds its run and carries on from wherever an earlier delivery stopped (usually: nowhere)."""
-    container_name, _, blob_name = blob_path.partition("/")
-    if not container_name or not blob_name:
-        raise ValueError(f"blob path {blob_path!r} is not 'container/name'")
+    finds its run and carries on from wherever an earlier delivery stopped (usually: nowhere).
+    The run is about the version stored now (its ETag): a later overwrite is a new upload."""
     blob = blob_service(settings.storage).get_blob_client(container_name, blob_name)
-    etag = _trigger_etag(properties) or str(blob.get_blob_properties().etag).strip('"')
+    etag = str(blob.get_blob_properties().etag).strip('"')
+    blob_path = f"{container_name}/{blob_name}"
     run, created = ledger.receive(Upload(container_name, blob_name, etag), f"received {blob_path} (ETag {etag})")
     if not created:
         log.info("upload %s delivered again: run %s is %s", blob_path, run.run_id, run.state)

@@ -10,6 +10,7 @@ Azurite sends no Event Grid events, so blobs are found by listing."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from urllib.parse import parse_qs
 from shared.eventgrid import LocalTopic
 from shared.httpserver import ReplyingHandler
 from shared.ncrontab import Schedule
-from shared.settings import LOCAL_TOPIC, get_settings
+from shared.settings import LOCAL_TOPIC, STORAGE_SETTING, get_settings
 from shared.storage import blob_service, container
 
 log = logging.getLogger("localhost")
@@ -76,6 +77,28 @@ def load_triggers(module_name: str = "function_app") -> list[Trigger]:
         (trigger,) = [b for b in bindings if b["type"].endswith("Trigger")]
         triggers.append(Trigger(function.get_function_name(), trigger["type"], trigger, function.get_user_function()))
     return triggers
+
+
+@dataclass(frozen=True)
+class _ModelBindingData:
+    """The worker's ModelBindingData message: what the host sends for an SDK-type binding."""
+
+    content: str
+    version: str = "1.0"
+    source: str = "AzureStorageBlobs"
+    content_type: str = "application/json"
+
+
+def blob_trigger_argument(trigger: Trigger, container: str, name: str) -> Any:
+    """What the worker passes a blob-triggered function whose parameter is an SDK type: the client
+    the binding extension builds from the host's model binding data (the connection setting's
+    name, the container and the blob name; never the content)."""
+    from azurefunctions.extensions.base import Datum, get_binding_registry
+
+    content = json.dumps({"Connection": trigger.binding["connection"], "ContainerName": container, "BlobName": name})
+    converter = get_binding_registry().get(trigger.kind)
+    pytype = inspect.signature(trigger.call).parameters[trigger.binding["name"]].annotation
+    return converter.decode(Datum(_ModelBindingData(content), "model_binding_data"), trigger_metadata={}, pytype=pytype)
 
 
 def _route_pattern(route: str) -> re.Pattern[str]:
@@ -156,6 +179,9 @@ class LocalHost:
         os.environ.setdefault("LIFECYCLE_TOPIC_KEY", self.topic_key)
         get_settings.cache_clear()
         self.settings = get_settings()
+        if self.settings.storage.connection_string:
+            # The blob binding extension reads the connection by its setting's name, as in Azure.
+            os.environ.setdefault(STORAGE_SETTING, self.settings.storage.connection_string)
         self.triggers = load_triggers()
         with open(REPO_ROOT / "host.json") as host_json:
             self.blob_attempts = json.load(host_json)["extensions"]["blobs"]["poisonBlobThreshold"]
@@ -235,22 +261,11 @@ class LocalHost:
             self._stop.wait(self.poll_interval_s)
 
     def _fire_blob(self, trigger: Trigger, container: str, blob: Any, etag: str, key: Any, receipt: str) -> None:
-        from azure.functions.blob import InputStream
-
         service = blob_service(self.settings.storage)
         error: Exception | None = None
         for attempt in range(1, self.blob_attempts + 1):
-            # The app reads data with the storage SDK, never from the binding's stream.
-            stream = InputStream(
-                data=b"",
-                name=f"{container}/{blob.name}",
-                length=blob.size,
-                uri=service.get_blob_client(container, blob.name).url,
-                blob_properties={"ETag": etag, "Length": blob.size},
-                metadata=blob.metadata,
-            )
             try:
-                trigger.call(stream)
+                trigger.call(blob_trigger_argument(trigger, container, blob.name))
                 error = None
                 break
             except Exception as failure:
@@ -325,7 +340,6 @@ class LocalHost:
 def run_host(start_azurite: bool) -> int:
     """The `host` command: serve until interrupted."""
     from shared.azurite import start_azurite as launch
-    from shared.settings import STORAGE_SETTING
 
     load_local_settings()
     azurite = None

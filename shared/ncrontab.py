@@ -1,67 +1,80 @@
-"""NCRONTAB, the six-field schedule of Azure Functions timer triggers:
-`second minute hour day month day-of-week`, each `*`, a number, a range `a-b`, a list `a,b`, or a
-step `*/n` / `a-b/n`. Day-of-week 0 is Sunday. Used by the local host to fire timers."""
+"""NCRONTAB, the schedule of Azure Functions timer triggers, as the host reads it: six fields
+`second minute hour day month day-of-week`, or five without the seconds. Each field is `*`, a
+value, a range `a-b`, a list `a,b` or a step `*/n`, `a-b/n`; months and days of the week may be
+named (`Jan`, `Mon-Fri`, `Monday`); day-of-week 0 is Sunday. As in NCrontab (whose next-occurrence
+search matches the day of the month, then requires the day of the week too), a schedule that
+restricts both fires on days that match both, not, as in Unix cron, either.
+
+The grammar check here refuses what the host's NCrontab library refuses but croniter (which
+computes the firing times) would take: Quartz-style `L`, `W`, `#`, `?` and Jenkins' `H`."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import re
+from datetime import datetime
 
-_FIELDS = (("second", 0, 59), ("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12), ("weekday", 0, 6))
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september",
+           "october", "november", "december")  # fmt: skip
+_DAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+_FIELDS = ("second", "minute", "hour", "day", "month", "day-of-week")
+_VALUE = r"(?:\d+|[A-Za-z]{3,})"
+_TERM = re.compile(rf"^(?:\*|{_VALUE}(?:-{_VALUE})?)(?:/\d+)?$")
 
 
 class ScheduleError(ValueError):
     pass
 
 
-def _values(field: str, low: int, high: int, name: str) -> frozenset[int]:
-    chosen: set[int] = set()
-    for part in field.split(","):
-        span, _, step_text = part.partition("/")
-        step = int(step_text) if step_text else 1
-        if span == "*":
-            start, end = low, high
-        elif "-" in span:
-            start, end = (int(x) for x in span.split("-", 1))
-        else:
-            start = end = int(span)
-        if step < 1 or not low <= start <= end <= high:
-            raise ScheduleError(f"{name} field {part!r} is outside {low}-{high}")
-        chosen.update(range(start, end + 1, step))
-    return frozenset(chosen)
+def _short_names(field: str, names: tuple[str, ...], label: str) -> str:
+    """Full or abbreviated names as croniter's three-letter ones."""
+
+    def short(match: re.Match[str]) -> str:
+        word = match.group(0).lower()
+        if not any(name.startswith(word) for name in names):
+            raise ScheduleError(f"{label} field has an unknown name {match.group(0)!r}")
+        return word[:3]
+
+    return re.sub(r"[A-Za-z]+", short, field)
+
+
+def _normalised(expression: str) -> str:
+    parts = expression.split()
+    if len(parts) == 5:
+        parts = ["0", *parts]  # the host reads five fields as a schedule without seconds
+    if len(parts) != 6:
+        raise ScheduleError(
+            f"{expression!r}: NCRONTAB has six fields (second minute hour day month day-of-week) or five"
+        )
+    for part, label in zip(parts, _FIELDS, strict=True):
+        if not all(_TERM.match(term) for term in part.split(",")):
+            raise ScheduleError(f"{expression!r}: {label} field {part!r} is not NCRONTAB")
+    parts[4] = _short_names(parts[4], _MONTHS, "month")
+    parts[5] = _short_names(parts[5], _DAYS, "day-of-week")
+    if any(int(value) > 6 for value in re.findall(r"(?<![/\d])\d+", parts[5])):
+        raise ScheduleError(f"{expression!r}: day-of-week runs from 0 (Sunday) to 6 (Saturday)")
+    for label, part in zip(_FIELDS, parts, strict=True):
+        if label not in {"month", "day-of-week"} and re.search(r"[A-Za-z]", part):
+            raise ScheduleError(f"{expression!r}: only months and days of the week have names")
+    return " ".join(parts)
 
 
 class Schedule:
-    def __init__(self, expression: str) -> None:
-        parts = expression.split()
-        if len(parts) != len(_FIELDS):
-            raise ScheduleError(f"{expression!r}: NCRONTAB has six fields (second minute hour day month weekday)")
-        try:
-            sets = [_values(part, low, high, name) for part, (name, low, high) in zip(parts, _FIELDS, strict=True)]
-        except ValueError as error:
-            raise ScheduleError(f"{expression!r}: {error}") from None
-        self.expression = expression
-        self.seconds, self.minutes, self.hours, self.days, self.months, self.weekdays = sets
-        self._any_day, self._any_weekday = parts[3] == "*", parts[5] == "*"
+    """A validated schedule and its firing times (computed by croniter)."""
 
-    def _day_matches(self, moment: datetime) -> bool:
-        weekday = (moment.weekday() + 1) % 7  # Python: Monday 0; NCRONTAB: Sunday 0
-        if self._any_day or self._any_weekday:
-            return moment.day in self.days and weekday in self.weekdays
-        return moment.day in self.days or weekday in self.weekdays  # cron: either restricted field
+    def __init__(self, expression: str) -> None:
+        from croniter import croniter
+
+        self.expression = expression
+        self._cron = _normalised(expression)
+        if not croniter.is_valid(self._cron, second_at_beginning=True):
+            raise ScheduleError(f"{expression!r}: a value is out of range")
 
     def next_after(self, moment: datetime) -> datetime:
         """The first time strictly after `moment` that the schedule fires."""
-        candidate = moment.replace(microsecond=0) + timedelta(seconds=1)
-        limit = candidate + timedelta(days=366 * 5)
-        while candidate < limit:
-            if candidate.month not in self.months or not self._day_matches(candidate):
-                candidate = (candidate + timedelta(days=1)).replace(hour=0, minute=0, second=0)
-            elif candidate.hour not in self.hours:
-                candidate = (candidate + timedelta(hours=1)).replace(minute=0, second=0)
-            elif candidate.minute not in self.minutes:
-                candidate = (candidate + timedelta(minutes=1)).replace(second=0)
-            elif candidate.second not in self.seconds:
-                candidate += timedelta(seconds=1)
-            else:
-                return candidate
-        raise ScheduleError(f"{self.expression!r} never fires")
+        from croniter import CroniterBadDateError, croniter
+
+        try:
+            fires: datetime = croniter(self._cron, moment, day_or=False, second_at_beginning=True).get_next(datetime)
+        except CroniterBadDateError:
+            raise ScheduleError(f"{self.expression!r} never fires") from None
+        return fires

@@ -220,7 +220,7 @@ TEST_PERCENT = Rule("a percentage above 0 and below 100", _checked(float, lambda
 SAMPLE_PERCENT = Rule("a percentage above 0, at most 100", _checked(float, lambda number: 0 < number <= 100))
 _MINUTES = Rule("a number of minutes, at least 0", _checked(float, lambda number: number >= 0))
 _SCHEDULE = Rule(
-    "a six-field NCRONTAB expression such as '0 */10 * * * *' (second minute hour day month weekday)",
+    "an NCRONTAB schedule such as '0 */10 * * * *' or '0 30 9 * * Mon-Fri' (second minute hour day month day-of-week)",
     lambda value: Schedule(value).expression,  # the parser the local host fires timers with
 )
 

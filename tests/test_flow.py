@@ -18,9 +18,7 @@ from typing import Any
 import azure.functions as func
 import orjson
 import pytest
-from azure.functions.blob import InputStream
 
-from functions.intake import dataset_intake
 from functions.job_events import job_events
 from shared.backends import MANAGED_BY, get_backend
 from shared.datasets.sample import conversations
@@ -31,6 +29,7 @@ from shared.janitor import sweep
 from shared.ledger import Ledger, Run, RunState, open_ledger
 from shared.settings import LOCAL_TOPIC, Settings, get_settings
 from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
+from tests.worker import deliver_upload
 
 S = RunState
 SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=21))
@@ -59,18 +58,13 @@ def ledger(settings: Settings) -> Ledger:
     return open_ledger(settings)
 
 
-def _upload(settings: Settings, data: bytes = SAMPLE, metadata: dict[str, str] | None = None) -> tuple[str, str]:
+def _upload(settings: Settings, data: bytes = SAMPLE, metadata: dict[str, str] | None = None) -> str:
     name = f"flow-{uuid.uuid4().hex[:8]}.jsonl"
     container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
     if not container.exists():
         container.create_container()
-    etag = container.get_blob_client(name).upload_blob(data, metadata=metadata or QUICK)["etag"]
-    return name, str(etag).strip('"')
-
-
-def _deliver_upload(name: str, etag: str) -> None:
-    stream = InputStream(data=b"", name=f"{DATASETS_CONTAINER}/{name}", blob_properties={"ETag": etag})
-    dataset_intake.build().get_user_function()(stream)
+    container.get_blob_client(name).upload_blob(data, metadata=metadata or QUICK)
+    return name
 
 
 def _completed_event(job: str) -> func.EventGridEvent:
@@ -99,9 +93,9 @@ def _job_dirs(settings: Settings) -> list[Path]:
 
 
 def test_200_concurrent_deliveries_of_one_upload_make_one_run_and_one_job(settings: Settings, ledger: Ledger) -> None:
-    name, etag = _upload(settings)
+    name = _upload(settings)
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda _: _deliver_upload(name, etag), range(200)))
+        list(pool.map(lambda _: deliver_upload(name), range(200)))
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     assert run.state == S.SUBMITTED
     assert _states(ledger, run) == [S.RECEIVED, S.PREPARED, S.SUBMITTED]
@@ -111,8 +105,8 @@ def test_200_concurrent_deliveries_of_one_upload_make_one_run_and_one_job(settin
 def test_200_concurrent_completed_events_register_and_deploy_once(settings: Settings, ledger: Ledger) -> None:
     from mlflow.tracking import MlflowClient
 
-    name, etag = _upload(settings)
-    _deliver_upload(name, etag)
+    name = _upload(settings)
+    deliver_upload(name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     assert _wait_job(settings, run.job_name or "") == "Completed"
     handler = job_events.build().get_user_function()
@@ -144,14 +138,13 @@ class KilledBeforeRecordingSubmission(Ledger):
 def test_a_handler_killed_between_submit_and_ledger_write_leaves_one_job(
     settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
 ) -> None:
-    name, etag = _upload(settings)
+    name = _upload(settings)
     with pytest.raises(HandlerKilled):
-        handle_upload(settings, KilledBeforeRecordingSubmission(ledger._table), f"{DATASETS_CONTAINER}/{name}",
-                      {"ETag": etag})  # fmt: skip
+        handle_upload(settings, KilledBeforeRecordingSubmission(ledger._table), DATASETS_CONTAINER, name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     assert run.state == S.PREPARED and len(_job_dirs(settings)) == 1  # the job exists; the ledger does not know
 
-    _deliver_upload(name, etag)  # Event Grid delivers again
+    deliver_upload(name)  # Event Grid delivers again
     run = ledger.get(run.run_id)
     assert run.state == S.SUBMITTED and len(_job_dirs(settings)) == 1
     assert _wait_job(settings, run.job_name or "") == "Completed"
@@ -165,8 +158,8 @@ def test_a_handler_killed_between_submit_and_ledger_write_leaves_one_job(
 def test_a_killed_trainer_ends_the_run_failed_with_no_deployment(
     settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
 ) -> None:
-    name, etag = _upload(settings, metadata={"num_train_epochs": "200", "per_device_train_batch_size": "1"})
-    _deliver_upload(name, etag)
+    name = _upload(settings, metadata={"num_train_epochs": "200", "per_device_train_batch_size": "1"})
+    deliver_upload(name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     status_file = settings.local.data_dir / "jobs" / (run.job_name or "") / "status.json"
     deadline = time.monotonic() + 60
@@ -192,8 +185,8 @@ def test_a_rejected_dataset_is_recorded_reported_left_untouched_and_announced(
     settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
 ) -> None:
     data = SAMPLE + b'[{"role": "user", "content": "not an object"}]\n'
-    name, etag = _upload(settings, data)
-    _deliver_upload(name, etag)
+    name = _upload(settings, data)
+    deliver_upload(name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     assert run.state == S.REJECTED and "line 41" in (run.reason or "")
     service = blob_service(settings.storage)
@@ -202,7 +195,8 @@ def test_a_rejected_dataset_is_recorded_reported_left_untouched_and_announced(
     )
     assert report["status"] == "rejected"
     original = service.get_blob_client(DATASETS_CONTAINER, name)
-    assert original.download_blob().readall() == data and str(original.get_blob_properties().etag).strip('"') == etag
+    assert original.download_blob().readall() == data
+    assert str(original.get_blob_properties().etag).strip('"') == run.upload.version  # never rewritten
     (event,) = [e for e in lifecycle_events if e["data"]["runId"] == run.run_id]
     assert event["eventType"] == "FineTune.DatasetRejected" and event["data"]["reason"] == run.reason
     assert _job_dirs(settings) == []
@@ -225,8 +219,8 @@ def test_the_janitor_deletes_only_idle_managed_endpoints_once(
     clean_env.setenv("ENDPOINT_MIN_AGE_MINUTES", "30")
     get_settings.cache_clear()
     settings = get_settings()
-    name, etag = _upload(settings)
-    _deliver_upload(name, etag)
+    name = _upload(settings)
+    deliver_upload(name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     _wait_job(settings, run.job_name or "")
     sweep(settings, ledger, past_due=True)  # finishes the job's run: registered, deployed

@@ -3,6 +3,7 @@ Azurite behind the ledger."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import uuid
@@ -12,7 +13,6 @@ from typing import Any
 import azure.functions as func
 import orjson
 import pytest
-from azure.functions.blob import InputStream
 from azure.functions.timer import TimerRequest
 
 from functions.intake import dataset_intake
@@ -21,9 +21,11 @@ from functions.job_events import job_events
 from functions.status import run_status
 from shared.datasets.sample import conversations
 from shared.events import RUN_STATUS_CHANGED
-from shared.ledger import Ledger, RunState, open_ledger
+from shared.intake import prepare_run
+from shared.ledger import Ledger, RunState, Upload, open_ledger
 from shared.settings import LOCAL_TOPIC, Settings
 from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
+from tests.worker import deliver_upload
 
 SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=5))
 
@@ -47,10 +49,6 @@ def _prepared(settings: Settings, run_id: str) -> dict[str, bytes]:
     }
 
 
-def _trigger_stream(name: str, properties: dict[str, Any] | None) -> InputStream:
-    return InputStream(data=b"", name=f"{DATASETS_CONTAINER}/{name}", uri=None, length=0, blob_properties=properties)
-
-
 @pytest.fixture
 def app_ledger(app_settings: Settings) -> Ledger:
     return open_ledger(app_settings)
@@ -59,10 +57,8 @@ def app_ledger(app_settings: Settings) -> Ledger:
 def test_intake_records_the_upload_once_per_version(app_settings: Settings, app_ledger: Ledger) -> None:
     name = f"chats-{uuid.uuid4().hex[:8]}.jsonl"
     etag = _upload_blob(app_settings, name)
-    intake = dataset_intake.build().get_user_function()
-
-    intake(_trigger_stream(name, {"ETag": f'"{etag}"'}))
-    intake(_trigger_stream(name, {"ETag": etag}))  # the same BlobCreated delivered again
+    deliver_upload(name)
+    deliver_upload(name)  # the same BlobCreated delivered again
     runs = app_ledger.by_blob(DATASETS_CONTAINER, name)
     assert len(runs) == 1
     assert runs[0].state == RunState.SUBMITTED
@@ -72,24 +68,26 @@ def test_intake_records_the_upload_once_per_version(app_settings: Settings, app_
     assert history == [RunState.RECEIVED, RunState.PREPARED, RunState.SUBMITTED]
 
     new_etag = _upload_blob(app_settings, name, b'{"messages": [{"role": "user", "content": "hi"}]}\n')
-    intake(_trigger_stream(name, {"ETag": new_etag}))
-    assert len(app_ledger.by_blob(DATASETS_CONTAINER, name)) == 2
+    deliver_upload(name)
+    runs = sorted(app_ledger.by_blob(DATASETS_CONTAINER, name), key=lambda run: run.upload.version != etag)
+    assert [run.upload.version for run in runs] == [etag, new_etag]
 
 
-def test_intake_reads_the_etag_from_storage_when_the_trigger_has_none(
-    app_settings: Settings, app_ledger: Ledger
-) -> None:
-    name = f"no-props-{uuid.uuid4().hex[:8]}.jsonl"
-    etag = _upload_blob(app_settings, name)
-    dataset_intake.build().get_user_function()(_trigger_stream(name, None))
-    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
-    assert run.upload.version == etag
+def test_intake_gets_the_blob_by_name_and_never_its_content_through_the_binding() -> None:
+    """The worker passes the extension's BlobClient; the binding carries names only."""
+    import azurefunctions.extensions.bindings.blob as blob
+    from azurefunctions.extensions.base import get_binding_registry
+
+    function = dataset_intake.build()
+    annotation = inspect.signature(function.get_user_function()).parameters["upload"].annotation
+    assert annotation is blob.BlobClient
+    assert get_binding_registry().check_supported_type(annotation)  # the worker asks the host for a reference
 
 
 def test_blob_trigger_prepares_the_upload_end_to_end(app_settings: Settings, app_ledger: Ledger) -> None:
     name = f"team/ultra-{uuid.uuid4().hex[:8]}.jsonl"
     etag = _upload_blob(app_settings, name, metadata={"test_pc": "20", **QUICK})
-    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": etag}))
+    deliver_upload(name)
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
     assert run.state == RunState.SUBMITTED
     files = _prepared(app_settings, run.run_id)
@@ -114,7 +112,7 @@ def test_a_rejected_upload_is_recorded_with_its_report_and_left_untouched(
     name = f"broken-{uuid.uuid4().hex[:8]}.jsonl"
     data = SAMPLE + b'{"messages": [{"role": "user", "content": "no answer"}]}\n'
     etag = _upload_blob(app_settings, name, data)
-    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": etag}))
+    deliver_upload(name)
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
     assert run.state == RunState.REJECTED
     assert run.reason is not None and "1 of 41 rows have errors (first at line 41:" in run.reason
@@ -132,9 +130,10 @@ def test_an_upload_overwritten_before_it_is_read_is_rejected_with_that_reason(
 ) -> None:
     name = f"moving-{uuid.uuid4().hex[:8]}.jsonl"
     old_etag = _upload_blob(app_settings, name)
-    _upload_blob(app_settings, name, SAMPLE + SAMPLE)
-    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": old_etag}))
-    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    run, _ = app_ledger.receive(Upload(DATASETS_CONTAINER, name, old_etag), "received")
+    _upload_blob(app_settings, name, SAMPLE + SAMPLE)  # overwritten after the run was recorded
+    blob = blob_service(app_settings.storage).get_blob_client(DATASETS_CONTAINER, name)
+    run = prepare_run(app_settings, app_ledger, run, blob)
     assert run.state == RunState.REJECTED
     assert run.reason is not None and run.reason.startswith("the blob was overwritten before it could be read")
 
@@ -155,7 +154,8 @@ def test_job_events_move_the_run_that_submitted_the_job_and_ignore_the_rest(
     app_settings: Settings, app_ledger: Ledger
 ) -> None:
     name = f"events-{uuid.uuid4().hex[:8]}.jsonl"
-    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
+    _upload_blob(app_settings, name)
+    deliver_upload(name)
     (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
     job = run.job_name
     handler = job_events.build().get_user_function()
@@ -206,7 +206,8 @@ def _get(path: str, params: dict[str, str] | None = None, run_id: str | None = N
 
 def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: Settings) -> None:
     name = f"status-{uuid.uuid4().hex[:8]}.jsonl"
-    dataset_intake.build().get_user_function()(_trigger_stream(name, {"ETag": _upload_blob(app_settings, name)}))
+    _upload_blob(app_settings, name)
+    deliver_upload(name)
 
     listing = _get("runs", {"state": "submitted", "limit": "200"})
     assert listing.status_code == 200

@@ -30,14 +30,22 @@ from shared.storage import DATASETS_CONTAINER, blob_service, container
         ("*/5 * * * * *", datetime(2026, 11, 24, 13, 21, 5), datetime(2026, 11, 24, 13, 21, 10)),
         ("0 30 9 * * 1-5", datetime(2026, 11, 28, 10, 0), datetime(2026, 11, 30, 9, 30)),  # Saturday -> Monday
         ("0 0 0 29 2 *", datetime(2026, 3, 1), datetime(2028, 2, 29)),
-        ("0 0 12 1 * 0", datetime(2026, 11, 24), datetime(2026, 11, 29, 12)),  # the 1st or a Sunday
+        # NCrontab matches both day fields (Unix cron: either): the next 1st that is a Sunday.
+        ("0 0 12 1 * 0", datetime(2026, 11, 24), datetime(2027, 8, 1, 12)),
+        ("0 30 9 * * Mon-Fri", datetime(2026, 11, 28, 10, 0), datetime(2026, 11, 30, 9, 30)),
+        ("0 0 6 1 Jan,Jul *", datetime(2026, 11, 24), datetime(2027, 1, 1, 6)),
+        ("0 0 6 * * saturday", datetime(2026, 11, 24), datetime(2026, 11, 28, 6)),
+        ("*/10 * * * *", datetime(2026, 11, 24, 13, 21, 5), datetime(2026, 11, 24, 13, 30)),  # five fields: no seconds
     ],
 )
 def test_ncrontab_next_occurrence(expression: str, after: datetime, fires: datetime) -> None:
     assert Schedule(expression).next_after(after) == fires
 
 
-@pytest.mark.parametrize("expression", ["*/5 * * * *", "0 61 * * * *", "0 0 0 31 2 *"])
+@pytest.mark.parametrize(
+    "expression", ["* * * *", "0 61 * * * *", "0 0 0 31 2 *", "0 0 9 L * *", "0 0 9 ? * *", "0 0 9 * * 1#2",
+                   "0 0 9 * * 7", "0 0 9 * * Funday", "0 0 Mon * * *"]
+)  # fmt: skip
 def test_bad_schedules_are_refused(expression: str) -> None:
     with pytest.raises(ScheduleError):
         Schedule(expression).next_after(datetime(2026, 1, 1))

@@ -11,12 +11,15 @@ REPO = Path(__file__).resolve().parent.parent
 # What runs in Azure: the app, its triggers' code paths and the azureml backend.
 CLOUD_MODULES = [
     "function_app.py", "functions", "shared/settings.py", "shared/ledger.py", "shared/storage.py",
-    "shared/intake.py", "shared/events.py", "shared/deployment.py", "shared/janitor.py", "shared/lifecycle.py",
+    "shared/intake.py", "shared/ncrontab.py",
+    "shared/events.py", "shared/deployment.py", "shared/janitor.py", "shared/lifecycle.py",
     "shared/status.py", "shared/training.py", "shared/datasets", "shared/backends/__init__.py",
     "shared/backends/azureml",
 ]  # fmt: skip
 DISTRIBUTIONS = {
     "azure.functions": "azure-functions",
+    "azurefunctions.extensions.bindings": "azurefunctions-extensions-bindings-blob",
+    "croniter": "croniter",
     "azure.storage.blob": "azure-storage-blob",
     "azure.data.tables": "azure-data-tables",
     "azure.eventgrid": "azure-eventgrid",

@@ -70,9 +70,9 @@ def test_azureml_backend_settings() -> None:
     ("name", "value", "expects"),
     [
         ("ML_BACKEND", "sagemaker", "one of: local, azureml"),
-        ("JANITOR_SCHEDULE", "*/5 * * * *", "six-field NCRONTAB"),
-        ("JANITOR_SCHEDULE", "0 */5 * * * * *", "six-field NCRONTAB"),
-        ("JANITOR_SCHEDULE", "0 61 * * * *", "six-field NCRONTAB"),
+        ("JANITOR_SCHEDULE", "0 */5 * * * * *", "an NCRONTAB schedule"),
+        ("JANITOR_SCHEDULE", "0 61 * * * *", "an NCRONTAB schedule"),
+        ("JANITOR_SCHEDULE", "0 0 9 L * *", "an NCRONTAB schedule"),
         ("AZUREML_GPUS_PER_NODE", "0", "at least 1"),
         ("AZUREML_GPUS_PER_NODE", "four", "at least 1"),
         (f"{STORAGE_SETTING}__credential", "password", "'managedidentity'"),
@@ -83,6 +83,11 @@ def test_a_malformed_setting_is_named_with_what_it_expects(name: str, value: str
     with pytest.raises(SettingsError) as error:
         load_settings({name: value})
     assert f"{name}={value!r}: expected" in str(error.value) and expects in str(error.value)
+
+
+@pytest.mark.parametrize("schedule", ["0 30 9 * * Mon-Fri", "0 0 6 1 Jan,Jul *", "0 0 12 * * Sunday", "*/5 * * * *"])
+def test_every_schedule_the_functions_host_takes_is_accepted(schedule: str) -> None:
+    assert load_settings({"JANITOR_SCHEDULE": schedule}).janitor_schedule == schedule
 
 
 def test_all_bad_settings_are_reported_at_once() -> None:
