@@ -115,6 +115,7 @@ def _submit(args: argparse.Namespace) -> int:
     from shared.backends import JobRequest, get_backend
     from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
     from shared.settings import load_settings
+    from shared.storage import PREPARED_CONTAINER
 
     settings = load_settings({**os.environ, "ML_BACKEND": args.backend or get_settings().ml_backend})
     prepared = args.prepared
@@ -123,9 +124,12 @@ def _submit(args: argparse.Namespace) -> int:
         for name in (TRAIN_FILE, TEST_FILE):
             if not (folder / name).is_file():
                 raise CliError(f"{folder / name}: no such file; --prepared must be a folder written by 'prepare'")
-        if settings.ml_backend == "azureml":
-            prepared = f"azureml://datastores/workspaceblobstore/paths/prepared/{folder.name}"
-            _progress(f"note: Azure ML reads the files from {prepared}/: upload them there before a real submission")
+        if settings.azureml is not None:
+            from shared.backends.azureml import prepared_uri
+
+            prepared = prepared_uri(settings.azureml.datastore, folder.name)
+            _progress(f"note: Azure ML reads the files from {prepared}/ (the {PREPARED_CONTAINER} container, "
+                      f"folder {folder.name}/): upload them there before a real submission")  # fmt: skip
         else:
             prepared = str(folder)
     name = Path(args.prepared.rstrip("/")).name or "chat"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import asdict
 from functools import partial
-from typing import Any
 
 from shared import lifecycle
-from shared.backends import MANAGED_BY, Backend, BackendError, ModelRef, get_backend
+from shared.backends import MANAGED_BY, Backend, BackendError, Conversation, DeployState, ModelRef, get_backend
 from shared.datasets.prepare import TEST_FILE
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import Settings
@@ -23,9 +23,7 @@ from shared.storage import PREPARED_CONTAINER, blob_service
 log = logging.getLogger(__name__)
 S = RunState
 DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING)
-# The walkthrough's smoke-test generation settings.
 METRICS_SUMMARY = ("train_loss", "eval_loss", "perplexity", "tokens_per_second", "steps")
-SMOKE_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
 
 
 def endpoint_name_for(run_id: str) -> str:
@@ -35,14 +33,14 @@ def endpoint_name_for(run_id: str) -> str:
     return f"ft-{short}-{digest}" if short else f"ft-{digest}"
 
 
-def smoke_request(settings: Settings, run: Run) -> dict[str, Any]:
-    """Azure ML's chat body with a held-out conversation (the first of test_sft.jsonl), cut
-    before its last assistant turn so the model has something to answer."""
+def smoke_conversation(settings: Settings, run: Run) -> Conversation:
+    """A held-out conversation (the first of test_sft.jsonl), cut before its last assistant turn
+    so the model has something to answer."""
     blob = blob_service(settings.storage).get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{TEST_FILE}")
     head = blob.download_blob(offset=0, length=1024 * 1024).readall()
-    messages = json.loads(head.split(b"\n", 1)[0])["messages"]
+    messages: Conversation = json.loads(head.split(b"\n", 1)[0])["messages"]
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    return {"input_data": {"input_string": [messages[: last_user + 1]], "parameters": SMOKE_PARAMETERS}, "params": {}}
+    return messages[: last_user + 1]
 
 
 def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
@@ -64,16 +62,22 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
                        endpoint_name=endpoint)  # fmt: skip
         return True
     if run.state == S.DEPLOYING:
-        outcome, message = backend.advance(model, run.endpoint_name or "", tags, partial(smoke_request, settings, run))
-        if outcome == "deploying":
+        progress = backend.advance(model, run.endpoint_name or "", tags, partial(smoke_conversation, settings, run))
+        if progress.state == DeployState.DEPLOYING:
             return False  # Azure is still at it; the janitor's timer comes back
-        if outcome == "deployed":
+        details = {"smoke_test": [asdict(attempt) for attempt in progress.smoke_test]} if progress.smoke_test else None
+        if progress.state == DeployState.DEPLOYED:
             url = backend.endpoint(run.endpoint_name or "").scoring_uri
-            run = ledger.advance(run, S.DEPLOYED, "smoke test passed; serving", endpoint_url=url or "")
+            tried = ", ".join(f"{attempt.shape}: {attempt.status}" for attempt in progress.smoke_test)
+            message = (
+                f"smoke test passed ({tried}); serving" if tried else "serving (smoke-tested by an earlier attempt)"
+            )
+            run = ledger.advance(run, S.DEPLOYED, message, endpoint_url=url or "", details=details)
             lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, run, endpoint=run.endpoint_name, scoringUri=url,
                               model=f"{model.name}:{model.version}")  # fmt: skip
         else:
-            run = ledger.advance(run, S.DEPLOY_FAILED, "deployment failed", reason=message or "no message")
+            run = ledger.advance(run, S.DEPLOY_FAILED, "deployment failed", reason=progress.message or "no message",
+                                 details=details)  # fmt: skip
             lifecycle.publish(settings, lifecycle.JOB_FAILED, run, stage="deployment")
         return False
     return False

@@ -7,15 +7,13 @@ import logging
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shared import lifecycle
+from shared.backends import Backend, BackendError, get_backend
 from shared.deployment import drive_run
 from shared.eventgrid import send_event
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
-
-if TYPE_CHECKING:
-    from shared.backends import Backend
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ def parse_job_status(event_type: str, data: Mapping[str, Any]) -> JobStatus | No
     return JobStatus(
         job_name=str(job_name),
         status=status,
-        run_type=str(_get(data, "runType") or ""),
+        run_type=str(_get(data, "runType") or ""),  # null in RunCompleted's documented sample
         experiment=str(_get(data, "experimentName") or ""),
         tags=_get(data, "runTags") or {},
     )
@@ -87,7 +85,13 @@ def _ignored(reason: str, status: JobStatus | None, topic: str | None) -> str:
 
 
 def handle_job_event(
-    settings: Settings, ledger: Ledger, data: Any, event_type: str, topic: str | None, subject: str | None
+    settings: Settings,
+    ledger: Ledger,
+    data: Any,
+    event_type: str,
+    topic: str | None,
+    subject: str | None,
+    backend: Backend | None = None,
 ) -> str:
     """Act on a job status event: a finished pipeline job this app submitted moves its run on
     (Completed: register, deploy, smoke test; Failed/Canceled: record why). Everything else,
@@ -97,14 +101,17 @@ def handle_job_event(
         return _ignored(f"{event_type} is not a job status event", None, topic)
     if (topic or "").lower() not in {accepted.lower() for accepted in settings.job_event_topics}:
         return _ignored(f"topic {topic!r} is not one of JOB_EVENTS_TOPICS", status, topic)
-    if status.run_type.lower() != PIPELINE_RUN_TYPE.lower():
+    # Steps report too (azureml.StepRun); only the pipeline counts. A missing or null run type is
+    # let through (the documented RunCompleted sample has `"runType": null`): the job name below
+    # must still be one this app submitted.
+    if status.run_type and status.run_type.lower() != PIPELINE_RUN_TYPE.lower():
         return _ignored(f"run type {status.run_type!r} (steps report too; only the pipeline counts)", status, topic)
     if not any(status.is_status(terminal) for terminal in TERMINAL_STATUSES):
         return _ignored(f"status {status.status} is not final", status, topic)
     run = ledger.by_job(status.job_name)
     if run is None:
         return _ignored(f"job {status.job_name} was not submitted by this app", status, topic)
-    run = finish_job(settings, ledger, run, status.status, _reason(data))
+    run = finish_job(settings, ledger, run, status.status, _reason(data), backend)
     return f"run {run.run_id} is {run.state}"
 
 
@@ -120,7 +127,7 @@ def finish_job(
             ledger.advance(run, RunState.COMPLETED, f"job {job} completed")
         return drive_run(settings, ledger, run.run_id, backend)
     target = RunState.FAILED if job_status.lower() == "failed" else RunState.CANCELED
-    reason = reason or _backend_reason(settings, job) or f"job {job} {job_status}"
+    reason = reason or _backend_reason(backend or get_backend(settings), job) or f"job {job} {job_status}"
     try:
         ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason)
     except (IllegalTransition, RunChanged):
@@ -138,10 +145,8 @@ def _reason(data: Any) -> str | None:
     return None
 
 
-def _backend_reason(settings: Settings, job_name: str) -> str | None:
-    from shared.backends import BackendError, get_backend
-
+def _backend_reason(backend: Backend, job_name: str) -> str | None:
     try:
-        return get_backend(settings).job_status(job_name).reason
+        return backend.job_status(job_name).reason
     except BackendError:
         return None

@@ -84,12 +84,15 @@ def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) 
 
 @contextmanager
 def _prepared_location(settings: Settings, run: Run) -> Iterator[str]:
-    """Where the backend reads the prepared files while it submits: Azure ML straight from blob
-    storage (no upload at submit time); the local backend from a download it copies into its job."""
-    service = blob_service(settings.storage)
-    if settings.ml_backend == "azureml":
-        yield f"{service.url.rstrip('/')}/{PREPARED_CONTAINER}/{run.run_id}"
+    """Where the backend reads the prepared files while it submits: Azure ML through the
+    workspace's datastore on the `prepared` container (no upload at submit time); the local
+    backend from a download it copies into its job."""
+    if settings.azureml is not None:
+        from shared.backends.azureml import prepared_uri
+
+        yield prepared_uri(settings.azureml.datastore, run.run_id)
         return
+    service = blob_service(settings.storage)
     with tempfile.TemporaryDirectory(prefix="submit-") as folder:
         for name in (TRAIN_FILE, TEST_FILE):
             blob = service.get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{name}")
@@ -121,8 +124,11 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | 
         lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="submission")
         return failed
     try:
-        submitted = ledger.advance(run, RunState.SUBMITTED, f"submitted job {status.job_name} ({status.status})",
-                                   job_name=status.job_name)  # fmt: skip
+        # What the checks could not check (an allow-list the registry does not name) is said
+        # in the history, never passed over silently.
+        message = "; ".join([f"submitted job {status.job_name} ({status.status})", *status.notes])
+        notes = {"submission_notes": list(status.notes)} if status.notes else None
+        submitted = ledger.advance(run, RunState.SUBMITTED, message, job_name=status.job_name, details=notes)
     except RunChanged:
         return ledger.get(run.run_id)
     lifecycle.publish(settings, lifecycle.JOB_SUBMITTED, submitted, job=status.job_name)

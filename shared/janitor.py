@@ -81,8 +81,13 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
     advanced = {run.run_id: str(drive_run(settings, ledger, run.run_id, backend).state)
                 for run in ledger.by_state(RunState.DEPLOYING)}  # fmt: skip
     now = now or datetime.now(UTC)
-    deleted, would_delete, kept = [], [], {}
-    for endpoint in backend.list_endpoints():
+    deleted, would_delete, kept, errors = [], [], {}, []
+    try:
+        endpoints = backend.list_endpoints()
+    except BackendError as error:  # no idle evidence, no deletion: the next tick tries again
+        log.warning("janitor could not list endpoints: %s", error)
+        endpoints, errors = [], [str(error)]
+    for endpoint in endpoints:
         verdict = judge(endpoint, settings.janitor, now)
         if not verdict.delete:
             kept[verdict.endpoint] = verdict.evidence
@@ -99,7 +104,13 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
                 run = ledger.advance(run, RunState.TORN_DOWN, f"endpoint {endpoint.name} deleted: {verdict.evidence}")
             except (RunChanged, IllegalTransition):
                 continue  # another sweep claimed it first and deletes it
-        if backend.delete_endpoint(endpoint.name):
+        try:
+            gone = backend.delete_endpoint(endpoint.name)
+        except BackendError as error:
+            log.warning("janitor could not delete endpoint %s: %s", endpoint.name, error)
+            errors.append(str(error))
+            continue
+        if gone:
             deleted.append(verdict.endpoint)
             if run is not None:
                 lifecycle.publish(settings, lifecycle.ENDPOINT_DELETED, run, endpoint=endpoint.name,
@@ -112,4 +123,5 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
         "deleted": deleted,
         "would_delete": would_delete,
         "kept": kept,
+        "errors": errors,
     }

@@ -21,6 +21,11 @@ from shared.ncrontab import Schedule
 T = TypeVar("T")
 
 BACKENDS = ("local", "azureml")
+# BASE_MODEL when unset. Azure ML: a chat model the `chat_completion_pipeline` component
+# fine-tunes on A100/H100 sizes (azureml-assets, assets/models/system/Phi-4/spec.yaml); the
+# walkthrough's Phi-3 models are retired. `auto` asks it for its newest fine-tunable Phi instead.
+DEFAULT_BASE_MODELS = {"local": "tiny-phi3", "azureml": "Phi-4"}
+DISCOVER_BASE_MODEL = "auto"
 STORAGE_SETTING = "AzureWebJobsStorage"
 DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
 
@@ -45,6 +50,7 @@ APP_SETTINGS = (
     "AZUREML_COMPONENT_VERSION",
     "AZUREML_INSTANCE_TYPE",
     "AZUREML_EXPERIMENT_NAME",
+    "AZUREML_DATASTORE",
     "DATASET_TEST_PERCENT",
     "DATASET_SAMPLE_PERCENT",
     "DATASET_MIN_CONVERSATIONS",
@@ -101,6 +107,9 @@ class AzureMLWorkspace:
     component_version: str | None = None  # None: the registry's `latest` label
     instance_type: str = "Standard_NC24ads_A100_v4"
     experiment_name: str = "chat_completion_finetune"
+    # The workspace's identity-based datastore for the app's `prepared` container (infra/ creates
+    # it): jobs read their inputs through it with the compute cluster's identity.
+    datastore: str = "finetune_prepared"
 
 
 @dataclass(frozen=True)
@@ -138,7 +147,7 @@ class Settings:
     janitor_schedule: str
     azureml: AzureMLWorkspace | None
     dataset: DatasetSettings
-    base_model: str | None  # None: the backend's default (local: tiny-phi3)
+    base_model: str  # name[:version]; default per backend (DEFAULT_BASE_MODELS)
     endpoint_request_timeout_s: int
     local: LocalBackendSettings
     janitor: JanitorSettings
@@ -292,12 +301,16 @@ def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
     component_version = reader.raw("AZUREML_COMPONENT_VERSION")
     instance_type = reader.raw("AZUREML_INSTANCE_TYPE") or AzureMLWorkspace.instance_type
     experiment_name = reader.raw("AZUREML_EXPERIMENT_NAME") or AzureMLWorkspace.experiment_name
+    datastore = reader.parsed(
+        "AZUREML_DATASTORE", AzureMLWorkspace.datastore, "a datastore name (letters, digits, underscores)",
+        _checked(str, lambda name: re.fullmatch(r"[A-Za-z0-9_]{1,255}", name) is not None),
+    )  # fmt: skip
     if not required:
         for name in names:
             reader.raw(name)
         return None
     values = [reader.required(name, f"{expects} (ML_BACKEND=azureml)") for name, expects in names.items()]
-    return AzureMLWorkspace(*values, gpus_per_node, component_version, instance_type, experiment_name)
+    return AzureMLWorkspace(*values, gpus_per_node, component_version, instance_type, experiment_name, datastore)
 
 
 def _dataset(reader: _Reader) -> DatasetSettings:
@@ -340,7 +353,7 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
     azureml = _azureml(reader, required=backend == "azureml")
     dataset = _dataset(reader)
     client_id = reader.raw("AZURE_CLIENT_ID")
-    base_model = reader.raw("BASE_MODEL")
+    base_model = reader.raw("BASE_MODEL") or DEFAULT_BASE_MODELS.get(backend, DEFAULT_BASE_MODELS["local"])
     timeout = reader.parsed(
         "ENDPOINT_REQUEST_TIMEOUT_S",
         90,

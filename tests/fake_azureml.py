@@ -91,35 +91,76 @@ class _Response(HttpResponse):
         return self._body.decode()
 
 
-def registry_model(name: str, version: str, tags: dict[str, str], archived: bool = False) -> dict[str, Any]:
+def registry_model(
+    name: str,
+    version: str,
+    tags: dict[str, str] | None = None,
+    *,
+    system_metadata: dict[str, Any] | None = None,
+    archived: bool = False,
+    created_at: str = "2026-01-15T00:00:00Z",
+    metadata_key: str = "system_metadata",
+) -> dict[str, Any]:
+    """A registry model version as the registry's data plane returns it (azure-rest-api-specs
+    MFE.Dataplane 2021-10-01-dataplanepreview ModelVersion, plus the system metadata the SDK writes
+    under `properties.system_metadata`). Tag values are strings: the SDK publishes `str(value)`."""
+    properties: dict[str, Any] = {
+        "description": f"{name} from the azureml registry",
+        "tags": tags or {},
+        "properties": {},
+        "isAnonymous": False,
+        "isArchived": archived,
+        "flavors": {"mlflow": {"data": {}}},
+        "modelType": "mlflow_model",
+        "modelUri": f"azureml://registries/azureml/models/{name}/versions/{version}",
+    }
+    if system_metadata is not None:
+        properties[metadata_key] = system_metadata
     return {
         "id": f"azureml://registries/azureml/models/{name}/versions/{version}",
         "name": version,
         "type": "Microsoft.MachineLearningServices/registries/models/versions",
-        "properties": {
-            "tags": tags,
-            "properties": {},
-            "isArchived": archived,
-            "stage": "Archived" if archived else "Active",
-            "modelType": "mlflow_model",
-            "flavors": {},
-            "modelUri": f"azureml://registries/azureml/models/{name}/versions/{version}",
-        },
+        "systemData": {"createdAt": created_at, "createdBy": "azureml", "lastModifiedAt": created_at},
+        "properties": properties,
     }
 
 
-PHI4_TAGS = {
+# Phi-4 as azureml-assets publishes it (assets/models/system/Phi-4/spec.yaml, version 8): the only
+# tag left is model_specific_defaults; tasks and supported computes are system metadata.
+A100_H100 = ["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4", "Standard_NC96ads_A100_v4", "Standard_ND96asr_v4",
+             "Standard_ND96amsr_A100_v4", "Standard_NC40ads_H100_v5", "Standard_NC80adis_H100_v5",
+             "Standard_ND96isr_H100_v5"]  # fmt: skip
+PHI4_DEFAULTS = str(
+    {"apply_deepspeed": "true", "deepspeed_stage": 3, "apply_lora": "true", "apply_ort": "false", "precision": 16,
+     "ignore_mismatched_sizes": "false", "num_train_epochs": 1, "per_device_train_batch_size": 1,
+     "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1, "learning_rate": 5e-6,
+     "lr_scheduler_type": "cosine", "logging_strategy": "steps", "logging_steps": 10, "save_total_limit": 1}
+)  # fmt: skip
+PHI4_TAGS = {"model_specific_defaults": PHI4_DEFAULTS}
+PHI4_SYSTEM_METADATA: dict[str, Any] = {
+    "deploymentOptions": ["UnifiedEndpointMaaS", "MaaP", "ServerlessMaaS"],
+    "tasks": {"fineTuningTasks": ["chat-completion"], "inferenceTasks": ["chat-completion"]},
+    "SKU": {"finetuneMinSkuSpec": "24|1|220|64", "inferenceMinSkuSpec": "24|1|220|64"},
+    "supportedComputes": {"inferenceComputes": A100_H100, "finetuneComputes": A100_H100},
+    "inferenceSupportedEnvs": ["vllm"],
+}
+# The same facts as tags, as versions published before the 2026 move carry them.
+LEGACY_TAGS = {
     "task": "chat-completion",
-    "finetune_compute_allow_list": str(
-        ["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4", "Standard_NC96ads_A100_v4",
-         "Standard_ND96asr_v4", "Standard_ND96amsr_A100_v4"]
-    ),
-    "inference_compute_allow_list": str(["Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4"]),
-    "model_specific_defaults": str(
-        {"apply_lora": "true", "precision": "16", "num_train_epochs": 1, "save_total_limit": 1,
-         "learning_rate_min": 1e-6, "learning_rate_max": 1e-4}
-    ),
-}  # fmt: skip
+    "finetune_compute_allow_list": str(A100_H100[:5]),
+    "inference_compute_allow_list": str(A100_H100[:2]),
+    "model_specific_defaults": PHI4_DEFAULTS,
+}
+# A retired model: phi-3-mini-4k-instruct's spec.yaml (version 15), archived, with its dates.
+PHI3_RETIRED_METADATA: dict[str, Any] = {
+    **PHI4_SYSTEM_METADATA,
+    "deprecation": {
+        "finetuneDeprecationDate": "2025-06-30T00:00:00.000000Z",
+        "finetuneRetirementDate": "2025-08-30T00:00:00.000000Z",
+        "inferenceDeprecationDate": "2025-06-30T00:00:00.000000Z",
+        "inferenceRetirementDate": "2025-08-30T00:00:00.000000Z",
+    },
+}
 
 
 @dataclass
@@ -128,6 +169,7 @@ class FakeAzureML(HttpTransport):
 
     compute_size: str = "Standard_NC24ads_A100_v4"
     compute_state: str = "Succeeded"
+    serving: str = "vllm"  # which serving container answers /score: vllm or mlflow
     registry_models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -139,7 +181,9 @@ class FakeAzureML(HttpTransport):
 
     def __post_init__(self) -> None:
         if not self.registry_models:
-            self.registry_models[("Phi-4", "7")] = registry_model("Phi-4", "7", PHI4_TAGS)
+            self.registry_models[("Phi-4", "8")] = registry_model(
+                "Phi-4", "8", PHI4_TAGS, system_metadata=PHI4_SYSTEM_METADATA
+            )
 
     # HttpTransport
     def __enter__(self) -> FakeAzureML:
@@ -229,8 +273,12 @@ class FakeAzureML(HttpTransport):
         return (200, found) if found else (404, _error("NotFound", f"model {name}:{version} not found"))
 
     def _registry_model_latest(self, request: Recorded, name: str) -> tuple[int, Any]:
-        versions = [m for (n, _), m in self.registry_models.items() if n == name]
-        return 200, {"value": versions[-1:]}
+        """The list the SDK asks for to resolve `latest` ($orderBy=createdtime desc, $top=1).
+        Archived versions are not listed (the service's default view is active versions)."""
+        versions = [m for (n, _), m in self.registry_models.items() if n == name and not m["properties"]["isArchived"]]
+        versions.sort(key=lambda m: m["systemData"]["createdAt"], reverse="desc" in str(request.query.get("$orderBy")))
+        top = int(request.query.get("$top", [len(versions)])[0])
+        return 200, {"value": versions[:top]}
 
     def _registry_containers(self, request: Recorded) -> tuple[int, Any]:
         names = sorted({name for name, _ in self.registry_models})
@@ -257,6 +305,8 @@ class FakeAzureML(HttpTransport):
         return 200, {"value": [
             {"name": "Standard_NC24ads_A100_v4", "gpus": 1, "vCPUs": 24},
             {"name": "Standard_NC96ads_A100_v4", "gpus": 4, "vCPUs": 96},
+            {"name": "Standard_NC40ads_H100_v5", "gpus": 1, "vCPUs": 40},
+            {"name": "Standard_ND96isr_H100_v5", "gpus": 8, "vCPUs": 96},
             {"name": "Standard_D4s_v3", "gpus": 0, "vCPUs": 4},
         ]}  # fmt: skip
 
@@ -332,7 +382,21 @@ class FakeAzureML(HttpTransport):
         return 200, {"value": [{"name": {"value": "RequestsPerMinute"}, "timeseries": [{"data": points}]}]}
 
     def _score(self, request: Recorded) -> tuple[int, Any]:
-        return 200, {"output": "a reply from the deployment"}
+        """As a serving container answers. `vllm`: the foundation-model serving container
+        (azureml-assets foundation-model-serve, managed_inference.py) takes `input_string` as a
+        list of messages and answers `{"output": ...}`. `mlflow`: the MLflow scoring of a
+        fine-tuned chat model takes a list of conversations and answers pandas records."""
+        data = (request.body or {}).get("input_data") or {}
+        conversation = data.get("input_string")
+        flat = isinstance(conversation, list) and all(isinstance(m, dict) and "role" in m for m in conversation)
+        nested = isinstance(conversation, list) and len(conversation) == 1 and isinstance(conversation[0], list)
+        if self.serving == "vllm" and flat:
+            return 200, {"output": "a reply from the deployment", "finish_reason": "stop", "model": "fine-tuned"}
+        if self.serving == "mlflow" and nested and "params" in request.body:
+            return 200, [{"0": "a reply from the deployment"}]
+        if self.serving == "vllm":
+            return 400, {"output": None, "error": {"status_code": 400, "body": "input_string must hold messages"}}
+        return 424, {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

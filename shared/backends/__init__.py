@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class JobStatus:
     job_name: str
     status: str  # Azure ML's names: Queued, Running, Completed, Failed, Canceled
     reason: str | None = None
+    notes: tuple[str, ...] = ()  # what a submission's checks could not check, for the run's history
 
     @property
     def is_terminal(self) -> bool:
@@ -66,6 +68,33 @@ class Endpoint:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+class DeployState(StrEnum):
+    DEPLOYING = "deploying"  # the backend is still at it; ask again later
+    DEPLOYED = "deployed"  # smoke-tested and taking traffic
+    FAILED = "failed"  # the deployment or its smoke test failed; nothing is left billing
+
+
+@dataclass(frozen=True)
+class SmokeAttempt:
+    """One request of a smoke test: the request shape, the HTTP status (None: no answer) and the
+    start of the answer."""
+
+    shape: str
+    status: int | None
+    excerpt: str
+    answered: bool
+
+
+@dataclass(frozen=True)
+class DeployProgress:
+    state: DeployState
+    message: str | None = None
+    smoke_test: tuple[SmokeAttempt, ...] = ()
+
+
+Conversation = list[dict[str, str]]
+
+
 class Backend(Protocol):
     def submit(self, request: JobRequest, restart: bool = False) -> JobStatus: ...
 
@@ -78,8 +107,11 @@ class Backend(Protocol):
     def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
 
     def advance(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: Callable[[], dict[str, Any]]
-    ) -> tuple[str, str | None]: ...
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+    ) -> DeployProgress:
+        """Move a deployment one step on, never blocking for long; once it serves, smoke-test it
+        with the held-out `conversation` (read only then) before it takes traffic."""
+        ...
 
     def endpoint(self, name: str) -> Endpoint: ...
 

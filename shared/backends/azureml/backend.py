@@ -4,26 +4,38 @@ and their progress is read later."""
 
 from __future__ import annotations
 
-import ast
+import functools
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from functools import cached_property, partial
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from shared.backends import MANAGED_BY, BackendError, Endpoint, JobRequest, JobStatus, ModelRef, model_name_for
+from shared.backends import (
+    MANAGED_BY,
+    BackendError,
+    Conversation,
+    DeployProgress,
+    DeployState,
+    Endpoint,
+    JobRequest,
+    JobStatus,
+    ModelRef,
+    model_name_for,
+    scoring,
+)
 from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
+from shared.backends.azureml.registry_model import Purpose, RegistryModel
 from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
-from shared.settings import AzureMLWorkspace, Settings
+from shared.settings import DISCOVER_BASE_MODEL, AzureMLWorkspace, Settings
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
-    from azure.ai.ml.entities import Model, PipelineJob
+    from azure.ai.ml.entities import PipelineJob
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "chat"  # 3-32 characters, like endpoint names
@@ -35,10 +47,48 @@ RETIRED_VM_SIZES = frozenset(
 LIVENESS_INITIAL_DELAY_S = 600
 METRICS_API_VERSION = "2023-10-01"
 ENDPOINT_METRICS_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
+CHAT_TASK = "chat-completion"
 
 
 class PreflightError(BackendError):
     """Refused before anything was created in Azure; the message says why."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def service_message(error: Exception) -> str:
+    """The service's own words for a failed call: status, error code and message."""
+    from azure.core.exceptions import HttpResponseError
+
+    text = getattr(error, "message", None) or str(error)
+    if isinstance(error, HttpResponseError):
+        detail = getattr(error, "error", None)
+        code, message = getattr(detail, "code", None), getattr(detail, "message", None) or text
+        status = f"{error.status_code} " if error.status_code else ""
+        text = f"{status}{code}: {message}" if code else f"{status}{message}"
+    return " ".join(str(text).split())[:500]
+
+
+def _service_errors(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Whatever azure-ai-ml or azure-core raises (ValidationException, HttpResponseError, a
+    credential or network failure: all AzureError) becomes a BackendError with the service's
+    message, so the flow records a failure instead of crashing with a traceback."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            from azure.core.exceptions import AzureError
+
+            try:
+                return method(*args, **kwargs)
+            except AzureError as error:
+                raise BackendError(f"Azure ML {action} failed: {service_message(error)}") from None
+
+        return wrapper
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -54,52 +104,53 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _tags_literal(model: Model, key: str) -> Any:
-    value = (model.tags or {}).get(key)
-    if not value:
-        return None
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return None
-
-
-def _retirement_date(model: Model) -> str | None:
-    """A fine-tune retirement date from the model's tags, whatever their spelling."""
-    for key, value in (model.tags or {}).items():
-        compact = re.sub(r"[^a-z]", "", key.lower())
-        if "retirement" in compact and ("finetun" in compact or compact.startswith("retirement")):
-            return str(value)
-    return None
-
-
-def check_model(model: Model, today: datetime) -> None:
-    """Refuse an archived model, or one past its fine-tune retirement date (naming the date)."""
-    label = f"{model.name}:{model.version}"
-    if str(getattr(model, "stage", "") or "").lower() == "archived" or (model.properties or {}).get("isArchived"):
-        raise PreflightError(f"base model {label} is archived in the {REGISTRY} registry: choose another BASE_MODEL")
-    retirement = _retirement_date(model)
+def check_model(model: RegistryModel, today: datetime) -> None:
+    """Refuse an archived model, one past its fine-tune retirement date (naming the date), or
+    one whose fine-tuning tasks are known and exclude chat completion."""
+    if model.archived:
+        raise PreflightError(
+            f"base model {model.label} is archived in the {REGISTRY} registry: choose another BASE_MODEL"
+        )
+    retirement = model.finetune_retirement()
     if retirement:
         try:
-            retired = datetime.fromisoformat(retirement[:10]).replace(tzinfo=UTC) <= today
+            retired = datetime.fromisoformat(retirement).replace(tzinfo=UTC) <= today
         except ValueError:
             retired = False
         if retired:
             raise PreflightError(
-                f"base model {label} was retired for fine-tuning on {retirement[:10]}: choose another BASE_MODEL"
+                f"base model {model.label} was retired for fine-tuning on {retirement}: choose another BASE_MODEL"
             )
+    tasks = model.finetune_tasks()
+    if tasks is not None and CHAT_TASK not in {task.lower() for task in tasks}:
+        raise PreflightError(
+            f"base model {model.label} is fine-tunable for {', '.join(tasks)}, not {CHAT_TASK}: "
+            "choose another BASE_MODEL"
+        )
 
 
-def check_vm_size(model: Model, vm_size: str, allow_list_tag: str, purpose: str) -> None:
+def check_vm_size(model: RegistryModel, vm_size: str, purpose: Purpose) -> str | None:
+    """Refuse a retired size, or one off the model's allow-list; when the registry names no
+    allow-list, say so (returned, for the run's history) instead of passing silently."""
+    doing = "fine-tuning" if purpose == "finetune" else "deployment"
     if vm_size.lower() in RETIRED_VM_SIZES:
+        raise PreflightError(f"{doing} VM size {vm_size} is retired: use an A100 size such as Standard_NC24ads_A100_v4")
+    allowed, source = model.allowed_computes(purpose)
+    if allowed is None:
+        return f"{model.label} names no {doing} VM sizes ({source} are missing): {vm_size} was not checked"
+    if vm_size.lower() not in {size.lower() for size in allowed}:
         raise PreflightError(
-            f"{purpose} VM size {vm_size} is retired: use an A100 size such as Standard_NC24ads_A100_v4"
+            f"{doing} VM size {vm_size} is not allowed for {model.label} ({source}): {', '.join(allowed)}"
         )
-    allowed = _tags_literal(model, allow_list_tag)
-    if isinstance(allowed, list | tuple) and vm_size.lower() not in {str(size).lower() for size in allowed}:
-        raise PreflightError(
-            f"{purpose} VM size {vm_size} is not in {model.name}'s {allow_list_tag}: {', '.join(map(str, allowed))}"
-        )
+    return None
+
+
+def _version_order(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)) or (-1,)
+
+
+def _model_uri(name: str, version: str) -> str:
+    return f"azureml://registries/{REGISTRY}/models/{name}/" + (f"versions/{version}" if version else "labels/latest")
 
 
 def model_version_for(job_name: str) -> str:
@@ -159,44 +210,61 @@ class AzureMLBackend:
         return MLClient(self.credential, registry_name=REGISTRY, **self._client_options())
 
     # Preflight: every refusal happens before anything is created.
-    def base_model(self) -> Model:
+    def _registry_model(self, name: str, version: str) -> RegistryModel:
+        # The raw body: the SDK's Model drops the archived flag and the system metadata. `_get`
+        # is the GET that `models.get` itself makes (one registry versioned-asset request).
+        return RegistryModel.from_rest(self.registry.models._get(name, version).as_dict())
+
+    def _latest_version(self, name: str) -> str:
+        """The registry's `latest` label: the newest active version. A model with none (missing,
+        or every version archived) raises ValidationException, not ResourceNotFoundError."""
+        return str(self.registry.models.get(name, label="latest").version)
+
+    def base_model(self) -> RegistryModel:
+        from azure.ai.ml.exceptions import MlException
         from azure.core.exceptions import ResourceNotFoundError
 
-        name, _, version = (self.settings.base_model or "").partition(":")
-        if not name:
-            name = self._newest_finetunable_phi()
-        try:
-            model = (
-                self.registry.models.get(name, version=version)
-                if version
-                else self.registry.models.get(name, label="latest")
-            )
-        except ResourceNotFoundError:
-            raise PreflightError(
-                f"base model {name}{':' + version if version else ''} is not in the {REGISTRY} registry"
-            ) from None
+        name, _, version = self.settings.base_model.partition(":")
+        if name.lower() == DISCOVER_BASE_MODEL:
+            model = self._newest_finetunable_chat_model()
+        else:
+            try:
+                model = self._registry_model(name, version or self._latest_version(name))
+            except (ResourceNotFoundError, MlException) as error:
+                which = f"{name}:{version}" if version else f"{name} has no active version (missing or archived) and"
+                raise PreflightError(
+                    f"base model {which} is not in the {REGISTRY} registry: set BASE_MODEL ({service_message(error)})"
+                ) from None
         check_model(model, datetime.now(UTC))
         return model
 
-    def _newest_finetunable_phi(self) -> str:
-        """The newest Phi chat model the registry offers for fine-tuning (Phi-3 models are retired)."""
+    def _newest_finetunable_chat_model(self) -> RegistryModel:
+        """BASE_MODEL=auto: the newest Phi chat model the registry offers for fine-tuning. Ties on
+        the Phi generation are broken by model version, then creation date; never by name."""
+        from azure.ai.ml.exceptions import MlException
+        from azure.core.exceptions import ResourceNotFoundError
+
         candidates = []
         for container in self.registry.models.list():
-            match = re.match(r"^Phi-(\d+(?:\.\d+)?)", container.name or "")
-            if not match:
-                continue
-            model = self.registry.models.get(container.name, label="latest")
-            tags = model.tags or {}
-            if tags.get("task", "").lower() != "chat-completion" or "finetune_compute_allow_list" not in tags:
+            generation = re.match(r"^Phi-(\d+(?:\.\d+)?)(?:-|$)", container.name or "")
+            if not generation:
                 continue
             try:
+                model = self._registry_model(container.name, self._latest_version(container.name))
                 check_model(model, datetime.now(UTC))
-            except PreflightError:
+            except (ResourceNotFoundError, MlException, PreflightError):
                 continue
-            candidates.append((float(match.group(1)), model.name))
+            tasks = model.finetune_tasks() or model.inference_tasks() or []
+            if CHAT_TASK not in {task.lower() for task in tasks} or model.allowed_computes("finetune")[0] is None:
+                continue
+            candidates.append(((float(generation.group(1)), _version_order(model.version), model.created_at), model))
         if not candidates:
             raise PreflightError(f"no fine-tunable Phi chat model found in the {REGISTRY} registry: set BASE_MODEL")
-        return max(candidates)[1]
+        candidates.sort(key=lambda candidate: candidate[0], reverse=True)
+        tied = [model.label for order, model in candidates if order == candidates[0][0]]
+        if len(tied) > 1:
+            raise PreflightError(f"BASE_MODEL=auto cannot choose between {', '.join(tied)}: set BASE_MODEL")
+        return candidates[0][1]
 
     def gpus_per_node(self, vm_size: str) -> int:
         if self.workspace_settings.gpus_per_node:
@@ -211,6 +279,9 @@ class AzureMLBackend:
         raise PreflightError(f"VM size {vm_size} is not in the workspace's list of sizes (GPU sizes: {names})")
 
     def plan(self, parameters: dict[str, Any]) -> Plan:
+        """Every check before a submission: the base model, the cluster, both VM sizes against
+        the model's allow-lists (the deployment's too: better refused before hours of training),
+        the parameters against the component's inputs."""
         from azure.core.exceptions import ResourceNotFoundError
 
         model = self.base_model()
@@ -222,15 +293,19 @@ class AzureMLBackend:
         if _text(compute.provisioning_state).lower() == "failed":
             raise PreflightError(f"compute cluster {cluster} is in a failed provisioning state: recreate it")
         vm_size = compute.size or ""
-        check_vm_size(model, vm_size, "finetune_compute_allow_list", "fine-tuning")
+        notes = [
+            check_vm_size(model, vm_size, "finetune"),
+            check_vm_size(model, self.workspace_settings.instance_type, "inference"),
+        ]
         gpus = self.gpus_per_node(vm_size)
         try:
-            merged, warnings = merge_parameters((model.tags or {}).get("model_specific_defaults"), parameters)
+            merged, warnings = merge_parameters(model.model_specific_defaults(), parameters)
         except ComponentInputError as error:
             raise PreflightError(str(error)) from None
+        warnings = [note for note in notes if note] + warnings
         for warning in warnings:
             log.warning("%s", warning)
-        return Plan(model.id, model.name, str(model.version), cluster, gpus, merged, warnings)
+        return Plan(_model_uri(model.name, model.version), model.name, model.version, cluster, gpus, merged, warnings)
 
     # Submission.
     def _component_uri(self) -> str:
@@ -239,8 +314,10 @@ class AzureMLBackend:
         return f"azureml://registries/{REGISTRY}/components/{COMPONENT_NAME}/{suffix}"
 
     def _input_uri(self, prepared: str, name: str) -> str:
-        if not re.match(r"^(https://|azureml://datastores/)", prepared):
-            raise BackendError(f"prepared data must be an https:// or azureml://datastores/ URI, not {prepared!r}")
+        # Jobs read inputs with the compute cluster's identity, through an identity-based
+        # datastore; https:// inputs are for public servers only.
+        if not prepared.startswith("azureml://datastores/"):
+            raise BackendError(f"prepared data must be an azureml://datastores/ URI, not {prepared!r}")
         return f"{prepared.rstrip('/')}/{name}"
 
     def build_job(self, request: JobRequest, plan: Plan) -> PipelineJob:
@@ -283,14 +360,13 @@ class AzureMLBackend:
     def dry_run(self, request: JobRequest) -> dict[str, Any]:
         """The job body the SDK would PUT, with no network: the model comes from BASE_MODEL as
         given and the GPUs per node from AZUREML_GPUS_PER_NODE."""
-        name, _, version = (self.settings.base_model or "").partition(":")
-        if not name or not self.workspace_settings.gpus_per_node:
+        name, _, version = self.settings.base_model.partition(":")
+        if name.lower() == DISCOVER_BASE_MODEL or not self.workspace_settings.gpus_per_node:
             raise BackendError(
-                "a dry run needs BASE_MODEL (name[:version]) and AZUREML_GPUS_PER_NODE: it cannot look them up"
+                "a dry run needs BASE_MODEL (name[:version], not auto) and AZUREML_GPUS_PER_NODE: "
+                "it cannot look them up"
             )
-        model_id = f"azureml://registries/{REGISTRY}/models/{name}/" + (
-            f"versions/{version}" if version else "labels/latest"
-        )
+        model_id = _model_uri(name, version)
         try:
             parameters, _ = merge_parameters(None, request.parameters)
         except ComponentInputError as error:
@@ -301,6 +377,7 @@ class AzureMLBackend:
         body.pop("name", None)  # it goes in the URL: PUT .../jobs/{name}
         return body
 
+    @_service_errors("submission")
     def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
         from azure.core.exceptions import ResourceNotFoundError
 
@@ -310,9 +387,8 @@ class AzureMLBackend:
             pass
         plan = self.plan(request.parameters)
         job = self.build_job(request, plan)
-        with _refusals(f"submitting job {request.job_name}"):
-            created = self.workspace.jobs.create_or_update(job, experiment_name=self.workspace_settings.experiment_name)
-        return self._status(created)
+        created = self.workspace.jobs.create_or_update(job, experiment_name=self.workspace_settings.experiment_name)
+        return replace(self._status(created), notes=tuple(plan.warnings))
 
     def _status(self, job: Any) -> JobStatus:
         status = _text(job.status) or "NotStarted"
@@ -321,6 +397,7 @@ class AzureMLBackend:
             reason = f"Azure ML job {job.name} {status.lower()}: see {job.studio_url or 'Azure ML studio'}"
         return JobStatus(job.name, status, reason)
 
+    @_service_errors("reading a job's status")
     def job_status(self, job_name: str) -> JobStatus:
         from azure.core.exceptions import ResourceNotFoundError
 
@@ -334,6 +411,7 @@ class AzureMLBackend:
         return {}
 
     # Registration and deployment.
+    @_service_errors("registration")
     def register(self, job_name: str) -> ModelRef:
         from azure.ai.ml.constants import AssetTypes
         from azure.ai.ml.entities import Model
@@ -361,6 +439,7 @@ class AzureMLBackend:
         registered = self.workspace.models.create_or_update(model)
         return ModelRef(registered.name, str(registered.version))
 
+    @_service_errors("deployment")
     def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint:
         """Start what is missing (the endpoint, then its deployment at 0% traffic) and return at
         once; call again (the janitor does) to move it on."""
@@ -374,22 +453,20 @@ class AzureMLBackend:
 
         registered = self.workspace.models.get(model.name, version=model.version)
         base_name, _, base_version = (registered.tags or {}).get("base_model", ":").partition(":")
-        base = self.registry.models.get(base_name, version=base_version) if base_name else None
         instance_type = self.workspace_settings.instance_type
-        if base is not None:
-            check_vm_size(base, instance_type, "inference_compute_allow_list", "deployment")
+        if base_name:  # checked at submission too; the setting may have changed since
+            check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
         try:
             found = self.workspace.online_endpoints.get(endpoint)
         except ResourceNotFoundError:
-            with _refusals(f"creating endpoint {endpoint}"):
-                self.workspace.online_endpoints.begin_create_or_update(
-                    ManagedOnlineEndpoint(
-                        name=endpoint,
-                        auth_mode="key",
-                        tags={"managed-by": MANAGED_BY, **tags},
-                        description=f"{model.name}:{model.version}",
-                    )
+            self.workspace.online_endpoints.begin_create_or_update(
+                ManagedOnlineEndpoint(
+                    name=endpoint,
+                    auth_mode="key",
+                    tags={"managed-by": MANAGED_BY, **tags},
+                    description=f"{model.name}:{model.version}",
                 )
+            )
             return self.endpoint(endpoint)
         if _text(found.provisioning_state).lower() != "succeeded":
             return self.endpoint(endpoint)
@@ -397,45 +474,44 @@ class AzureMLBackend:
             self.workspace.online_deployments.get(DEPLOYMENT, endpoint_name=endpoint)
         except ResourceNotFoundError:
             timeout_ms = min(self.settings.endpoint_request_timeout_s, 180) * 1000
-            with _refusals(f"creating deployment {DEPLOYMENT} of {endpoint}"):
-                self.workspace.online_deployments.begin_create_or_update(
-                    ManagedOnlineDeployment(
-                        name=DEPLOYMENT,
-                        endpoint_name=endpoint,
-                        model=f"azureml:{model.name}:{model.version}",
-                        instance_type=instance_type,
-                        instance_count=1,
-                        liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
-                        request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
-                        tags={"managed-by": MANAGED_BY},
-                    )
+            self.workspace.online_deployments.begin_create_or_update(
+                ManagedOnlineDeployment(
+                    name=DEPLOYMENT,
+                    endpoint_name=endpoint,
+                    model=f"azureml:{model.name}:{model.version}",
+                    instance_type=instance_type,
+                    instance_count=1,
+                    liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
+                    request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
+                    tags={"managed-by": MANAGED_BY},
                 )
+            )
         return self.endpoint(endpoint)
 
+    @_service_errors("deployment")
     def advance(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: Callable[[], dict[str, Any]]
-    ) -> tuple[str, str | None]:
-        """Move a deployment one step on, never waiting: ("deploying", None) while Azure works,
-        ("deployed", None) once the smoke test passed and traffic is at 100%, ("failed", message)
-        when the deployment or its smoke test failed (the deployment is then deleted: it bills)."""
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+    ) -> DeployProgress:
+        """Move a deployment one step on, never waiting. Once it has succeeded, smoke-test it at 0%
+        traffic (only the `azureml-model-deployment` header reaches it) in each documented request
+        shape until one is answered, then route all traffic to it. The deployment is deleted (it
+        bills) only when it failed itself or every request shape failed."""
         self.deploy(model, endpoint, tags)
         state = self.deployment_state(endpoint)
         if state.lower() == "failed":
             message = self._deployment_logs(endpoint)
             self.delete_deployment(endpoint)
-            return "failed", f"deployment {DEPLOYMENT} of {endpoint} failed: {message}"
+            return DeployProgress(DeployState.FAILED, f"deployment {DEPLOYMENT} of {endpoint} failed: {message}")
         if state.lower() != "succeeded":
-            return "deploying", None
+            return DeployProgress(DeployState.DEPLOYING)
         if (self.workspace.online_endpoints.get(endpoint).traffic or {}).get(DEPLOYMENT) == 100:
-            return "deployed", None
-        try:
-            self.invoke(endpoint, smoke_test(), deployment=DEPLOYMENT)  # 0% traffic: only this header reaches it
-        except BackendError as error:
+            return DeployProgress(DeployState.DEPLOYED)
+        attempts = scoring.smoke_test(partial(self._score, endpoint, DEPLOYMENT), conversation())
+        if not attempts[-1].answered:
             self.delete_deployment(endpoint)
-            return "failed", f"smoke test of {endpoint} failed: {error}"
-        with _refusals(f"routing traffic to {endpoint}"):
-            self.set_traffic(endpoint, 100)
-        return "deployed", None
+            return DeployProgress(DeployState.FAILED, scoring.failure(endpoint, attempts), attempts)
+        self.set_traffic(endpoint, 100)
+        return DeployProgress(DeployState.DEPLOYED, None, attempts)
 
     def _deployment_logs(self, endpoint: str) -> str:
         try:
@@ -460,6 +536,7 @@ class AzureMLBackend:
     def delete_deployment(self, endpoint: str) -> None:
         self.workspace.online_deployments.begin_delete(DEPLOYMENT, endpoint_name=endpoint)
 
+    @_service_errors("reading an endpoint")
     def endpoint(self, name: str) -> Endpoint:
         from azure.core.exceptions import ResourceNotFoundError
 
@@ -481,14 +558,29 @@ class AzureMLBackend:
             tags=dict(found.tags or {}),
         )
 
+    @_service_errors("reading endpoint keys")
     def keys(self, endpoint: str) -> dict[str, str]:
         keys = self.workspace.online_endpoints.get_keys(endpoint)
         return {"primary_key": keys.primary_key, "secondary_key": keys.secondary_key}
 
+    @_service_errors("scoring")
     def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
-        """Score with our own HTTP call: `online_endpoints.invoke` takes only files and leaks
-        headers between calls in a long-lived process."""
+        status, text = self._score(endpoint, deployment, body)
+        if status != 200:
+            raise BackendError(f"endpoint {endpoint} answered {status or 'nothing'}: {scoring.excerpt(text)}")
+        try:
+            reply = json.loads(text)
+        except ValueError:
+            return {"output": text}
+        answer = scoring.reply_text(reply)
+        return {"output": answer if answer is not None else reply}
+
+    def _score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
+        """POST to the scoring URI with our own HTTP call (`online_endpoints.invoke` takes only
+        files and leaks headers between calls in a long-lived process): (status, body), or
+        (None, why) when no answer came."""
         from azure.core import PipelineClient
+        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
         from azure.core.rest import HttpRequest
 
         found = self.workspace.online_endpoints.get(endpoint)
@@ -496,11 +588,13 @@ class AzureMLBackend:
         if deployment:
             headers["azureml-model-deployment"] = deployment
         client = PipelineClient(base_url=found.scoring_uri, **self._client_options())
-        response = client.send_request(HttpRequest("POST", found.scoring_uri, headers=headers, json=body))
-        if response.status_code != 200:
-            raise BackendError(f"endpoint {endpoint} answered {response.status_code}: {response.text()[:500]}")
-        return _output(response.json())
+        try:
+            response = client.send_request(HttpRequest("POST", found.scoring_uri, headers=headers, json=body))
+            return response.status_code, response.text()
+        except (ServiceRequestError, ServiceResponseError, HttpResponseError) as error:
+            return None, f"{type(error).__name__}: {service_message(error)}"
 
+    @_service_errors("listing endpoints")
     def list_endpoints(self) -> list[Endpoint]:
         managed = [e for e in self.workspace.online_endpoints.list() if (e.tags or {}).get("managed-by") == MANAGED_BY]
         return [self._endpoint(found, self.last_request_at(found.id)) for found in managed]
@@ -534,6 +628,7 @@ class AzureMLBackend:
                         last = max(last or point["timeStamp"], point["timeStamp"])
         return last
 
+    @_service_errors("deleting an endpoint")
     def delete_endpoint(self, name: str) -> bool:
         """Start the deletion and return: it takes minutes, and the endpoint stops billing."""
         from azure.core.exceptions import ResourceNotFoundError
@@ -548,25 +643,3 @@ class AzureMLBackend:
 def _text(value: Any) -> str:
     """The SDK's string enums (EndpointProvisioningState.SUCCEEDED) as the service spells them."""
     return str(getattr(value, "value", value) or "")
-
-
-def _output(reply: Any) -> dict[str, Any]:
-    """Serving containers answer `{"output": ...}`, older ones a list of records."""
-    if isinstance(reply, dict) and "output" in reply:
-        return {"output": reply["output"]}
-    if isinstance(reply, list) and reply and isinstance(reply[0], dict):
-        first = reply[0]
-        return {"output": first.get("output") or first.get("0") or json.dumps(first)}
-    return {"output": reply if isinstance(reply, str) else json.dumps(reply)}
-
-
-@contextmanager
-def _refusals(action: str) -> Iterator[None]:
-    """A request the service refuses (quota, validation) becomes a BackendError with its message."""
-    from azure.core.exceptions import HttpResponseError
-
-    try:
-        yield
-    except HttpResponseError as error:
-        message = getattr(getattr(error, "error", None), "message", None) or str(error)
-        raise BackendError(f"Azure ML refused {action}: {' '.join(message.split())[:500]}") from None

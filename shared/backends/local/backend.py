@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.backends import BackendError, Endpoint, JobRequest, JobStatus, ModelRef, model_name_for
+from shared.backends import (
+    BackendError,
+    Conversation,
+    DeployProgress,
+    DeployState,
+    Endpoint,
+    JobRequest,
+    JobStatus,
+    ModelRef,
+    model_name_for,
+    scoring,
+)
 from shared.backends.local import endpoints, jobs, registry
-from shared.backends.local.tiny_model import TINY_PHI3
 from shared.settings import Settings
 from shared.training import PARAMETERS
 
@@ -29,7 +40,7 @@ class LocalBackend:
 
     @property
     def base_model(self) -> str:
-        return self.settings.base_model or TINY_PHI3
+        return self.settings.base_model
 
     def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
         unknown = set(request.parameters) - set(PARAMETERS)
@@ -91,19 +102,30 @@ class LocalBackend:
         return _endpoint(started)
 
     def advance(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], smoke_test: Callable[[], dict[str, Any]]
-    ) -> tuple[str, str | None]:
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+    ) -> DeployProgress:
         """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failed
         endpoint is removed, as a failed Azure ML deployment is."""
         self.deploy(model, endpoint, tags)
         try:
             ready = self.wait_ready(endpoint)
-            if ready.last_request_at is None:  # not smoke-tested yet (a passed test leaves its mark)
-                self.invoke(endpoint, smoke_test())
         except BackendError as error:
             self.delete_endpoint(endpoint)
-            return "failed", str(error)
-        return "deployed", None
+            return DeployProgress(DeployState.FAILED, str(error))
+        if ready.last_request_at is not None:  # smoke-tested already: a passed test leaves its mark
+            return DeployProgress(DeployState.DEPLOYED)
+        attempts = scoring.smoke_test(partial(self._score, endpoint), conversation())
+        if not attempts[-1].answered:
+            self.delete_endpoint(endpoint)
+            return DeployProgress(DeployState.FAILED, scoring.failure(endpoint, attempts), attempts)
+        return DeployProgress(DeployState.DEPLOYED, None, attempts)
+
+    def _score(self, endpoint: str, body: dict[str, Any]) -> tuple[int | None, str]:
+        try:
+            status, reply = endpoints.invoke(self.data_dir, endpoint, body)
+        except OSError as error:  # refused, reset or timed out: no answer
+            return None, f"{type(error).__name__}: {error}"
+        return status, json.dumps(reply)
 
     def wait_ready(self, endpoint: str, timeout_s: float = 120) -> Endpoint:
         return _endpoint(endpoints.wait_ready(self.data_dir, endpoint, timeout_s))

@@ -1,0 +1,126 @@
+"""Azure ML's job events in the shapes Microsoft documents them ("Azure Machine Learning as an Event
+Grid source", MicrosoftDocs/azure-docs articles/event-grid/event-schema-machine-learning.md),
+decoded by the real azure.functions converter and handled with the Azure ML backend against the
+fake service: a success may come as `RunCompleted` (no `runStatus`, `runType` null in the sample)
+or as a `RunStatusChanged` to Completed, with camelCase or PascalCase keys."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from azure.functions import meta
+from azure.functions.eventgrid import EventGridEventInConverter
+
+from shared.backends.azureml.backend import AzureMLBackend
+from shared.events import RUN_COMPLETED, RUN_STATUS_CHANGED, handle_job_event
+from shared.intake import submit_run
+from shared.ledger import Ledger, Run, RunState, Upload
+from shared.settings import Settings, load_settings
+from shared.storage import DATASETS_CONTAINER
+from tests.fake_azureml import RG, SUB, WS, FakeAzureML, FakeCredential
+
+ENV = {
+    "ML_BACKEND": "azureml",
+    "AZURE_SUBSCRIPTION_ID": SUB,
+    "AZURE_RESOURCE_GROUP": RG,
+    "AZUREML_WORKSPACE_NAME": WS,
+    "AZUREML_COMPUTE_CLUSTER": "gpu-a100",
+}
+WORKSPACE_TOPIC = (
+    f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+)
+
+
+def _documented(event_type: str, job: str, **extra: Any) -> dict[str, Any]:
+    """The documented Event Grid schema sample for a run event, for our job."""
+    return {
+        "topic": WORKSPACE_TOPIC,
+        "subject": f"experiments/0fa9dfaa-cba3-4fa7-b590-23e48548f5c1/runs/{job}",
+        "eventType": event_type,
+        "eventTime": "2017-06-26T18:41:00.9584103Z",
+        "id": "831e1650-001e-001b-66ab-eeb76e069631",
+        "data": {
+            "experimentId": "0fa9dfaa-cba3-4fa7-b590-23e48548f5c1",
+            "experimentName": "chat_completion_finetune",
+            "runId": job,
+            "runType": None,
+            "runTags": {},
+            "runProperties": {"runTemplate": "azureml_pipeline"},
+            **extra,
+        },
+        "dataVersion": "",
+        "metadataVersion": "1",
+    }
+
+
+def _pascal(event: dict[str, Any]) -> dict[str, Any]:
+    return {**event, "data": {key[0].upper() + key[1:]: value for key, value in event["data"].items()}}
+
+
+def _deliver(settings: Settings, ledger: Ledger, backend: AzureMLBackend, body: dict[str, Any]) -> str:
+    """As the worker decodes the webhook's body, then as the job_events function hands it on."""
+    event = EventGridEventInConverter.decode(meta.Datum(json.dumps(body), "json"), trigger_metadata=None)
+    return handle_job_event(settings, ledger, event.get_json(), event.event_type, event.topic, event.subject, backend)
+
+
+@pytest.fixture
+def fake() -> FakeAzureML:
+    return FakeAzureML()
+
+
+@pytest.fixture
+def setup(fake: FakeAzureML, ledger: Ledger) -> tuple[Settings, AzureMLBackend, Run]:
+    settings = load_settings(ENV)
+    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
+    run, _ = ledger.receive(Upload(DATASETS_CONTAINER, f"chats-{uuid.uuid4().hex[:8]}.jsonl", "0x1"), "received")
+    run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": {"sha256": "d" * 64}})
+    return settings, backend, submit_run(settings, ledger, run, backend)
+
+
+@pytest.mark.parametrize("casing", [lambda event: event, _pascal], ids=["camelCase", "PascalCase"])
+@pytest.mark.parametrize(
+    "success",
+    [lambda job: _documented(RUN_COMPLETED, job),
+     lambda job: _documented(RUN_STATUS_CHANGED, job, runType="azureml.PipelineRun", runStatus="Completed")],
+    ids=["RunCompleted", "RunStatusChanged"],
+)  # fmt: skip
+def test_either_success_event_registers_and_starts_the_deployment(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run], success: Any, casing: Any
+) -> None:
+    settings, backend, run = setup
+    assert run.state == RunState.SUBMITTED and run.job_name
+    fake.set_job_status(run.job_name, "Completed")
+    outcome = _deliver(settings, ledger, backend, casing(success(run.job_name)))
+    assert outcome == f"run {run.run_id} is deploying"
+    assert len(fake.sent("PUT", "/models/")) == 1 and len(fake.sent("PUT", "/onlineEndpoints/")) == 1
+    # Both event types arrive for one job (two subscriptions): the second changes nothing.
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name))
+    assert len(fake.sent("PUT", "/models/")) == 1 and len(fake.sent("PUT", "/onlineEndpoints/")) == 1
+
+
+@pytest.mark.parametrize("casing", [lambda event: event, _pascal], ids=["camelCase", "PascalCase"])
+def test_the_documented_failure_sample_fails_the_run_with_the_services_reason(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run], casing: Any
+) -> None:
+    settings, backend, run = setup
+    assert run.job_name
+    fake.set_job_status(run.job_name, "Failed")
+    failed = _documented(RUN_STATUS_CHANGED, run.job_name, runStatus="failed")  # lowercase, as in the sample
+    assert _deliver(settings, ledger, backend, casing(failed)) == f"run {run.run_id} is failed"
+    assert f"Azure ML job {run.job_name} failed: see https://ml.azure.com/runs/" in (
+        ledger.get(run.run_id).reason or ""
+    )
+
+
+def test_step_runs_and_other_jobs_are_ignored(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
+) -> None:
+    settings, backend, run = setup
+    step = _documented(RUN_COMPLETED, run.job_name or "", runType="azureml.StepRun")
+    other = _documented(RUN_COMPLETED, "someone-elses-job")
+    assert _deliver(settings, ledger, backend, step).startswith("ignored: run type 'azureml.StepRun'")
+    assert _deliver(settings, ledger, backend, other) == "ignored: job someone-elses-job was not submitted by this app"
+    assert ledger.get(run.run_id).state == RunState.SUBMITTED
