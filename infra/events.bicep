@@ -19,6 +19,7 @@ param blobsExtensionKey string
 @description('The function app\'s eventgrid_extension system key.')
 param eventGridExtensionKey string
 
+var jobEventsUrl = 'https://${functionAppHostName}/runtime/webhooks/EventGrid?functionName=job_events&code=${eventGridExtensionKey}'
 var deadLetterAccountId = resourceId(subscription().subscriptionId, appResourceGroup, 'Microsoft.Storage/storageAccounts', storageAccountName)
 
 module uploads 'modules/event-subscription.bicep' = {
@@ -37,13 +38,17 @@ module uploads 'modules/event-subscription.bicep' = {
   }
 }
 
+// Two subscriptions, because a success may come either way: RunCompleted is documented as the
+// success event and carries no runStatus (an advanced filter on data.runStatus would drop it:
+// "Understand event filtering for Event Grid subscriptions"), while RunStatusChanged reports
+// Completed, Failed and Canceled. The function handles duplicates; it ignores jobs it did not submit.
 module jobStatus 'modules/event-subscription.bicep' = {
   name: 'job-status'
   scope: resourceGroup(workspaceResourceGroup)
   params: {
     topicName: workspaceEventsTopicName
     subscriptionName: 'job-status'
-    endpointUrl: 'https://${functionAppHostName}/runtime/webhooks/EventGrid?functionName=job_events&code=${eventGridExtensionKey}'
+    endpointUrl: jobEventsUrl
     deadLetterAccountId: deadLetterAccountId
     deadLetterContainer: deadLetterContainer
     // Only finished pipeline jobs: their steps (azureml.StepRun) and non-terminal statuses
@@ -54,6 +59,24 @@ module jobStatus 'modules/event-subscription.bicep' = {
         { operatorType: 'StringIn', key: 'data.runType', values: ['azureml.PipelineRun'] }
         { operatorType: 'StringIn', key: 'data.runStatus', values: ['Completed', 'Failed', 'Canceled'] }
       ]
+    }
+  }
+}
+
+module jobCompleted 'modules/event-subscription.bicep' = {
+  name: 'job-completed'
+  scope: resourceGroup(workspaceResourceGroup)
+  dependsOn: [jobStatus]
+  params: {
+    topicName: workspaceEventsTopicName
+    subscriptionName: 'job-completed'
+    endpointUrl: jobEventsUrl
+    deadLetterAccountId: deadLetterAccountId
+    deadLetterContainer: deadLetterContainer
+    // No advanced filter: the documented RunCompleted sample has "runType": null, and a
+    // StringIn filter drops an event whose key is missing or null.
+    eventFilter: {
+      includedEventTypes: ['Microsoft.MachineLearningServices.RunCompleted']
     }
   }
 }

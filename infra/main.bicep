@@ -17,13 +17,22 @@ param existingWorkspaceName string = ''
 @description('Resource group of the existing workspace (empty: the one azd creates).')
 param existingWorkspaceResourceGroup string = ''
 
-@description('GPU VM size for fine-tuning: an A100 size on the model\'s finetune_compute_allow_list. NCv3 sizes are retired.')
+@description('Storage account of the existing workspace, in its resource group: the GPU cluster\'s identity gets Storage Blob Data Contributor on it, to write job outputs (empty: grant that role yourself).')
+param existingWorkspaceStorageAccount string = ''
+
+@description('The Event Grid system topic the existing workspace already has, if any: a resource has at most one, so it is reused (empty: one is created).')
+param existingWorkspaceEventsTopic string = ''
+
+@description('GPU VM size for fine-tuning: an A100 or H100 size the model supports for fine-tuning (Phi-4: system metadata supportedComputes.finetuneComputes). NCv3 sizes are retired.')
 @allowed([
   'Standard_NC24ads_A100_v4'
   'Standard_NC48ads_A100_v4'
   'Standard_NC96ads_A100_v4'
   'Standard_ND96asr_v4'
   'Standard_ND96amsr_A100_v4'
+  'Standard_NC40ads_H100_v5'
+  'Standard_NC80adis_H100_v5'
+  'Standard_ND96isr_H100_v5'
 ])
 param computeVmSize string = 'Standard_NC24ads_A100_v4'
 
@@ -31,11 +40,11 @@ param computeVmSize string = 'Standard_NC24ads_A100_v4'
 @description('Most nodes the GPU cluster may scale to (it scales to 0 when idle).')
 param computeMaxNodes int = 2
 
-@description('GPUs per node of computeVmSize (NC24ads 1, NC48ads 2, NC96ads 4, ND96 8).')
+@description('GPUs per node of computeVmSize (NC24ads and NC40ads 1, NC48ads and NC80adis 2, NC96ads 4, ND96 8).')
 param gpusPerNode string = '1'
 
-@description('Registry model to fine-tune (empty: the newest fine-tunable Phi chat model in the azureml registry).')
-param baseModel string = ''
+@description('Registry model to fine-tune, name[:version] (auto: the newest fine-tunable Phi chat model in the azureml registry).')
+param baseModel string = 'Phi-4'
 
 @description('VM size of online deployments; checked against the model\'s inference_compute_allow_list.')
 param inferenceInstanceType string = 'Standard_NC24ads_A100_v4'
@@ -44,6 +53,8 @@ param inferenceInstanceType string = 'Standard_NC24ads_A100_v4'
 param janitorSchedule string = '0 */10 * * * *'
 
 var tags = { 'azd-env-name': environmentName, 'managed-by': 'finetune-on-upload' }
+// The workspace datastore on the app's `prepared` container (AZUREML_DATASTORE).
+var preparedDatastoreName = 'finetune_prepared'
 var suffix = toLower(uniqueString(subscription().id, environmentName, location))
 var createWorkspace = empty(existingWorkspaceName)
 
@@ -66,7 +77,9 @@ module app 'modules/app.bicep' = {
     workspaceName: ml.outputs.workspaceName
     workspacePrincipalId: ml.outputs.workspacePrincipalId
     workspaceEventsPrincipalId: ml.outputs.workspaceEventsPrincipalId
+    computePrincipalId: ml.outputs.computePrincipalId
     computeClusterName: ml.outputs.computeClusterName
+    preparedDatastoreName: preparedDatastoreName
     gpusPerNode: gpusPerNode
     janitorSchedule: janitorSchedule
     baseModel: baseModel
@@ -86,6 +99,8 @@ module ml 'modules/ml.bicep' = {
     suffix: suffix
     createWorkspace: createWorkspace
     workspaceName: createWorkspace ? 'mlw-${suffix}' : existingWorkspaceName
+    workspaceStorageAccountName: createWorkspace ? 'stml${suffix}' : existingWorkspaceStorageAccount
+    workspaceEventsTopicName: empty(existingWorkspaceEventsTopic) ? 'evgt-ml-${suffix}' : existingWorkspaceEventsTopic
     computeVmSize: computeVmSize
     computeMaxNodes: computeMaxNodes
   }
@@ -97,6 +112,10 @@ module mlAccess 'modules/ml-access.bicep' = {
   params: {
     workspaceName: ml.outputs.workspaceName
     functionPrincipalId: app.outputs.identityPrincipalId
+    preparedDatastoreName: preparedDatastoreName
+    appStorageAccountName: app.outputs.storageAccountName
+    appResourceGroupName: rg.name
+    preparedContainerName: app.outputs.preparedContainerName
   }
 }
 
@@ -107,6 +126,8 @@ output AZURE_STORAGE_ACCOUNT_NAME string = app.outputs.storageAccountName
 output AZUREML_WORKSPACE_NAME string = ml.outputs.workspaceName
 output AZUREML_WORKSPACE_RESOURCE_GROUP string = workspaceResourceGroupName
 output AZUREML_COMPUTE_CLUSTER string = ml.outputs.computeClusterName
+output AZUREML_COMPUTE_IDENTITY_CLIENT_ID string = ml.outputs.computeClientId
+output AZUREML_DATASTORE string = preparedDatastoreName
 output STORAGE_EVENTS_TOPIC_NAME string = app.outputs.storageEventsTopicName
 output WORKSPACE_EVENTS_TOPIC_NAME string = ml.outputs.workspaceEventsTopicName
 output DEAD_LETTER_CONTAINER string = app.outputs.deadLetterContainerName

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from pycep import BicepParser
 
-from shared.events import JOB_EVENT_TYPES, PIPELINE_RUN_TYPE, TERMINAL_STATUSES
-from shared.settings import KNOWN_SETTINGS, LOCAL_SETTINGS, STORAGE_SETTING
+from shared.events import JOB_EVENT_TYPES, PIPELINE_RUN_TYPE, RUN_COMPLETED, RUN_STATUS_CHANGED, TERMINAL_STATUSES
+from shared.settings import DEFAULT_BASE_MODELS, KNOWN_SETTINGS, LOCAL_SETTINGS, STORAGE_SETTING, AzureMLWorkspace
 from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, RUNS_TABLE
+from tests.fake_azureml import A100_H100
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
@@ -45,14 +46,34 @@ def test_no_secret_or_connection_string_in_app_settings() -> None:
     assert "allowSharedKeyAccess: false" in text
 
 
-def test_job_event_filters_match_what_the_function_accepts() -> None:
-    job_filter = _parse(INFRA / "events.bicep")["modules"]["jobStatus"]["config"]["params"]["eventFilter"]
-    assert set(job_filter["includedEventTypes"]) <= set(JOB_EVENT_TYPES)
-    advanced = {f["key"]: f for f in job_filter["advancedFilters"]}
-    assert advanced["data.runType"]["operatorType"] == "StringIn"
-    assert advanced["data.runType"]["values"] == [PIPELINE_RUN_TYPE]
-    assert advanced["data.runStatus"]["operatorType"] == "StringIn"
-    assert sorted(advanced["data.runStatus"]["values"]) == sorted(TERMINAL_STATUSES)
+def _config(resource: dict[str, Any]) -> dict[str, Any]:
+    """A resource's body (pycep nests it one level deeper under a condition)."""
+    config = resource["config"]
+    return config["config"] if "condition" in config else config
+
+
+def _job_subscriptions() -> dict[str, dict[str, Any]]:
+    modules = _parse(INFRA / "events.bicep")["modules"]
+    return {name: modules[name]["config"]["params"] for name in ("jobStatus", "jobCompleted")}
+
+
+def test_both_success_events_are_subscribed_and_none_is_filtered_away() -> None:
+    subscriptions = _job_subscriptions()
+    by_type = {
+        kind: params for params in subscriptions.values() for kind in params["eventFilter"]["includedEventTypes"]
+    }
+    assert set(by_type) == set(JOB_EVENT_TYPES)
+    for params in subscriptions.values():
+        assert "functionName=job_events" in json.dumps(_parse(INFRA / "events.bicep")["variables"]["jobEventsUrl"])
+        assert params["endpointUrl"] == "jobEventsUrl"
+    status_filter = {f["key"]: f for f in by_type[RUN_STATUS_CHANGED]["eventFilter"]["advancedFilters"]}
+    assert status_filter["data.runType"]["operatorType"] == "StringIn"
+    assert status_filter["data.runType"]["values"] == [PIPELINE_RUN_TYPE]
+    assert status_filter["data.runStatus"]["operatorType"] == "StringIn"
+    assert sorted(status_filter["data.runStatus"]["values"]) == sorted(TERMINAL_STATUSES)
+    # RunCompleted has no runStatus and a null runType in the documented sample: a StringIn
+    # filter on either key would drop every success event.
+    assert by_type[RUN_COMPLETED]["eventFilter"].get("advancedFilters", []) == []
 
 
 def test_upload_events_are_routed_for_the_datasets_container_to_the_intake_function() -> None:
@@ -72,21 +93,86 @@ def test_storage_holds_the_containers_and_table_the_app_uses() -> None:
     assert variables["runsTable"] == RUNS_TABLE
 
 
-def test_compute_defaults_to_an_allowed_a100_size_and_scales_to_zero() -> None:
-    # The Phi models' finetune_compute_allow_list: A100 sizes only (NCv3 sizes are retired).
-    allow_list = {
-        "Standard_NC24ads_A100_v4",
-        "Standard_NC48ads_A100_v4",
-        "Standard_NC96ads_A100_v4",
-        "Standard_ND96asr_v4",
-        "Standard_ND96amsr_A100_v4",
-    }
+def test_compute_defaults_to_an_allowed_size_and_scales_to_zero() -> None:
+    # Phi-4's system metadata supportedComputes.finetuneComputes (azureml-assets spec.yaml).
     parameter = _parse(INFRA / "main.bicep")["parameters"]["computeVmSize"]
     (allowed,) = [d["argument"] for d in parameter["decorators"] if d["type"] == "allowed"]
-    assert set(allowed) == allow_list
+    assert set(allowed) == set(A100_H100)
     assert parameter["default"] == "Standard_NC24ads_A100_v4"
     cluster = _parse(INFRA / "modules" / "ml.bicep")["resources"]["cluster"]["config"]["properties"]["properties"]
     assert cluster["scaleSettings"]["minNodeCount"] == 0
+
+
+def test_the_gpu_cluster_reads_prepared_data_and_writes_outputs_with_its_own_identity() -> None:
+    ml = _parse(INFRA / "modules" / "ml.bicep")
+    app = _parse(INFRA / "modules" / "app.bicep")
+    main = _parse(INFRA / "main.bicep")
+    assert ml["resources"]["computeIdentity"]["type"] == "Microsoft.ManagedIdentity/userAssignedIdentities"
+    identity = ml["resources"]["cluster"]["config"]["identity"]
+    assert identity["type"] == "UserAssigned" and list(identity["userAssignedIdentities"]) == [
+        "'${computeIdentity.id}'"
+    ]
+    roles = app["variables"]["roles"]["value"]
+
+    reader = _config(app["resources"]["computePreparedAccess"])
+    assert reader["scope"] == "preparedData" and reader["properties"]["principalId"] == "computePrincipalId"
+    assert "storageBlobDataReader" in json.dumps(reader["properties"]["roleDefinitionId"])
+    assert roles["storageBlobDataReader"] == "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
+    assert _config(app["resources"]["preparedData"])["name"] == "preparedContainer"
+    assert main["modules"]["app"]["config"]["params"]["computePrincipalId"] == {
+        "operator": {"type": "property_accessor", "operands": {"operand_1": "ml", "operand_2": {
+            "operator": {"type": "property_accessor", "operands": {"operand_1": "outputs",
+                                                                   "operand_2": "computePrincipalId"}}}}}}  # fmt: skip
+
+    writer = _config(ml["resources"]["computeOutputsAccess"])
+    assert writer["scope"] == "workspaceStorage" and "computeIdentity" in json.dumps(
+        writer["properties"]["principalId"]
+    )
+    assert ml["variables"]["storageBlobDataContributor"]["value"] == "ba92f5b4-2d11-453d-a403-e96b0029c9fe"
+    assert "storageBlobDataContributor" in json.dumps(writer["properties"]["roleDefinitionId"])
+    # The storage a new workspace gets is the one the role goes to.
+    workspace_storage = main["modules"]["ml"]["config"]["params"]["workspaceStorageAccountName"]
+    assert workspace_storage["operator"]["operands"]["true_value"] == "stml${suffix}"
+    assert _parse(INFRA / "modules" / "new-workspace.bicep")["resources"]["workspaceStorage"]["config"]["name"] == (
+        "stml${suffix}"
+    )
+
+
+def test_jobs_read_through_an_identity_based_datastore_the_app_setting_names() -> None:
+    main = _parse(INFRA / "main.bicep")
+    assert main["variables"]["preparedDatastoreName"]["value"] == AzureMLWorkspace.datastore
+    datastore = _config(_parse(INFRA / "modules" / "ml-access.bicep")["resources"]["preparedDatastore"])
+    properties = datastore["properties"]
+    assert datastore["name"] == "preparedDatastoreName"
+    assert properties["datastoreType"] == "AzureBlob" and properties["credentials"] == {"credentialsType": "None"}
+    assert (
+        properties["containerName"] == "preparedContainerName" and properties["accountName"] == "appStorageAccountName"
+    )
+    access = main["modules"]["mlAccess"]["config"]["params"]
+    assert access["preparedDatastoreName"] == "preparedDatastoreName"
+    assert "preparedContainerName" in json.dumps(access["preparedContainerName"])
+    app = _parse(INFRA / "modules" / "app.bicep")
+    assert app["variables"]["preparedContainer"]["value"] == PREPARED_CONTAINER
+    settings = _config(app["resources"]["functionApp"])["properties"]["siteConfig"]["appSettings"]
+    assert {"name": "AZUREML_DATASTORE", "value": "preparedDatastoreName"} in settings
+
+
+def test_the_default_base_model_is_the_same_in_code_sample_and_infrastructure() -> None:
+    assert _parse(INFRA / "main.bicep")["parameters"]["baseModel"]["default"] == DEFAULT_BASE_MODELS["azureml"]
+    parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+    assert parameters["baseModel"]["value"] == f"${{BASE_MODEL={DEFAULT_BASE_MODELS['azureml']}}}"
+    sample = json.loads((INFRA.parent / "local.settings.sample.json").read_text())["Values"]
+    assert sample["BASE_MODEL"] == DEFAULT_BASE_MODELS[sample["ML_BACKEND"]]
+    assert sample["AZUREML_DATASTORE"] == AzureMLWorkspace.datastore
+
+
+def test_redeploying_after_azd_down_purge_and_into_an_existing_workspace_does_not_collide() -> None:
+    vault = _config(_parse(INFRA / "modules" / "new-workspace.bicep")["resources"]["workspaceVault"])
+    assert "enablePurgeProtection" not in vault["properties"]  # a protected vault cannot be purged
+    topic = _config(_parse(INFRA / "modules" / "ml.bicep")["resources"]["workspaceEvents"])
+    assert topic["name"] == "workspaceEventsTopicName"  # the existing workspace's own topic, when it has one
+    reused = _parse(INFRA / "main.bicep")["modules"]["ml"]["config"]["params"]["workspaceEventsTopicName"]
+    assert reused["operator"]["operands"]["false_value"] == "existingWorkspaceEventsTopic"
 
 
 def test_azd_project_points_at_the_function_app() -> None:

@@ -64,3 +64,53 @@ def test_requirements_cover_every_cloud_import_and_no_training_stack() -> None:
         assert distribution in required, f"{name} needs {distribution} in requirements.txt"
     assert not required & LOCAL_ONLY
     assert not {name.split(".")[0] for name in imported} & LOCAL_ONLY
+
+
+def _funcignore() -> list[str]:
+    lines = (REPO / ".funcignore").read_text().splitlines()
+    return [line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _excluded(path: Path, patterns: list[str]) -> bool:
+    relative = path.relative_to(REPO).as_posix()
+    return any(relative == pattern or relative.startswith(f"{pattern}/") for pattern in patterns)
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO / name.replace(".", "/")
+    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.exists()), None)
+
+
+def _reachable_from_the_app() -> set[Path]:
+    """Every project file `function_app` can import, function-level imports included, except the
+    local backend: `get_backend` loads it only for ML_BACKEND=local, which Azure never sets."""
+    seen: set[Path] = set()
+    pending = [REPO / "function_app.py"]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for name in names:
+                if name.split(".")[0] in ("shared", "functions") and not name.startswith("shared.backends.local"):
+                    found = _module_file(name)
+                    if found is not None:
+                        pending.append(found)
+    return seen
+
+
+def test_the_azure_package_leaves_out_dev_tools_and_ships_everything_the_app_imports() -> None:
+    patterns = _funcignore()
+    dev_only = [".venv", ".venv-checkov", ".local", ".azurite", "mlruns", "node_modules", "tests", "bench",
+                "infra", "shared/backends/local", "shared/localhost.py", "shared/demo.py", "shared/azurite.py",
+                "shared/cli.py", "local.settings.json"]  # fmt: skip
+    assert [entry for entry in dev_only if entry not in patterns] == []
+    shipped = _reachable_from_the_app()
+    assert REPO / "shared" / "backends" / "azureml" / "backend.py" in shipped
+    assert [path.relative_to(REPO).as_posix() for path in shipped if _excluded(path, patterns)] == []

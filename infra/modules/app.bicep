@@ -7,7 +7,9 @@ param workspaceResourceGroupName string
 param workspaceName string
 param workspacePrincipalId string
 param workspaceEventsPrincipalId string
+param computePrincipalId string
 param computeClusterName string
+param preparedDatastoreName string
 param gpusPerNode string
 param janitorSchedule string
 param baseModel string
@@ -160,6 +162,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'AZUREML_COMPONENT_VERSION', value: '' }
         { name: 'AZUREML_INSTANCE_TYPE', value: inferenceInstanceType }
         { name: 'AZUREML_EXPERIMENT_NAME', value: 'chat_completion_finetune' }
+        { name: 'AZUREML_DATASTORE', value: preparedDatastoreName }
         { name: 'DATASET_TEST_PERCENT', value: '5' }
         { name: 'DATASET_SAMPLE_PERCENT', value: '100' }
         { name: 'DATASET_MIN_CONVERSATIONS', value: '10' }
@@ -296,7 +299,19 @@ resource workspaceDeadLetterAccess 'Microsoft.Authorization/roleAssignments@2022
   }
 }
 
-// The Azure ML workspace reads the prepared training files, and only those.
+// Jobs read the prepared training files with the GPU cluster's identity, and only those.
+resource computePreparedAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(preparedData.id, computePrincipalId, roles.storageBlobDataReader)
+  scope: preparedData
+  dependsOn: [containers]
+  properties: {
+    principalId: computePrincipalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataReader)
+  }
+}
+
+// The workspace reads them too, through the datastore (data preview in the studio).
 resource workspacePreparedAccess 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(preparedData.id, workspacePrincipalId, roles.storageBlobDataReader)
   scope: preparedData
@@ -313,3 +328,4 @@ output storageAccountName string = storage.name
 output identityPrincipalId string = identity.properties.principalId
 output storageEventsTopicName string = storageEvents.name
 output deadLetterContainerName string = deadLetterContainer
+output preparedContainerName string = preparedContainer

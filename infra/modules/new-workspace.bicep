@@ -24,6 +24,8 @@ resource workspaceStorage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
 resource workspaceVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   // checkov:skip=CKV_AZURE_109:No virtual network here to allow-list; access is RBAC-only (enableRbacAuthorization).
   // checkov:skip=CKV_AZURE_189:The workspace and its compute reach the vault without private endpoints in this deployment; access is RBAC-only.
+  // checkov:skip=CKV_AZURE_110:Purge protection cannot be turned off once on, and azd down --purge skips a protected vault, so its fixed name would block azd up for the retention period; soft delete stays on.
+  // checkov:skip=CKV_AZURE_42:Recoverable through soft delete (7 days); purge protection is left off for the reason above.
   name: 'kv-${suffix}'
   location: location
   tags: tags
@@ -32,7 +34,9 @@ resource workspaceVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     sku: { family: 'A', name: 'standard' }
     enableRbacAuthorization: true
     enableSoftDelete: true
-    enablePurgeProtection: true
+    // enablePurgeProtection is left out: once true it can never be false, and `azd down --purge`
+    // purges only unprotected vaults (azure-dev, bicep_provider.go), so `azd up` again within the
+    // retention window would fail on the name kv-<suffix>.
     softDeleteRetentionInDays: 7
   }
 }
