@@ -443,7 +443,10 @@ def test_dry_run_prints_the_job_body_with_no_network(tmp_path: Path) -> None:
     node = body["properties"]["jobs"]["chat_completion_pipeline"]
     assert node["inputs"]["number_of_gpu_to_use_finetuning"]["value"] == "2"
     assert node["inputs"]["num_train_epochs"]["value"] == "1"
-    assert node["inputs"]["train_file_path"]["uri"].endswith("/chats/train_sft.jsonl")
+    # The same datastore path a real submission uses: prepared/<name>/ through AZUREML_DATASTORE.
+    assert (
+        node["inputs"]["train_file_path"]["uri"] == "azureml://datastores/finetune_prepared/paths/chats/train_sft.jsonl"
+    )
     assert "PUT" in result.stderr and "/jobs/ft-chats" in result.stderr
 
 
