@@ -8,7 +8,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 
 CHECKOV_VENV := .venv-checkov
 
-.PHONY: setup test lint infra-check demo bench clean
+.PHONY: setup test lint typecheck infra-check demo bench clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -34,11 +34,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+typecheck: setup
+	$(VENV)/bin/mypy
+
 # Static checks of infra/ (nothing here can reach Azure). --skip-download: checkov must not phone home.
 infra-check: $(CHECKOV_VENV)/.installed
 	$(CHECKOV_VENV)/bin/checkov --directory infra --framework bicep --skip-download --compact --quiet
 
-test: lint infra-check
+test: lint typecheck infra-check
 	$(PY) -m pytest
 
 demo: setup
@@ -48,4 +51,4 @@ bench: setup
 	$(PY) bench/cold_start.py
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) node_modules .pytest_cache .ruff_cache .hypothesis .local
+	rm -rf $(VENV) $(CHECKOV_VENV) node_modules .pytest_cache .ruff_cache .mypy_cache .hypothesis .local

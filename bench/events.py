@@ -23,13 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shared.azurite import start_azurite  # noqa: E402
 from shared.backends.azureml.backend import AzureMLBackend  # noqa: E402
+from shared.dev.azurite import start_azurite  # noqa: E402
 from shared.events import finish_job  # noqa: E402
 from shared.intake import submit_run  # noqa: E402
 from shared.ledger import Ledger, RunState, Upload  # noqa: E402
 from shared.settings import load_settings  # noqa: E402
 from shared.storage import table_service  # noqa: E402
+from shared.vocabulary import JobStatus  # noqa: E402
 from tests.fake_azureml import RG, SUB, WS, FakeAzureML, FakeCredential  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main() -> int:
 
             fake.set_job_status(run.job_name or "", "Completed")
             started = time.perf_counter()
-            run = finish_job(settings, ledger, run, "Completed", None, backend)
+            run = finish_job(settings, ledger, run, JobStatus.COMPLETED, None, backend)
             deploy_times.append(time.perf_counter() - started)
             assert run.state == RunState.DEPLOYING, (run.state, run.reason)
     finally:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO))
 from shared.backends.local import endpoints  # noqa: E402
 from shared.backends.local.scoring import ChatRequest  # noqa: E402
 from shared.backends.local.serve import ChatModel  # noqa: E402
-from shared.backends.local.tiny_model import TINY_PHI3, build_tiny_phi3  # noqa: E402
+from shared.backends.local.settings import TINY_PHI3  # noqa: E402
+from shared.backends.local.tiny_model import build_tiny_phi3  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Can you explain the water cycle in simple terms?"}]
 

@@ -20,12 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared.backends.local.jobs import JobSpec  # noqa: E402
-from shared.backends.local.tiny_model import TINY_PHI3, build_tiny_phi3  # noqa: E402
+from shared.backends.local.settings import TINY_PHI3  # noqa: E402
+from shared.backends.local.tiny_model import build_tiny_phi3  # noqa: E402
 from shared.backends.local.trainer import tokenize_conversations, train  # noqa: E402
-from shared.datasets.prepare import TEST_FILE, TRAIN_FILE, InputInfo, prepare_dataset  # noqa: E402
+from shared.datasets.prepare import InputInfo, prepare_dataset  # noqa: E402
 from shared.datasets.sample import write_sample  # noqa: E402
 from shared.datasets.sources import file_chunks  # noqa: E402
 from shared.settings import DatasetSettings  # noqa: E402
+from shared.vocabulary import TEST_FILE, TRAIN_FILE  # noqa: E402
 
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 BATCH = 4
@@ -79,8 +81,8 @@ def trl_baseline(work: Path, prepared: Path, steps: int, round_number: int) -> f
         logging_steps=10,
         disable_tqdm=True,
     )
-    lora = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(r=int(LORA["lora_r"]), lora_alpha=int(LORA["lora_alpha"]), lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
     trainer = SFTTrainer(model=str(base), args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora)  # fmt: skip
     started = time.monotonic()
@@ -88,7 +90,7 @@ def trl_baseline(work: Path, prepared: Path, steps: int, round_number: int) -> f
     seconds = time.monotonic() - started
     # The same examples in the same order as ours (both shuffle with seed 42): count their tokens.
     examples, _ = tokenize_conversations(prepared / TRAIN_FILE, tokenizer, MAX_LENGTH)
-    order = list(trainer.get_train_dataloader().batch_sampler)  # type: ignore[union-attr]
+    order = list(trainer.get_train_dataloader().batch_sampler or [])
     consumed = [i for batch in order for i in batch][: steps * BATCH]
     return sum(len(examples[i].input_ids) for i in consumed if i < len(examples)) / seconds
 

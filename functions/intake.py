@@ -24,4 +24,5 @@ def dataset_intake(upload: blob.BlobClient) -> None:
     # not fit a 2 GB instance); preparation streams it with the storage SDK.
     settings = get_settings()
     run = handle_upload(settings, open_ledger(settings), upload.container_name, upload.blob_name)
-    logging.info("upload %s/%s is run %s, state %s", upload.container_name, upload.blob_name, run.run_id, run.state)
+    if run is not None:
+        logging.info("upload %s/%s is run %s, state %s", upload.container_name, upload.blob_name, run.run_id, run.state)

@@ -51,12 +51,13 @@ module jobStatus 'modules/event-subscription.bicep' = {
     endpointUrl: jobEventsUrl
     deadLetterAccountId: deadLetterAccountId
     deadLetterContainer: deadLetterContainer
-    // Only finished pipeline jobs: their steps (azureml.StepRun) and non-terminal statuses
-    // would wake the function for nothing. Event Grid compares strings case-insensitively.
+    // Only final statuses: the others would wake the function for nothing. No filter on
+    // data.runType: the documented samples carry "runType": null, which a StringIn filter drops;
+    // the function itself ignores step runs and jobs it did not submit. Event Grid compares
+    // strings case-insensitively.
     eventFilter: {
       includedEventTypes: ['Microsoft.MachineLearningServices.RunStatusChanged']
       advancedFilters: [
-        { operatorType: 'StringIn', key: 'data.runType', values: ['azureml.PipelineRun'] }
         { operatorType: 'StringIn', key: 'data.runStatus', values: ['Completed', 'Failed', 'Canceled'] }
       ]
     }
@@ -73,8 +74,8 @@ module jobCompleted 'modules/event-subscription.bicep' = {
     endpointUrl: jobEventsUrl
     deadLetterAccountId: deadLetterAccountId
     deadLetterContainer: deadLetterContainer
-    // No advanced filter: the documented RunCompleted sample has "runType": null, and a
-    // StringIn filter drops an event whose key is missing or null.
+    // No advanced filter: RunCompleted has no runStatus, and its documented sample has
+    // "runType": null; a StringIn filter drops an event whose key is missing or null.
     eventFilter: {
       includedEventTypes: ['Microsoft.MachineLearningServices.RunCompleted']
     }

@@ -46,7 +46,7 @@ param gpusPerNode string = '1'
 @description('Registry model to fine-tune, name[:version] (auto: the newest fine-tunable Phi chat model in the azureml registry).')
 param baseModel string = 'Phi-4'
 
-@description('VM size of online deployments; checked against the model\'s inference_compute_allow_list.')
+@description('VM size of online deployments; checked against the sizes the model supports for inference (system metadata supportedComputes.inferenceComputes, or the older inference_compute_allow_list tag).')
 param inferenceInstanceType string = 'Standard_NC24ads_A100_v4'
 
 @description('NCRONTAB schedule of the endpoint janitor.')
@@ -126,7 +126,6 @@ output AZURE_STORAGE_ACCOUNT_NAME string = app.outputs.storageAccountName
 output AZUREML_WORKSPACE_NAME string = ml.outputs.workspaceName
 output AZUREML_WORKSPACE_RESOURCE_GROUP string = workspaceResourceGroupName
 output AZUREML_COMPUTE_CLUSTER string = ml.outputs.computeClusterName
-output AZUREML_COMPUTE_IDENTITY_CLIENT_ID string = ml.outputs.computeClientId
 output AZUREML_DATASTORE string = preparedDatastoreName
 output STORAGE_EVENTS_TOPIC_NAME string = app.outputs.storageEventsTopicName
 output WORKSPACE_EVENTS_TOPIC_NAME string = ml.outputs.workspaceEventsTopicName

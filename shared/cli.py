@@ -14,9 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.backends.registry import BACKENDS
 from shared.ledger import LedgerError, open_ledger
 from shared.settings import SettingsError, get_settings
 from shared.status import runs_response
+from shared.vocabulary import (
+    MANAGED_BY,
+    MANAGED_BY_TAG,
+    JobStatus,
+)
 
 if TYPE_CHECKING:
     from shared.backends.local.backend import LocalBackend
@@ -112,10 +118,10 @@ def _overrides(assignments: list[str] | None) -> dict[str, Any]:
 
 def _submit(args: argparse.Namespace) -> int:
     """Submit prepared data to a backend; with --dry-run (Azure ML), print the job body instead."""
-    from shared.backends import JobRequest, get_backend
-    from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
+    from shared.backends.interface import JobRequest
+    from shared.backends.registry import get_backend
     from shared.settings import load_settings
-    from shared.storage import PREPARED_CONTAINER
+    from shared.vocabulary import PREPARED_CONTAINER, TEST_FILE, TRAIN_FILE
 
     settings = load_settings({**os.environ, "ML_BACKEND": args.backend or get_settings().ml_backend})
     prepared = args.prepared
@@ -124,10 +130,10 @@ def _submit(args: argparse.Namespace) -> int:
         for name in (TRAIN_FILE, TEST_FILE):
             if not (folder / name).is_file():
                 raise CliError(f"{folder / name}: no such file; --prepared must be a folder written by 'prepare'")
-        if settings.azureml is not None:
-            from shared.backends.azureml import prepared_uri
+        if settings.ml_backend == "azureml":
+            from shared.backends.azureml.settings import prepared_uri, workspace_settings
 
-            prepared = prepared_uri(settings.azureml.datastore, folder.name)
+            prepared = prepared_uri(workspace_settings(settings).datastore, folder.name)
             _progress(f"note: Azure ML reads the files from {prepared}/ (the {PREPARED_CONTAINER} container, "
                       f"folder {folder.name}/): upload them there before a real submission")  # fmt: skip
         else:
@@ -138,9 +144,9 @@ def _submit(args: argparse.Namespace) -> int:
         if settings.ml_backend != "azureml":
             raise CliError("--dry-run shows the Azure ML job body: use --backend azureml")
         from shared.backends.azureml.backend import AzureMLBackend
+        from shared.backends.azureml.settings import workspace_settings
 
-        workspace = settings.azureml
-        assert workspace is not None
+        workspace = workspace_settings(settings)
         _progress(f"PUT https://management.azure.com/subscriptions/{workspace.subscription_id}/resourceGroups/"
                   f"{workspace.resource_group}/providers/Microsoft.MachineLearningServices/workspaces/"
                   f"{workspace.workspace_name}/jobs/{request.job_name}")  # fmt: skip
@@ -152,7 +158,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from shared.backends import JobRequest
+    from shared.backends.interface import JobRequest
 
     overrides = _overrides(args.set)
     prepared = Path(args.prepared).resolve()
@@ -162,7 +168,7 @@ def _train(args: argparse.Namespace) -> int:
     _progress(f"job {status.job_name}: {status.status} (log: {backend.job_log(status.job_name)})")
     if args.wait:
         started, last = time.monotonic(), status.status
-        while not status.is_terminal:
+        while not status.status.is_terminal:
             time.sleep(2)
             status = backend.job_status(args.job)
             if status.status != last:
@@ -170,9 +176,10 @@ def _train(args: argparse.Namespace) -> int:
                 last = status.status
             elif int(time.monotonic() - started) % 20 < 2:
                 _progress(f"job {args.job}: {status.status}, {time.monotonic() - started:.0f} s")
+    completed = status.status == JobStatus.COMPLETED
     _emit({"job": status.job_name, "status": status.status, "reason": status.reason,
-           "metrics": backend.job_metrics(status.job_name) if status.status == "Completed" else None})  # fmt: skip
-    return 1 if args.wait and status.status != "Completed" else 0
+           "metrics": backend.job_metrics(status.job_name) if completed else None})  # fmt: skip
+    return 1 if args.wait and not completed else 0
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -189,13 +196,13 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from shared.backends import MANAGED_BY, ModelRef
+    from shared.backends.interface import ModelRef
 
     name, sep, version = args.model.rpartition(":")
     if not sep or not name or not version:
         raise CliError(f"--model {args.model!r}: expected NAME:VERSION")
     backend = _local_backend()
-    backend.deploy(ModelRef(name, version), args.endpoint, {"managed-by": MANAGED_BY})
+    backend.deploy(ModelRef(name, version), args.endpoint, {MANAGED_BY_TAG: MANAGED_BY})
     _progress(f"endpoint {args.endpoint}: starting, loading {name}:{version}")
     endpoint = backend.wait_ready(args.endpoint)
     _emit({"endpoint": endpoint.name, "scoring_uri": endpoint.scoring_uri})
@@ -227,13 +234,13 @@ def _delete_endpoint(args: argparse.Namespace) -> int:
 
 
 def _host(args: argparse.Namespace) -> int:
-    from shared.localhost import run_host
+    from shared.dev.localhost import run_host
 
     return run_host(start_azurite=args.azurite)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from shared.demo import run_demo
+    from shared.dev.demo import run_demo
 
     return run_demo()
 
@@ -266,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="submit prepared data to the configured backend")
     submit.add_argument("--prepared", required=True, help="a folder written by 'prepare', or a storage URI")
-    submit.add_argument("--backend", choices=("local", "azureml"), help="instead of ML_BACKEND")
+    submit.add_argument("--backend", choices=tuple(BACKENDS), help="instead of ML_BACKEND")
     submit.add_argument("--job", help="the job's name (default: ft-<folder name>)")
     submit.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training parameter, repeatable")
     submit.add_argument("--dry-run", action="store_true", help="print the Azure ML job body; send nothing")
@@ -320,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from azure.core.exceptions import AzureError
 
-    from shared.backends import BackendError
+    from shared.backends.interface import BackendError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -14,11 +14,18 @@ from dataclasses import asdict
 from functools import partial
 
 from shared import lifecycle
-from shared.backends import MANAGED_BY, Backend, BackendError, Conversation, DeployState, ModelRef, get_backend
-from shared.datasets.prepare import TEST_FILE
+from shared.backends.interface import Backend, BackendError, Conversation, DeployState, ModelRef, TransientBackendError
+from shared.backends.registry import get_backend
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import Settings
-from shared.storage import PREPARED_CONTAINER, blob_service
+from shared.storage import blob_service
+from shared.vocabulary import (
+    MANAGED_BY,
+    MANAGED_BY_TAG,
+    PREPARED_CONTAINER,
+    RUN_ID_TAG,
+    TEST_FILE,
+)
 
 log = logging.getLogger(__name__)
 S = RunState
@@ -54,7 +61,7 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
                        model_name=model.name, model_version=model.version, details=details)  # fmt: skip
         return True
     model = ModelRef(run.model_name or "", run.model_version or "")
-    tags = {"managed-by": MANAGED_BY, "run_id": run.run_id}
+    tags = {MANAGED_BY_TAG: MANAGED_BY, RUN_ID_TAG: run.run_id}
     if run.state == S.REGISTERED:
         endpoint = endpoint_name_for(run.run_id)
         backend.deploy(model, endpoint, tags)
@@ -95,10 +102,26 @@ def drive_run(settings: Settings, ledger: Ledger, run_id: str, backend: Backend 
                 return ledger.get(run_id)
         except (RunChanged, IllegalTransition):
             continue  # another handler moved it: look again
+        except TransientBackendError as error:
+            # Throttled, a concurrent handler's change, the service unavailable: the run stays
+            # where it is and the janitor's next tick drives it on.
+            log.warning("run %s, %s step: %s; trying again on the next janitor tick", run_id, run.state, error)
+            return ledger.get(run_id)
         except BackendError as error:
+            reason = f"{error}{_remove_endpoint(backend, run)}"
             try:
-                failed = ledger.advance(run, S.DEPLOY_FAILED, f"{run.state} step failed", reason=str(error))
+                failed = ledger.advance(run, S.DEPLOY_FAILED, f"{run.state} step failed", reason=reason)
                 lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="deployment")
             except (RunChanged, IllegalTransition):
                 continue
     return ledger.get(run_id)
+
+
+def _remove_endpoint(backend: Backend, run: Run) -> str:
+    """Whatever a failed deployment left must not bill: its endpoint (one per run) goes too."""
+    if not run.endpoint_name:
+        return ""
+    try:
+        return f"; endpoint {run.endpoint_name} deleted" if backend.delete_endpoint(run.endpoint_name) else ""
+    except BackendError as error:
+        return f"; endpoint {run.endpoint_name} could not be deleted ({error}): the janitor retries when it is idle"

@@ -7,31 +7,37 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared import lifecycle
-from shared.datasets.prepare import TEST_FILE, TRAIN_FILE, InputInfo, Preparation, prepare_dataset, report_summary
+from shared.datasets.prepare import InputInfo, Preparation, prepare_dataset, report_summary
 from shared.ledger import Ledger, Run, RunChanged, RunState, Upload
 from shared.settings import Settings
-from shared.storage import PREPARED_CONTAINER, blob_service, container
+from shared.storage import blob_service, container
+from shared.vocabulary import DATASET_SHA256_TAG, PREPARED_CONTAINER, RUN_ID_TAG
 
 if TYPE_CHECKING:
     from azure.storage.blob import BlobClient
 
-    from shared.backends import Backend
+    from shared.backends.interface import Backend
 
 log = logging.getLogger(__name__)
 
 
-def handle_upload(settings: Settings, ledger: Ledger, container_name: str, blob_name: str) -> Run:
+def handle_upload(settings: Settings, ledger: Ledger, container_name: str, blob_name: str) -> Run | None:
     """Record the upload as a run, prepare it and submit its fine-tune. A redelivered upload
     finds its run and carries on from wherever an earlier delivery stopped (usually: nowhere).
-    The run is about the version stored now (its ETag): a later overwrite is a new upload."""
+    The run is about the version stored now (its ETag): a later overwrite is a new upload.
+    None when the blob was deleted before its event was handled: there is nothing to record."""
+    from azure.core.exceptions import ResourceNotFoundError
+
     blob = blob_service(settings.storage).get_blob_client(container_name, blob_name)
-    etag = str(blob.get_blob_properties().etag).strip('"')
+    try:
+        etag = str(blob.get_blob_properties().etag).strip('"')
+    except ResourceNotFoundError:
+        log.warning("upload %s/%s was deleted before it could be read; nothing to do", container_name, blob_name)
+        return None
     blob_path = f"{container_name}/{blob_name}"
     run, created = ledger.receive(Upload(container_name, blob_name, etag), f"received {blob_path} (ETag {etag})")
     if not created:
@@ -82,40 +88,23 @@ def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) 
     return rejected
 
 
-@contextmanager
-def _prepared_location(settings: Settings, run: Run) -> Iterator[str]:
-    """Where the backend reads the prepared files while it submits: Azure ML through the
-    workspace's datastore on the `prepared` container (no upload at submit time); the local
-    backend from a download it copies into its job."""
-    if settings.azureml is not None:
-        from shared.backends.azureml import prepared_uri
-
-        yield prepared_uri(settings.azureml.datastore, run.run_id)
-        return
-    service = blob_service(settings.storage)
-    with tempfile.TemporaryDirectory(prefix="submit-") as folder:
-        for name in (TRAIN_FILE, TEST_FILE):
-            blob = service.get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{name}")
-            with (Path(folder) / name).open("wb") as target:
-                blob.download_blob().readinto(target)
-        yield folder
-
-
 def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | None = None) -> Run:
     """Submit the fine-tune for a prepared run. Submitting again finds the job already there."""
-    from shared.backends import BackendError, JobRequest, get_backend, job_name_for
+    from shared.backends.interface import BackendError, JobRequest, job_name_for
+    from shared.backends.registry import get_backend
 
     report = run.details.get("report", {})
+    backend = backend or get_backend(settings)
     try:
-        with _prepared_location(settings, run) as prepared:
+        with backend.prepared_location(run.run_id) as prepared:
             request = JobRequest(
                 job_name=job_name_for(run.run_id),
                 prepared=prepared,
                 dataset=run.run_id.rsplit("-", 1)[0],
                 parameters=dict(report.get("training_overrides", {})),
-                tags={"run_id": run.run_id, "dataset_sha256": str(report.get("sha256", ""))},
+                tags={RUN_ID_TAG: run.run_id, DATASET_SHA256_TAG: str(report.get("sha256", ""))},
             )
-            status = (backend or get_backend(settings)).submit(request)
+            status = backend.submit(request)
     except BackendError as error:
         try:
             failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error))

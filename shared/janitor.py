@@ -14,11 +14,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared import lifecycle
-from shared.backends import MANAGED_BY, Backend, BackendError, Endpoint, get_backend
-from shared.deployment import drive_run
+from shared.backends.interface import Backend, BackendError, Endpoint
+from shared.backends.registry import get_backend
+from shared.deployment import DRIVEN_STATES, drive_run
 from shared.events import finish_job
 from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
 from shared.settings import JanitorSettings, Settings
+from shared.vocabulary import KEEP_TAG, MANAGED_BY, MANAGED_BY_TAG, RUN_ID_TAG
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ def _time(value: str | None) -> datetime | None:
 def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
     """Whether an endpoint goes, with the evidence either way."""
     name = endpoint.name
-    if endpoint.tags.get("managed-by") != MANAGED_BY:
+    if endpoint.tags.get(MANAGED_BY_TAG) != MANAGED_BY:
         return Verdict(name, False, "not managed by this app")
-    if "keep" in endpoint.tags and endpoint.tags["keep"].lower() != "false":
+    if KEEP_TAG in endpoint.tags and endpoint.tags[KEEP_TAG].lower() != "false":
         return Verdict(name, False, "tagged keep")
     created = _time(endpoint.created_at)
     if created is None or now - created < timedelta(minutes=rules.min_age_minutes):
@@ -67,7 +69,7 @@ def _poll_jobs(settings: Settings, ledger: Ledger, backend: Backend) -> dict[str
         except BackendError as error:
             log.warning("could not read job %s of run %s: %s", run.job_name, run.run_id, error)
             continue
-        if status.is_terminal:
+        if status.status.is_terminal:
             finished[run.run_id] = str(finish_job(settings, ledger, run, status.status, status.reason, backend).state)
     return finished
 
@@ -78,8 +80,10 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
         log.info("janitor tick is past due; one sweep now covers the missed ones")
     backend = get_backend(settings)
     finished = _poll_jobs(settings, ledger, backend)
+    # Runs whose job completed but whose deployment has not finished (still provisioning, or a
+    # step that hit a transient error) are driven on from where they are.
     advanced = {run.run_id: str(drive_run(settings, ledger, run.run_id, backend).state)
-                for run in ledger.by_state(RunState.DEPLOYING)}  # fmt: skip
+                for state in DRIVEN_STATES for run in ledger.by_state(state)}  # fmt: skip
     now = now or datetime.now(UTC)
     deleted, would_delete, kept, errors = [], [], {}, []
     try:
@@ -95,7 +99,7 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
         if settings.janitor.dry_run:
             would_delete.append(f"{verdict.endpoint}: {verdict.evidence}")
             continue
-        run = ledger.find(endpoint.tags.get("run_id", ""))
+        run = ledger.find(endpoint.tags.get(RUN_ID_TAG, ""))
         if run is not None:
             if run.state == RunState.DEPLOYING:
                 kept[verdict.endpoint] = "still deploying"

@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from azure.data.tables import TableClient
+    from azure.data.tables import TableClient, TableEntity
 
     from shared.settings import Settings
 
@@ -186,7 +186,7 @@ def _history_row(run_id: str, index: int, at: datetime, state: RunState, message
     }
 
 
-def _run_from_entity(entity: Mapping[str, Any]) -> Run:
+def _run_from_entity(entity: TableEntity) -> Run:
     state_times = {state: entity[state.column] for state in RunState if entity.get(state.column)}
     return Run(
         run_id=entity["PartitionKey"],
@@ -198,7 +198,7 @@ def _run_from_entity(entity: Mapping[str, Any]) -> Run:
         reason=entity.get("Reason") or None,
         details=json.loads(entity.get("Details") or "{}"),
         history_length=int(entity.get("HistoryLength", 0)),
-        etag=entity.metadata["etag"],
+        etag=str(entity.metadata["etag"]),
         **{attr: entity.get(column) or None for attr, column in _FACT_COLUMNS.items()},
     )
 
@@ -366,6 +366,7 @@ class Ledger:
 @lru_cache(maxsize=4)
 def open_ledger(settings: Settings) -> Ledger:
     """The ledger in the app's storage account, its table created on first use."""
-    from shared.storage import RUNS_TABLE, table_service
+    from shared.storage import table_service
+    from shared.vocabulary import RUNS_TABLE
 
     return Ledger(table_service(settings.storage).create_table_if_not_exists(RUNS_TABLE))

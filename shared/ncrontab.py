@@ -68,6 +68,7 @@ class Schedule:
         self._cron = _normalised(expression)
         if not croniter.is_valid(self._cron, second_at_beginning=True):
             raise ScheduleError(f"{expression!r}: a value is out of range")
+        self.next_after(datetime(2000, 1, 1))  # one that never fires (the 30th of February) is refused now
 
     def next_after(self, moment: datetime) -> datetime:
         """The first time strictly after `moment` that the schedule fires."""

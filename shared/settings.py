@@ -1,33 +1,37 @@
 """Every app setting the app reads, read and validated in one place.
 
 Settings are environment variables (Azure Functions app settings; `local.settings.json` under
-Core Tools). Each has a default that works locally, except the Azure ML workspace coordinates,
-which are required only when `ML_BACKEND=azureml`. A bad value fails at start-up with one message
-that names every offending setting and what it expects.
+Core Tools). Each has a default that works locally. Each backend reads its own section (its
+package's `read_settings`); a backend's required values are required only when it is the one
+configured. A bad value fails at start-up with one message that names every offending setting and
+what it expects.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any
 
+from shared.backends.registry import BACKENDS, DEFAULT_BACKEND, plugin
 from shared.ncrontab import Schedule
+from shared.validation import (
+    POSITIVE_INT,
+    SAMPLE_PERCENT,
+    TEST_PERCENT,
+    Rule,
+    SettingsReader,
+    checked,
+    flag,
+    http_uri,
+    one_of,
+)
 
-T = TypeVar("T")
-
-BACKENDS = ("local", "azureml")
-# BASE_MODEL when unset. Azure ML: a chat model the `chat_completion_pipeline` component
-# fine-tunes on A100/H100 sizes (azureml-assets, assets/models/system/Phi-4/spec.yaml); the
-# walkthrough's Phi-3 models are retired. `auto` asks it for its newest fine-tunable Phi instead.
-DEFAULT_BASE_MODELS = {"local": "tiny-phi3", "azureml": "Phi-4"}
-DISCOVER_BASE_MODEL = "auto"
 STORAGE_SETTING = "AzureWebJobsStorage"
 DEVELOPMENT_STORAGE = "UseDevelopmentStorage=true"
+MAX_REQUEST_TIMEOUT_S = 180  # Azure ML managed endpoints allow no more
 
 # Every name the app reads. tests/test_settings.py checks that `load_settings` reads exactly
 # these, so `local.settings.sample.json` and the infrastructure can be checked against one list.
@@ -38,19 +42,10 @@ STORAGE_IDENTITY_SETTINGS = (
     f"{STORAGE_SETTING}__credential",
     f"{STORAGE_SETTING}__clientId",
 )
-APP_SETTINGS = (
+CORE_SETTINGS = (
     "AZURE_CLIENT_ID",
     "ML_BACKEND",
     "JANITOR_SCHEDULE",
-    "AZURE_SUBSCRIPTION_ID",
-    "AZURE_RESOURCE_GROUP",
-    "AZUREML_WORKSPACE_NAME",
-    "AZUREML_COMPUTE_CLUSTER",
-    "AZUREML_GPUS_PER_NODE",
-    "AZUREML_COMPONENT_VERSION",
-    "AZUREML_INSTANCE_TYPE",
-    "AZUREML_EXPERIMENT_NAME",
-    "AZUREML_DATASTORE",
     "DATASET_TEST_PERCENT",
     "DATASET_SAMPLE_PERCENT",
     "DATASET_MIN_CONVERSATIONS",
@@ -63,12 +58,24 @@ APP_SETTINGS = (
     "JANITOR_DRY_RUN",
     "JOB_EVENTS_TOPICS",
     "LIFECYCLE_TOPIC_ENDPOINT",
+    "LIFECYCLE_TOPIC_KEY",
 )
-# Read only by the local backend; the cloud deployment has no use for them.
-LOCAL_SETTINGS = ("LOCAL_DATA_DIR", "JOB_EVENTS_TOPIC_ENDPOINT", "JOB_EVENTS_TOPIC_KEY", "LIFECYCLE_TOPIC_KEY")
-LOCAL_TOPIC = "local/job-events"  # the topic the local host's Event Grid endpoint stamps on events
-KNOWN_SETTINGS = (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS, *LOCAL_SETTINGS)
-MAX_REQUEST_TIMEOUT_S = 180  # Azure ML managed endpoints allow no more
+DEV_ONLY_CORE_SETTINGS = ("LIFECYCLE_TOPIC_KEY",)  # in Azure the app's identity publishes
+
+
+def known_settings() -> tuple[str, ...]:
+    """Every setting any configuration reads (each backend's too). It imports every backend's
+    plug-in module, so only tests and developer tools call it."""
+    backends = (name for backend in BACKENDS for name in plugin(backend).setting_names)
+    return (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *CORE_SETTINGS, *backends)
+
+
+def dev_only_settings() -> tuple[str, ...]:
+    """The settings only a developer's machine uses: the deployment in Azure sets none of them."""
+    backends = (
+        name for backend in BACKENDS if not plugin(backend).runs_in_azure for name in plugin(backend).setting_names
+    )
+    return (*DEV_ONLY_CORE_SETTINGS, *backends)
 
 
 class SettingsError(ValueError):
@@ -98,21 +105,6 @@ class StorageConnection:
 
 
 @dataclass(frozen=True)
-class AzureMLWorkspace:
-    subscription_id: str
-    resource_group: str
-    workspace_name: str
-    compute_cluster: str
-    gpus_per_node: int | None
-    component_version: str | None = None  # None: the registry's `latest` label
-    instance_type: str = "Standard_NC24ads_A100_v4"
-    experiment_name: str = "chat_completion_finetune"
-    # The workspace's identity-based datastore for the app's `prepared` container (infra/ creates
-    # it): jobs read their inputs through it with the compute cluster's identity.
-    datastore: str = "finetune_prepared"
-
-
-@dataclass(frozen=True)
 class DatasetSettings:
     """How uploads are checked and split; a blob's metadata may override the percentages."""
 
@@ -121,15 +113,6 @@ class DatasetSettings:
     min_conversations: int = 10
     max_invalid_fraction: float = 0.0
     max_seq_length: int = 4096
-
-
-@dataclass(frozen=True)
-class LocalBackendSettings:
-    """Where the local backend keeps jobs, models and endpoints, and where its trainer reports."""
-
-    data_dir: Path
-    job_events_endpoint: str | None
-    job_events_key: str | None
 
 
 @dataclass(frozen=True)
@@ -142,102 +125,28 @@ class JanitorSettings:
 @dataclass(frozen=True)
 class Settings:
     storage: StorageConnection
-    ml_backend: Literal["local", "azureml"]
+    ml_backend: str  # one of shared.backends.registry.BACKENDS
     managed_identity_client_id: str | None
     janitor_schedule: str
-    azureml: AzureMLWorkspace | None
     dataset: DatasetSettings
-    base_model: str  # name[:version]; default per backend (DEFAULT_BASE_MODELS)
+    base_model: str  # name[:version]; when unset, the configured backend's default
     endpoint_request_timeout_s: int
-    local: LocalBackendSettings
     janitor: JanitorSettings
     job_event_topics: tuple[str, ...]  # accepted sources of job events, compared case-insensitively
     lifecycle_topic_endpoint: str | None
     lifecycle_topic_key: str | None  # None: publish with the app's identity (EventGrid Data Sender)
+    backend_settings: Any  # the configured backend's own section (its package's settings module)
 
 
-class _Reader:
-    """Reads settings from a mapping, collecting every problem instead of stopping at the first."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        self.errors: list[str] = []
-        self.names_read: set[str] = set()
-
-    def raw(self, name: str) -> str | None:
-        self.names_read.add(name)
-        value = self._environ.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def parsed(self, name: str, default: T, expects: str, parse: Callable[[str], T]) -> T:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            return parse(value)
-        except ValueError:
-            self.errors.append(f"{name}={value!r}: expected {expects}")
-            return default
-
-    def required(self, name: str, expects: str) -> str:
-        value = self.raw(name)
-        if value is None:
-            self.errors.append(f"{name} is not set: expected {expects}")
-            return ""
-        return value
-
-
-def _one_of(options: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(value: str) -> str:
-        if value.lower() not in options:
-            raise ValueError(value)
-        return value.lower()
-
-    return parse
-
-
-def _checked(convert: Callable[[str], T], accept: Callable[[T], bool]) -> Callable[[str], T]:
-    """A parser that converts, then refuses values outside what `accept` allows."""
-
-    def parse(value: str) -> T:
-        converted = convert(value)
-        if not accept(converted):
-            raise ValueError(value)
-        return converted
-
-    return parse
-
-
-def _boolean(value: str) -> bool:
-    if value.lower() not in ("true", "false"):
-        raise ValueError(value)
-    return value.lower() == "true"
-
-
-class Rule(NamedTuple):
-    """What a setting expects (said in errors) and how its text is parsed."""
-
-    expects: str
-    parse: Callable[[str], Any]
-
-
-POSITIVE_INT = _checked(int, lambda number: number >= 1)
-# Shared with the per-upload overrides in blob metadata (test_pc, sample_pc).
-TEST_PERCENT = Rule("a percentage above 0 and below 100", _checked(float, lambda number: 0 < number < 100))
-SAMPLE_PERCENT = Rule("a percentage above 0, at most 100", _checked(float, lambda number: 0 < number <= 100))
-_MINUTES = Rule("a number of minutes, at least 0", _checked(float, lambda number: number >= 0))
+_MINUTES = Rule("a number of minutes, at least 0", checked(float, lambda number: number >= 0))
 _SCHEDULE = Rule(
     "an NCRONTAB schedule such as '0 */10 * * * *' or '0 30 9 * * Mon-Fri' (second minute hour day month day-of-week)",
     lambda value: Schedule(value).expression,  # the parser the local host fires timers with
 )
-
-
-def _https_uri(value: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", value):
-        raise ValueError(value)
-    return value.rstrip("/")
+_TIMEOUT = Rule(
+    f"a whole number of seconds from 1 to {MAX_REQUEST_TIMEOUT_S}",
+    checked(int, lambda number: 1 <= number <= MAX_REQUEST_TIMEOUT_S),
+)
 
 
 def _connection_string_fields(connection_string: str) -> dict[str, str]:
@@ -249,13 +158,15 @@ def _connection_string_fields(connection_string: str) -> dict[str, str]:
     return fields
 
 
-def _storage(reader: _Reader) -> StorageConnection:
+def _storage(reader: SettingsReader) -> StorageConnection:
     connection_string = reader.raw(STORAGE_SETTING)
     account = reader.raw(f"{STORAGE_SETTING}__accountName")
-    blob_uri = reader.parsed(f"{STORAGE_SETTING}__blobServiceUri", None, "an https:// blob service URI", _https_uri)
-    table_uri = reader.parsed(f"{STORAGE_SETTING}__tableServiceUri", None, "an https:// table service URI", _https_uri)
+    blob_uri = reader.parsed(f"{STORAGE_SETTING}__blobServiceUri", None, Rule("an https:// blob service URI", http_uri))
+    table_uri = reader.parsed(
+        f"{STORAGE_SETTING}__tableServiceUri", None, Rule("an https:// table service URI", http_uri)
+    )
     credential = reader.parsed(
-        f"{STORAGE_SETTING}__credential", None, "'managedidentity'", _one_of(("managedidentity",))
+        f"{STORAGE_SETTING}__credential", None, Rule("'managedidentity'", one_of(("managedidentity",)))
     )
     # A user-assigned identity: the storage-specific client id, else the app's (AZURE_CLIENT_ID).
     client_id = reader.raw(f"{STORAGE_SETTING}__clientId") or reader.raw("AZURE_CLIENT_ID")
@@ -290,91 +201,60 @@ def _storage(reader: _Reader) -> StorageConnection:
     )
 
 
-def _azureml(reader: _Reader, required: bool) -> AzureMLWorkspace | None:
-    gpus_per_node = reader.parsed("AZUREML_GPUS_PER_NODE", None, "a whole number of GPUs, at least 1", POSITIVE_INT)
-    names = {
-        "AZURE_SUBSCRIPTION_ID": "the Azure subscription id of the Azure ML workspace",
-        "AZURE_RESOURCE_GROUP": "the resource group of the Azure ML workspace",
-        "AZUREML_WORKSPACE_NAME": "the Azure ML workspace name",
-        "AZUREML_COMPUTE_CLUSTER": "the name of a GPU compute cluster in the workspace",
-    }
-    component_version = reader.raw("AZUREML_COMPONENT_VERSION")
-    instance_type = reader.raw("AZUREML_INSTANCE_TYPE") or AzureMLWorkspace.instance_type
-    experiment_name = reader.raw("AZUREML_EXPERIMENT_NAME") or AzureMLWorkspace.experiment_name
-    datastore = reader.parsed(
-        "AZUREML_DATASTORE", AzureMLWorkspace.datastore, "a datastore name (letters, digits, underscores)",
-        _checked(str, lambda name: re.fullmatch(r"[A-Za-z0-9_]{1,255}", name) is not None),
-    )  # fmt: skip
-    if not required:
-        for name in names:
-            reader.raw(name)
-        return None
-    values = [reader.required(name, f"{expects} (ML_BACKEND=azureml)") for name, expects in names.items()]
-    return AzureMLWorkspace(*values, gpus_per_node, component_version, instance_type, experiment_name, datastore)
-
-
-def _dataset(reader: _Reader) -> DatasetSettings:
+def _dataset(reader: SettingsReader) -> DatasetSettings:
     defaults = DatasetSettings()
     return DatasetSettings(
-        test_percent=reader.parsed("DATASET_TEST_PERCENT", defaults.test_percent, *TEST_PERCENT),
-        sample_percent=reader.parsed("DATASET_SAMPLE_PERCENT", defaults.sample_percent, *SAMPLE_PERCENT),
-        min_conversations=reader.parsed(
-            "DATASET_MIN_CONVERSATIONS", defaults.min_conversations, "a whole number, at least 1", POSITIVE_INT
-        ),
+        test_percent=reader.parsed("DATASET_TEST_PERCENT", defaults.test_percent, TEST_PERCENT),
+        sample_percent=reader.parsed("DATASET_SAMPLE_PERCENT", defaults.sample_percent, SAMPLE_PERCENT),
+        min_conversations=reader.parsed("DATASET_MIN_CONVERSATIONS", defaults.min_conversations, POSITIVE_INT),
         max_invalid_fraction=reader.parsed(
             "DATASET_MAX_INVALID_FRACTION",
             defaults.max_invalid_fraction,
-            "a fraction from 0 (any invalid row rejects the upload) to below 1",
-            _checked(float, lambda number: 0 <= number < 1),
+            Rule(
+                "a fraction from 0 (any invalid row rejects the upload) to below 1",
+                checked(float, lambda number: 0 <= number < 1),
+            ),
         ),
         max_seq_length=reader.parsed(
-            "DATASET_MAX_SEQ_LENGTH", defaults.max_seq_length, "a whole number of tokens, at least 1", POSITIVE_INT
+            "DATASET_MAX_SEQ_LENGTH",
+            defaults.max_seq_length,
+            Rule("a whole number of tokens, at least 1", POSITIVE_INT.parse),
         ),
     )
 
 
-def _local(reader: _Reader) -> LocalBackendSettings:
-    endpoint = reader.parsed("JOB_EVENTS_TOPIC_ENDPOINT", None, "an http(s):// Event Grid topic endpoint", _https_uri)
-    key = reader.raw("JOB_EVENTS_TOPIC_KEY")
-    if endpoint and not key:
-        reader.errors.append("JOB_EVENTS_TOPIC_KEY is not set: expected the key of JOB_EVENTS_TOPIC_ENDPOINT")
-    return LocalBackendSettings(
-        data_dir=Path(reader.raw("LOCAL_DATA_DIR") or ".local").expanduser().resolve(),
-        job_events_endpoint=endpoint,
-        job_events_key=key,
-    )
-
-
-def _read(environ: Mapping[str, str]) -> tuple[Settings, _Reader]:
-    reader = _Reader(environ)
+def _read(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
+    reader = SettingsReader(environ)
     storage = _storage(reader)
-    backend = reader.parsed("ML_BACKEND", "local", "one of: " + ", ".join(BACKENDS), _one_of(BACKENDS))
-    schedule = reader.parsed("JANITOR_SCHEDULE", "0 */10 * * * *", *_SCHEDULE)
-    azureml = _azureml(reader, required=backend == "azureml")
-    dataset = _dataset(reader)
-    client_id = reader.raw("AZURE_CLIENT_ID")
-    base_model = reader.raw("BASE_MODEL") or DEFAULT_BASE_MODELS.get(backend, DEFAULT_BASE_MODELS["local"])
-    timeout = reader.parsed(
-        "ENDPOINT_REQUEST_TIMEOUT_S",
-        90,
-        f"a whole number of seconds from 1 to {MAX_REQUEST_TIMEOUT_S}",
-        _checked(int, lambda number: 1 <= number <= MAX_REQUEST_TIMEOUT_S),
+    backend = reader.parsed(
+        "ML_BACKEND", DEFAULT_BACKEND, Rule("one of: " + ", ".join(BACKENDS), one_of(tuple(BACKENDS)))
     )
-    janitor = JanitorSettings(
-        idle_minutes=reader.parsed("ENDPOINT_IDLE_MINUTES", 60.0, *_MINUTES),
-        min_age_minutes=reader.parsed("ENDPOINT_MIN_AGE_MINUTES", 30.0, *_MINUTES),
-        dry_run=reader.parsed("JANITOR_DRY_RUN", False, "true or false", _boolean),
-    )
-    workspace_topic = (
-        f"/subscriptions/{azureml.subscription_id}/resourceGroups/{azureml.resource_group}/providers/"
-        f"Microsoft.MachineLearningServices/workspaces/{azureml.workspace_name}"
-    ) if azureml else LOCAL_TOPIC  # fmt: skip
-    topics = tuple(t.strip() for t in (reader.raw("JOB_EVENTS_TOPICS") or workspace_topic).split(",") if t.strip())
-    lifecycle = reader.parsed("LIFECYCLE_TOPIC_ENDPOINT", None, "an http(s):// Event Grid topic endpoint", _https_uri)
+    # Only the configured backend's plug-in is imported: in Azure, the local one is not shipped.
+    configured = plugin(backend)
+    section = configured.read_settings(reader)
+    topics = reader.raw("JOB_EVENTS_TOPICS")
     settings = Settings(
-        storage, backend, client_id, schedule, azureml, dataset, base_model, timeout, _local(reader),  # type: ignore[arg-type]
-        janitor, topics, lifecycle, reader.raw("LIFECYCLE_TOPIC_KEY"),
-    )  # fmt: skip
+        storage=storage,
+        ml_backend=backend,
+        managed_identity_client_id=reader.raw("AZURE_CLIENT_ID"),
+        janitor_schedule=reader.parsed("JANITOR_SCHEDULE", "0 */10 * * * *", _SCHEDULE),
+        dataset=_dataset(reader),
+        base_model=reader.raw("BASE_MODEL") or configured.default_base_model,
+        endpoint_request_timeout_s=reader.parsed("ENDPOINT_REQUEST_TIMEOUT_S", 90, _TIMEOUT),
+        janitor=JanitorSettings(
+            idle_minutes=reader.parsed("ENDPOINT_IDLE_MINUTES", 60.0, _MINUTES),
+            min_age_minutes=reader.parsed("ENDPOINT_MIN_AGE_MINUTES", 30.0, _MINUTES),
+            dry_run=reader.parsed("JANITOR_DRY_RUN", False, Rule("true or false", flag)),
+        ),
+        job_event_topics=tuple(t.strip() for t in topics.split(",") if t.strip())
+        if topics
+        else configured.default_job_event_topics(section),
+        lifecycle_topic_endpoint=reader.parsed(
+            "LIFECYCLE_TOPIC_ENDPOINT", None, Rule("an http(s):// Event Grid topic endpoint", http_uri)
+        ),
+        lifecycle_topic_key=reader.raw("LIFECYCLE_TOPIC_KEY"),
+        backend_settings=section,
+    )
     return settings, reader
 
 

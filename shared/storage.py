@@ -15,10 +15,6 @@ if TYPE_CHECKING:
     from azure.data.tables import TableServiceClient
     from azure.storage.blob import BlobServiceClient, ContainerClient
 
-DATASETS_CONTAINER = "datasets"
-PREPARED_CONTAINER = "prepared"
-RUNS_TABLE = "runs"
-
 
 def _credential(connection: StorageConnection) -> Any:
     from azure.identity import DefaultAzureCredential, ManagedIdentityCredential

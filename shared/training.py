@@ -1,89 +1,81 @@
-"""Fine-tuning parameters: names and meanings of the Azure ML `chat_completion_pipeline`
-component's inputs, with the walkthrough's defaults. Both backends take these; per-upload
-overrides (blob metadata, `--set key=value`) are checked here, naming any bad key."""
+"""The fine-tuning parameters: one documented, typed dataclass (as trl's `SFTConfig`) that holds
+every name, meaning, default and check. Names are the Azure ML `chat_completion_pipeline`
+component's inputs, so the azureml backend passes them on as they are (its schema checks the
+types the component takes); the local trainer reads them as its Trainer's arguments. An upload
+overrides any of them in its blob metadata, the command line with `--set name=value`; a bad key
+or value is refused, naming it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+from shared.validation import Rule, checked, flag, one_of
 
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-def _flag(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered not in ("true", "false"):
-        raise ValueError
-    return lowered == "true"
+def _at_least(minimum: int) -> Rule:
+    return Rule(f"a whole number, at least {minimum}", checked(int, lambda value: value >= minimum))
 
 
-def _precision(value: str) -> str:
-    if value not in ("16", "32", "bf16"):
-        raise ValueError
-    return value
+def _unlimited_or(minimum: int, unlimited: str) -> Rule:
+    """-1 meaning no limit (the component's convention), else a whole number of at least `minimum`."""
+    return Rule(f"-1 ({unlimited}) or a whole number, at least {minimum}",
+                checked(int, lambda value: value == -1 or value >= minimum))  # fmt: skip
 
 
-def _scheduler(value: str) -> str:
-    if value not in SCHEDULERS:
-        raise ValueError
-    return value
+_FRACTION = Rule("a number from 0 to 1", checked(float, lambda value: 0.0 <= value <= 1.0))
+_POSITIVE = Rule("a number above 0", checked(float, lambda value: value > 0))
+_NON_NEGATIVE = Rule("a number, at least 0", checked(float, lambda value: value >= 0))
+_FLAG = Rule("true or false", flag)
+
+
+def _parameter(default: Any, rule: Rule, help: str) -> Any:
+    return field(default=default, metadata={"rule": rule, "help": help})
 
 
 @dataclass(frozen=True)
-class Parameter:
-    default: Any
-    expects: str
-    parse: Callable[[str], Any]
-    check: Callable[[Any], bool] = lambda value: True
+class TrainingParameters:
+    """Defaults: the walkthrough's where it sets one, else the component's."""
 
-
-def _int(minimum: int) -> Parameter:
-    return Parameter(0, f"a whole number, at least {minimum}", int, lambda value: value >= minimum)
-
-
-def _unlimited_or(minimum: int, unlimited: str) -> Parameter:
-    """-1 meaning no limit (the component's convention), else a whole number of at least `minimum`."""
-    return Parameter(
-        -1, f"-1 ({unlimited}) or a whole number, at least {minimum}", int, lambda v: v == -1 or v >= minimum
+    num_train_epochs: int = _parameter(3, _at_least(1), "passes over the training data")
+    max_steps: int = _parameter(-1, _unlimited_or(1, "no limit"), "stop after this many optimizer steps")
+    per_device_train_batch_size: int = _parameter(1, _at_least(1), "conversations per device and step")
+    per_device_eval_batch_size: int = _parameter(1, _at_least(1), "conversations per device when evaluating")
+    gradient_accumulation_steps: int = _parameter(1, _at_least(1), "batches summed into one optimizer step")
+    learning_rate: float = _parameter(5e-6, _POSITIVE, "the peak learning rate")
+    lr_scheduler_type: str = _parameter(
+        "cosine", Rule("one of " + ", ".join(SCHEDULERS), one_of(SCHEDULERS, fold_case=False)), "how it decays"
     )
-
-
-def _with_default(parameter: Parameter, default: Any) -> Parameter:
-    return Parameter(default, parameter.expects, parameter.parse, parameter.check)
-
-
-_FRACTION = Parameter(0.0, "a number from 0 to 1", float, lambda value: 0.0 <= value <= 1.0)
-_POSITIVE = Parameter(0.0, "a number above 0", float, lambda value: value > 0)
-_NON_NEGATIVE = Parameter(0.0, "a number, at least 0", float, lambda value: value >= 0)
-_FLAG = Parameter(False, "true or false", _flag)
-
-# Defaults: the walkthrough's where it sets one, else the component's.
-PARAMETERS: Mapping[str, Parameter] = {
-    "num_train_epochs": _with_default(_int(1), 3),
-    "max_steps": _unlimited_or(1, "no limit"),
-    "per_device_train_batch_size": _with_default(_int(1), 1),
-    "per_device_eval_batch_size": _with_default(_int(1), 1),
-    "gradient_accumulation_steps": _with_default(_int(1), 1),
-    "learning_rate": _with_default(_POSITIVE, 5e-6),
-    "lr_scheduler_type": Parameter("cosine", "one of " + ", ".join(SCHEDULERS), _scheduler),
-    "warmup_steps": _with_default(_int(0), 0),
-    "weight_decay": _with_default(_NON_NEGATIVE, 0.0),
-    "max_seq_length": _unlimited_or(16, "the model's limit"),
-    "apply_lora": _with_default(_FLAG, True),
-    "lora_r": _with_default(_int(1), 8),
-    "lora_alpha": _with_default(_int(1), 128),
-    "lora_dropout": _with_default(_FRACTION, 0.0),
-    "merge_lora_weights": _with_default(_FLAG, True),
-    "precision": Parameter("32", "16, 32 or bf16", _precision),
-    "seed": _with_default(_int(0), 42),
-    "save_total_limit": _unlimited_or(1, "keep all"),
-    "resume_from_checkpoint": _with_default(_FLAG, True),
+    warmup_steps: int = _parameter(0, _at_least(0), "steps of linear warm-up")
+    weight_decay: float = _parameter(0.0, _NON_NEGATIVE, "AdamW weight decay")
+    max_seq_length: int = _parameter(
+        -1, _unlimited_or(16, "the model's limit"), "tokens per conversation; longer ones are cut"
+    )
+    apply_lora: bool = _parameter(True, _FLAG, "train LoRA adapters instead of every weight")
+    lora_r: int = _parameter(8, _at_least(1), "LoRA rank")
+    lora_alpha: int = _parameter(128, _at_least(1), "LoRA scaling")
+    lora_dropout: float = _parameter(0.0, _FRACTION, "dropout on the LoRA layers")
+    merge_lora_weights: bool = _parameter(True, _FLAG, "merge the adapters into the model (false: adapter-only)")
+    precision: str = _parameter(
+        "32", Rule("16, 32 or bf16", one_of(("16", "32", "bf16"))), "training precision (bits, or bf16)"
+    )
+    seed: int = _parameter(42, _at_least(0), "the random seed (shuffling, initialisation)")
+    save_total_limit: int = _parameter(-1, _unlimited_or(1, "keep all"), "checkpoints kept")
+    resume_from_checkpoint: bool = _parameter(True, _FLAG, "a restarted job resumes from its last checkpoint")
     # The local trainer's own: short conversations packed into max_seq_length rows (no padding;
-    # attention may cross conversations, as in trl's packing). The Azure ML component has no
-    # such input, so the azureml backend refuses it.
-    "packing": _with_default(_FLAG, False),
-}  # fmt: skip
+    # attention may cross conversations, as in trl's packing). The Azure ML component has no such
+    # input, so the azureml backend refuses it.
+    packing: bool = _parameter(False, _FLAG, "local trainer only: pack short conversations into full rows")
+
+
+# Every parameter's check, by name.
+PARAMETERS: Mapping[str, Rule] = {
+    parameter.name: parameter.metadata["rule"] for parameter in fields(TrainingParameters)
+}
+DEFAULTS: Mapping[str, Any] = asdict(TrainingParameters())
 
 
 class ParameterError(ValueError):
@@ -91,20 +83,16 @@ class ParameterError(ValueError):
 
 
 def parse_parameter(name: str, value: str) -> Any:
-    """One override, from text (blob metadata, `--set`), checked against the schema."""
-    parameter = PARAMETERS.get(name)
-    if parameter is None:
+    """One override, from text (blob metadata, `--set`), checked against its rule."""
+    rule = PARAMETERS.get(name)
+    if rule is None:
         raise ParameterError(f"unknown training parameter {name!r}: known ones are {', '.join(PARAMETERS)}")
     try:
-        parsed = parameter.parse(value.strip())
-        valid = parameter.check(parsed)
+        return rule.parse(value.strip())
     except ValueError:
-        valid = False
-    if not valid:
-        raise ParameterError(f"training parameter {name}={value!r}: expected {parameter.expects}")
-    return parsed
+        raise ParameterError(f"training parameter {name}={value!r}: expected {rule.expects}") from None
 
 
 def resolve_parameters(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The defaults with already-parsed overrides applied."""
-    return {name: overrides.get(name, parameter.default) for name, parameter in PARAMETERS.items()}
+    return asdict(replace(TrainingParameters(), **overrides))

@@ -16,9 +16,9 @@ import azure.functions as func
 import pytest
 from azure.data.tables import TableServiceClient
 
-from shared.azurite import Azurite, start_azurite
+from shared.dev.azurite import Azurite, start_azurite
 from shared.ledger import Ledger
-from shared.settings import APP_SETTINGS, STORAGE_IDENTITY_SETTINGS, Settings, get_settings
+from shared.settings import Settings, get_settings, known_settings
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def azurite() -> Iterator[Azurite]:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """No app setting from the outer environment leaks into a test."""
-    for name in ("AzureWebJobsStorage", *STORAGE_IDENTITY_SETTINGS, *APP_SETTINGS):
+    for name in known_settings():
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     yield monkeypatch
@@ -80,3 +80,16 @@ def user_function(function_app: func.FunctionApp) -> Callable[[str], Callable[..
         return functions[name].get_user_function()
 
     return lookup
+
+
+# `pytest -m "not slow"` answers in seconds: what needs Azurite, trains a model or starts
+# processes is marked slow here, by the fixtures it uses or the module it lives in.
+SLOW_FIXTURES = {"azurite"}
+SLOW_MODULES = {"tests.test_local_backend", "tests.test_flow", "tests.test_demo"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or (module and module.__name__ in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)

@@ -169,6 +169,7 @@ class FakeAzureML(HttpTransport):
 
     compute_size: str = "Standard_NC24ads_A100_v4"
     compute_state: str = "Succeeded"
+    compute_type: str = "AmlCompute"
     serving: str = "vllm"  # which serving container answers /score: vllm or mlflow
     registry_models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -295,7 +296,7 @@ class FakeAzureML(HttpTransport):
             "name": name,
             "location": "eastus",
             "properties": {
-                "computeType": "AmlCompute",
+                "computeType": self.compute_type,
                 "provisioningState": self.compute_state,
                 "properties": {"vmSize": self.compute_size, "scaleSettings": {"minNodeCount": 0, "maxNodeCount": 2}},
             },

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from azure.core.exceptions import ClientAuthenticationError
 
-from shared.backends import BackendError, DeployProgress, DeployState, JobRequest, JobStatus, ModelRef
 from shared.backends.azureml.backend import DEPLOYMENT, AzureMLBackend, PreflightError, model_version_for
 from shared.backends.azureml.component import merge_parameters
+from shared.backends.interface import BackendError, DeployProgress, DeployState, JobReport, JobRequest, ModelRef
 from shared.intake import submit_run
 from shared.ledger import Ledger, Run, RunState, Upload
 from shared.settings import load_settings
-from shared.storage import DATASETS_CONTAINER
+from shared.vocabulary import DATASETS_CONTAINER
 from tests.fake_azureml import (
     ARM,
     LEGACY_TAGS,
@@ -50,7 +50,7 @@ REQUEST = JobRequest("ft-chats-0123456789ab", PREPARED, "chats", {"num_train_epo
 CONVERSATION = [{"role": "user", "content": "hi"}]
 
 
-def _unchecked(status: JobStatus) -> list[str]:
+def _unchecked(status: JobReport) -> list[str]:
     return [note for note in status.notes if "VM sizes" in note]
 
 
@@ -150,6 +150,7 @@ def _phi4(**changes: object) -> dict[str, object]:
          r"Standard_ND40rs_v2 is not allowed for Phi-4:8 \(system metadata supportedComputes.finetuneComputes\)"),
         (lambda f: setattr(f, "compute_size", "Standard_NC24rs_v3"), "Standard_NC24rs_v3 is retired"),
         (lambda f: setattr(f, "compute_state", "Failed"), "failed provisioning state"),
+        (lambda f: setattr(f, "compute_type", "Kubernetes"), "gpu-a100 is not an Azure ML compute cluster"),
     ],
 )  # fmt: skip
 def test_preflight_refuses_before_anything_is_created(fake: FakeAzureML, setup: object, says: str) -> None:

@@ -15,11 +15,11 @@ from azure.functions import meta
 from azure.functions.eventgrid import EventGridEventInConverter
 
 from shared.backends.azureml.backend import AzureMLBackend
-from shared.events import RUN_COMPLETED, RUN_STATUS_CHANGED, handle_job_event
+from shared.events import handle_job_event
 from shared.intake import submit_run
 from shared.ledger import Ledger, Run, RunState, Upload
 from shared.settings import Settings, load_settings
-from shared.storage import DATASETS_CONTAINER
+from shared.vocabulary import DATASETS_CONTAINER, RUN_COMPLETED, RUN_STATUS_CHANGED
 from tests.fake_azureml import RG, SUB, WS, FakeAzureML, FakeCredential
 
 ENV = {

@@ -15,18 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.datasets.prepare import (
-    REJECTED_FILE,
-    REPORT_FILE,
-    TEST_FILE,
-    TRAIN_FILE,
-    InputInfo,
-    Preparation,
-    prepare_dataset,
-)
+from shared.datasets.prepare import InputInfo, Preparation, prepare_dataset
 from shared.datasets.sample import conversations, write_sample
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES
 from shared.settings import DatasetSettings
+from shared.vocabulary import REJECTED_FILE, REPORT_FILE, TEST_FILE, TRAIN_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = [orjson.dumps(row) for row in conversations(20, seed=3)]

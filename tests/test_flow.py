@@ -20,15 +20,16 @@ import orjson
 import pytest
 
 from functions.job_events import job_events
-from shared.backends import MANAGED_BY, get_backend
+from shared.backends.local.settings import LOCAL_TOPIC, local_settings
+from shared.backends.registry import get_backend
 from shared.datasets.sample import conversations
-from shared.eventgrid import LocalTopic
-from shared.events import RUN_STATUS_CHANGED
+from shared.dev.eventgrid_topic import LocalTopic
 from shared.intake import handle_upload
 from shared.janitor import sweep
 from shared.ledger import Ledger, Run, RunState, open_ledger
-from shared.settings import LOCAL_TOPIC, Settings, get_settings
-from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
+from shared.settings import Settings, get_settings
+from shared.storage import blob_service
+from shared.vocabulary import DATASETS_CONTAINER, MANAGED_BY, PREPARED_CONTAINER, RUN_STATUS_CHANGED
 from tests.worker import deliver_upload
 
 S = RunState
@@ -78,7 +79,7 @@ def _completed_event(job: str) -> func.EventGridEvent:
 def _wait_job(settings: Settings, job: str, timeout_s: float = 240) -> str:
     backend = get_backend(settings)
     deadline = time.monotonic() + timeout_s
-    while not (status := backend.job_status(job)).is_terminal:
+    while not (status := backend.job_status(job)).status.is_terminal:
         assert time.monotonic() < deadline, f"job {job} still {status.status}"
         time.sleep(0.5)
     return status.status
@@ -89,7 +90,7 @@ def _states(ledger: Ledger, run: Run) -> list[RunState]:
 
 
 def _job_dirs(settings: Settings) -> list[Path]:
-    return sorted((settings.local.data_dir / "jobs").glob("*/status.json"))
+    return sorted((local_settings(settings).data_dir / "jobs").glob("*/status.json"))
 
 
 def test_200_concurrent_deliveries_of_one_upload_make_one_run_and_one_job(settings: Settings, ledger: Ledger) -> None:
@@ -116,7 +117,7 @@ def test_200_concurrent_completed_events_register_and_deploy_once(settings: Sett
     assert run.state == S.DEPLOYED, run.reason
     states = _states(ledger, run)
     assert states == [S.RECEIVED, S.PREPARED, S.SUBMITTED, S.COMPLETED, S.REGISTERED, S.DEPLOYING, S.DEPLOYED]
-    tracking = f"sqlite:///{settings.local.data_dir / 'mlflow.db'}"
+    tracking = f"sqlite:///{local_settings(settings).data_dir / 'mlflow.db'}"
     assert len(MlflowClient(tracking_uri=tracking).search_model_versions(f"name = '{run.model_name}'")) == 1
     endpoints = get_backend(settings).list_endpoints()
     assert [e.name for e in endpoints] == [run.endpoint_name]
@@ -161,7 +162,7 @@ def test_a_killed_trainer_ends_the_run_failed_with_no_deployment(
     name = _upload(settings, metadata={"num_train_epochs": "200", "per_device_train_batch_size": "1"})
     deliver_upload(name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
-    status_file = settings.local.data_dir / "jobs" / (run.job_name or "") / "status.json"
+    status_file = local_settings(settings).data_dir / "jobs" / (run.job_name or "") / "status.json"
     deadline = time.monotonic() + 60
     while (pid := json.loads(status_file.read_text()).get("pid")) is None:
         assert time.monotonic() < deadline
@@ -204,7 +205,7 @@ def test_a_rejected_dataset_is_recorded_reported_left_untouched_and_announced(
 
 def _set_endpoint_time(settings: Settings, endpoint: str, created: datetime | None = None,
                        last_request: datetime | None = None) -> None:  # fmt: skip
-    directory = settings.local.data_dir / "endpoints" / endpoint
+    directory = local_settings(settings).data_dir / "endpoints" / endpoint
     if created:
         spec = json.loads((directory / "endpoint.json").read_text())
         (directory / "endpoint.json").write_text(json.dumps({**spec, "created_at": created.isoformat()}))

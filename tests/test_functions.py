@@ -19,12 +19,13 @@ from functions.intake import dataset_intake
 from functions.janitor import endpoint_janitor
 from functions.job_events import job_events
 from functions.status import run_status
+from shared.backends.local.settings import LOCAL_TOPIC, local_settings
 from shared.datasets.sample import conversations
-from shared.events import RUN_STATUS_CHANGED
 from shared.intake import prepare_run
 from shared.ledger import Ledger, RunState, Upload, open_ledger
-from shared.settings import LOCAL_TOPIC, Settings
-from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, blob_service
+from shared.settings import Settings
+from shared.storage import blob_service
+from shared.vocabulary import DATASETS_CONTAINER, PREPARED_CONTAINER, RUN_STATUS_CHANGED
 from tests.worker import deliver_upload
 
 SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=5))
@@ -99,7 +100,7 @@ def test_blob_trigger_prepares_the_upload_end_to_end(app_settings: Settings, app
     train, test = files["train_sft.jsonl"].splitlines(), files["test_sft.jsonl"].splitlines()
     assert len(train) + len(test) == 40 and len(train) == report["split"]["train"]
     assert run.details["report"]["training_overrides"] == {"max_steps": 2, "per_device_train_batch_size": 4}
-    job = json.loads((app_settings.local.data_dir / "jobs" / run.job_name / "job.json").read_text())
+    job = json.loads((local_settings(app_settings).data_dir / "jobs" / run.job_name / "job.json").read_text())
     assert job["parameters"] == {"max_steps": 2, "per_device_train_batch_size": 4}
     assert job["tags"]["run_id"] == run.run_id and job["tags"]["dataset_sha256"] == report["input"]["sha256"]
     assert run.details["report"]["sha256"] == report["input"]["sha256"]

@@ -11,9 +11,18 @@ import pytest
 import yaml
 from pycep import BicepParser
 
-from shared.events import JOB_EVENT_TYPES, PIPELINE_RUN_TYPE, RUN_COMPLETED, RUN_STATUS_CHANGED, TERMINAL_STATUSES
-from shared.settings import DEFAULT_BASE_MODELS, KNOWN_SETTINGS, LOCAL_SETTINGS, STORAGE_SETTING, AzureMLWorkspace
-from shared.storage import DATASETS_CONTAINER, PREPARED_CONTAINER, RUNS_TABLE
+from shared.backends.azureml.settings import AzureMLWorkspace
+from shared.backends.registry import plugin
+from shared.settings import STORAGE_SETTING, dev_only_settings, known_settings, load_settings
+from shared.vocabulary import (
+    DATASETS_CONTAINER,
+    JOB_EVENT_TYPES,
+    PREPARED_CONTAINER,
+    RUN_COMPLETED,
+    RUN_STATUS_CHANGED,
+    RUNS_TABLE,
+    JobStatus,
+)
 from tests.fake_azureml import A100_H100
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
@@ -21,6 +30,8 @@ BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
 # Read by the Functions host and Application Insights, not by the app's settings module.
 HOST_SETTINGS = {"APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
 # Local and connection-string alternatives to the identity-based storage settings the cloud uses.
+AZUREML_COORDINATES = {"ML_BACKEND": "azureml", "AZURE_SUBSCRIPTION_ID": "s", "AZURE_RESOURCE_GROUP": "g",
+                       "AZUREML_WORKSPACE_NAME": "w", "AZUREML_COMPUTE_CLUSTER": "c"}  # fmt: skip
 LOCAL_ALTERNATIVES = {STORAGE_SETTING, f"{STORAGE_SETTING}__blobServiceUri", f"{STORAGE_SETTING}__tableServiceUri"}
 
 
@@ -37,7 +48,7 @@ def test_app_settings_in_bicep_equal_the_settings_the_code_reads() -> None:
     function_app = _parse(INFRA / "modules" / "app.bicep")["resources"]["functionApp"]
     names = [setting["name"] for setting in function_app["config"]["properties"]["siteConfig"]["appSettings"]]
     assert len(names) == len(set(names))
-    assert set(names) - HOST_SETTINGS == set(KNOWN_SETTINGS) - LOCAL_ALTERNATIVES - set(LOCAL_SETTINGS)
+    assert set(names) - HOST_SETTINGS == set(known_settings()) - LOCAL_ALTERNATIVES - set(dev_only_settings())
 
 
 def test_no_secret_or_connection_string_in_app_settings() -> None:
@@ -67,10 +78,12 @@ def test_both_success_events_are_subscribed_and_none_is_filtered_away() -> None:
         assert "functionName=job_events" in json.dumps(_parse(INFRA / "events.bicep")["variables"]["jobEventsUrl"])
         assert params["endpointUrl"] == "jobEventsUrl"
     status_filter = {f["key"]: f for f in by_type[RUN_STATUS_CHANGED]["eventFilter"]["advancedFilters"]}
-    assert status_filter["data.runType"]["operatorType"] == "StringIn"
-    assert status_filter["data.runType"]["values"] == [PIPELINE_RUN_TYPE]
+    # The documented samples have "runType": null: a StringIn filter on it would drop them.
+    assert set(status_filter) == {"data.runStatus"}
     assert status_filter["data.runStatus"]["operatorType"] == "StringIn"
-    assert sorted(status_filter["data.runStatus"]["values"]) == sorted(TERMINAL_STATUSES)
+    assert sorted(status_filter["data.runStatus"]["values"]) == sorted(
+        status.value for status in JobStatus if status.is_terminal
+    )
     # RunCompleted has no runStatus and a null runType in the documented sample: a StringIn
     # filter on either key would drop every success event.
     assert by_type[RUN_COMPLETED]["eventFilter"].get("advancedFilters", []) == []
@@ -158,11 +171,14 @@ def test_jobs_read_through_an_identity_based_datastore_the_app_setting_names() -
 
 
 def test_the_default_base_model_is_the_same_in_code_sample_and_infrastructure() -> None:
-    assert _parse(INFRA / "main.bicep")["parameters"]["baseModel"]["default"] == DEFAULT_BASE_MODELS["azureml"]
+    assert _parse(INFRA / "main.bicep")["parameters"]["baseModel"]["default"] == plugin("azureml").default_base_model
     parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
-    assert parameters["baseModel"]["value"] == f"${{BASE_MODEL={DEFAULT_BASE_MODELS['azureml']}}}"
+    assert parameters["baseModel"]["value"] == f"${{BASE_MODEL={plugin('azureml').default_base_model}}}"
     sample = json.loads((INFRA.parent / "local.settings.sample.json").read_text())["Values"]
-    assert sample["BASE_MODEL"] == DEFAULT_BASE_MODELS[sample["ML_BACKEND"]]
+    # Empty: each backend's own default, so switching ML_BACKEND in a copy of it just works.
+    assert sample["BASE_MODEL"] == ""
+    assert load_settings(sample).base_model == plugin("local").default_base_model
+    assert load_settings({**sample, **AZUREML_COORDINATES}).base_model == "Phi-4"
     assert sample["AZUREML_DATASTORE"] == AzureMLWorkspace.datastore
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from azure.data.tables import TableServiceClient
 
-from shared.azurite import start_azurite
+from shared.dev.azurite import start_azurite
 from shared.ledger import (
     FAILURE_STATES,
     TRANSITIONS,

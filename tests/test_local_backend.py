@@ -19,15 +19,16 @@ from typing import Any
 
 import pytest
 
-from shared.backends import BackendError, JobRequest
+from shared.backends.interface import BackendError, JobRequest
 from shared.backends.local.backend import LocalBackend
-from shared.backends.local.tiny_model import END_OF_TURN, TINY_PHI3, build_tiny_phi3
+from shared.backends.local.settings import TINY_PHI3, LocalBackendSettings
+from shared.backends.local.tiny_model import END_OF_TURN, build_tiny_phi3
 from shared.backends.local.trainer import tokenize_conversations
 from shared.datasets.prepare import InputInfo, prepare_dataset
 from shared.datasets.sample import write_sample
 from shared.datasets.sources import file_chunks
-from shared.eventgrid import LocalTopic
-from shared.settings import DatasetSettings, LocalBackendSettings, load_settings
+from shared.dev.eventgrid_topic import LocalTopic
+from shared.settings import DatasetSettings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"learning_rate": 1e-3, "per_device_train_batch_size": 4, "num_train_epochs": 2}
@@ -46,7 +47,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory, events: tuple[LocalTopic, 
     data_dir = tmp_path_factory.mktemp("local-backend")
     settings = load_settings({"LOCAL_DATA_DIR": str(data_dir)})
     local = LocalBackendSettings(data_dir, events[0].endpoint, "topic-key")
-    return LocalBackend(replace(settings, local=local))
+    return LocalBackend(replace(settings, backend_settings=local))
 
 
 def _prepared(directory: Path, rows: int, seed: int) -> Path:
@@ -59,7 +60,7 @@ def _prepared(directory: Path, rows: int, seed: int) -> Path:
 
 def _wait(backend: LocalBackend, job: str, timeout_s: float = 300) -> str:
     deadline = time.monotonic() + timeout_s
-    while not (status := backend.job_status(job)).is_terminal:
+    while not (status := backend.job_status(job)).status.is_terminal:
         assert time.monotonic() < deadline, f"job {job} still {status.status}"
         time.sleep(0.5)
     return status.status
@@ -272,7 +273,7 @@ def test_a_killed_trainer_ends_failed_published_and_resumes_from_its_checkpoint(
     job_dir = backend.data_dir / "jobs" / "job-killed"
     deadline = time.monotonic() + 240
     while not list((job_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-        assert time.monotonic() < deadline and not backend.job_status("job-killed").is_terminal
+        assert time.monotonic() < deadline and not backend.job_status("job-killed").status.is_terminal
         time.sleep(0.2)
     pid = json.loads((job_dir / "status.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)

@@ -15,12 +15,12 @@ from azure.core.credentials import AzureKeyCredential
 from azure.core.exceptions import HttpResponseError
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
-from shared.events import RUN_STATUS_CHANGED
+from shared.dev.localhost import DEAD_LETTER_CONTAINER, RECEIPTS_CONTAINER, LocalHost, Trigger, _route_pattern
 from shared.ledger import RunState, Upload, open_ledger
-from shared.localhost import DEAD_LETTER_CONTAINER, RECEIPTS_CONTAINER, LocalHost, Trigger, _route_pattern
 from shared.ncrontab import Schedule, ScheduleError
 from shared.settings import Settings
-from shared.storage import DATASETS_CONTAINER, blob_service, container
+from shared.storage import blob_service, container
+from shared.vocabulary import DATASETS_CONTAINER, RUN_STATUS_CHANGED
 
 
 @pytest.mark.parametrize(

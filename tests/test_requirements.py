@@ -7,15 +7,9 @@ import ast
 import sys
 from pathlib import Path
 
+from shared.backends.registry import BACKENDS, plugin
+
 REPO = Path(__file__).resolve().parent.parent
-# What runs in Azure: the app, its triggers' code paths and the azureml backend.
-CLOUD_MODULES = [
-    "function_app.py", "functions", "shared/settings.py", "shared/ledger.py", "shared/storage.py",
-    "shared/intake.py", "shared/ncrontab.py",
-    "shared/events.py", "shared/deployment.py", "shared/janitor.py", "shared/lifecycle.py",
-    "shared/status.py", "shared/training.py", "shared/datasets", "shared/backends/__init__.py",
-    "shared/backends/azureml",
-]  # fmt: skip
 DISTRIBUTIONS = {
     "azure.functions": "azure-functions",
     "azurefunctions.extensions.bindings": "azurefunctions-extensions-bindings-blob",
@@ -48,12 +42,8 @@ def _third_party(name: str) -> bool:
 
 
 def test_requirements_cover_every_cloud_import_and_no_training_stack() -> None:
-    files = [
-        p
-        for entry in CLOUD_MODULES
-        for p in ([REPO / entry] if entry.endswith(".py") else (REPO / entry).rglob("*.py"))
-    ]
-    imported = {name for path in files for name in _imports(path) if _third_party(name)}
+
+    imported = {name for path in _reachable_from_the_app() for name in _imports(path) if _third_party(name)}
     required = {line.split("==")[0].strip().lower() for line in (REPO / "requirements.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}  # fmt: skip
     for name in imported:
@@ -82,10 +72,12 @@ def _module_file(name: str) -> Path | None:
 
 
 def _reachable_from_the_app() -> set[Path]:
-    """Every project file `function_app` can import, function-level imports included, except the
-    local backend: `get_backend` loads it only for ML_BACKEND=local, which Azure never sets."""
+    """Every project file the app in Azure can import, function-level imports included: from
+    `function_app`, and from the backends that run in Azure (the registry imports the configured
+    one by name)."""
     seen: set[Path] = set()
-    pending = [REPO / "function_app.py"]
+    in_azure = [module for name, module in BACKENDS.items() if plugin(name).runs_in_azure]
+    pending = [REPO / "function_app.py", *(found for module in in_azure if (found := _module_file(module)))]
     while pending:
         path = pending.pop()
         if path in seen:
@@ -98,7 +90,7 @@ def _reachable_from_the_app() -> set[Path]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             for name in names:
-                if name.split(".")[0] in ("shared", "functions") and not name.startswith("shared.backends.local"):
+                if name.split(".")[0] in ("shared", "functions"):
                     found = _module_file(name)
                     if found is not None:
                         pending.append(found)
@@ -108,7 +100,7 @@ def _reachable_from_the_app() -> set[Path]:
 def test_the_azure_package_leaves_out_dev_tools_and_ships_everything_the_app_imports() -> None:
     patterns = _funcignore()
     dev_only = [".venv", ".venv-checkov", ".local", ".azurite", "mlruns", "node_modules", "tests", "bench",
-                "infra", "shared/backends/local", "shared/localhost.py", "shared/demo.py", "shared/azurite.py",
+                "infra", "shared/backends/local", "shared/dev",
                 "shared/cli.py", "local.settings.json"]  # fmt: skip
     assert [entry for entry in dev_only if entry not in patterns] == []
     shipped = _reachable_from_the_app()

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from shared.settings import (
-    APP_SETTINGS,
-    KNOWN_SETTINGS,
-    LOCAL_SETTINGS,
+    STORAGE_IDENTITY_SETTINGS,
     STORAGE_SETTING,
     SettingsError,
     StorageConnection,
+    known_settings,
     load_settings,
     settings_read,
 )
@@ -33,20 +32,22 @@ def test_defaults_work_locally() -> None:
     assert settings.ml_backend == "local"
     assert settings.storage == StorageConnection(connection_string="UseDevelopmentStorage=true")
     assert settings.janitor_schedule == "0 */10 * * * *"
-    assert settings.azureml is None
+    assert settings.base_model == "tiny-phi3" and settings.backend_settings.data_dir.name == ".local"
 
 
 def test_the_sample_local_settings_hold_every_app_setting_and_load() -> None:
     values = json.loads((REPO / "local.settings.sample.json").read_text())["Values"]
-    assert set(values) == {STORAGE_SETTING, "FUNCTIONS_WORKER_RUNTIME", *APP_SETTINGS, *LOCAL_SETTINGS}
+    assert set(values) == {"FUNCTIONS_WORKER_RUNTIME", *known_settings()} - set(STORAGE_IDENTITY_SETTINGS)
     assert values["FUNCTIONS_WORKER_RUNTIME"] == "python"
     assert values[STORAGE_SETTING] == "UseDevelopmentStorage=true"
     assert load_settings(values).ml_backend == "local"
 
 
-@pytest.mark.parametrize("environ", [{}, AZUREML, {f"{STORAGE_SETTING}__accountName": "stfinetune"}])
-def test_the_settings_module_reads_exactly_the_known_settings(environ: dict[str, str]) -> None:
-    assert settings_read(environ) == set(KNOWN_SETTINGS)
+def test_the_settings_module_reads_exactly_the_known_settings() -> None:
+    """Each configuration reads the core settings and its own backend's; together, all known."""
+    configurations = [{}, AZUREML, {f"{STORAGE_SETTING}__accountName": "stfinetune"}]
+    assert set().union(*(settings_read(environ) for environ in configurations)) == set(known_settings())
+    assert "AZUREML_WORKSPACE_NAME" not in settings_read({})  # the local configuration never imports azureml
 
 
 def test_azureml_backend_needs_its_workspace_and_names_every_missing_setting() -> None:
@@ -61,9 +62,9 @@ def test_azureml_backend_needs_its_workspace_and_names_every_missing_setting() -
 def test_azureml_backend_settings() -> None:
     settings = load_settings({**AZUREML, "AZUREML_GPUS_PER_NODE": "4"})
     assert settings.ml_backend == "azureml"
-    assert settings.azureml is not None
-    assert settings.azureml.workspace_name == "mlw-finetune"
-    assert settings.azureml.gpus_per_node == 4
+    workspace = settings.backend_settings
+    assert workspace.workspace_name == "mlw-finetune" and workspace.gpus_per_node == 4
+    assert settings.base_model == "Phi-4" and settings.job_event_topics == (workspace.resource_id,)
 
 
 @pytest.mark.parametrize(
@@ -73,8 +74,6 @@ def test_azureml_backend_settings() -> None:
         ("JANITOR_SCHEDULE", "0 */5 * * * * *", "an NCRONTAB schedule"),
         ("JANITOR_SCHEDULE", "0 61 * * * *", "an NCRONTAB schedule"),
         ("JANITOR_SCHEDULE", "0 0 9 L * *", "an NCRONTAB schedule"),
-        ("AZUREML_GPUS_PER_NODE", "0", "at least 1"),
-        ("AZUREML_GPUS_PER_NODE", "four", "at least 1"),
         (f"{STORAGE_SETTING}__credential", "password", "'managedidentity'"),
         (f"{STORAGE_SETTING}__blobServiceUri", "stfinetune.blob", "https:// blob service URI"),
     ],
@@ -82,6 +81,17 @@ def test_azureml_backend_settings() -> None:
 def test_a_malformed_setting_is_named_with_what_it_expects(name: str, value: str, expects: str) -> None:
     with pytest.raises(SettingsError) as error:
         load_settings({name: value})
+    assert f"{name}={value!r}: expected" in str(error.value) and expects in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expects"),
+    [("AZUREML_GPUS_PER_NODE", "0", "at least 1"), ("AZUREML_GPUS_PER_NODE", "four", "at least 1"),
+     ("AZUREML_DATASTORE", "prepared-data", "letters, digits, underscores")],
+)  # fmt: skip
+def test_a_backends_own_setting_is_checked_when_it_is_configured(name: str, value: str, expects: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({**AZUREML, name: value})
     assert f"{name}={value!r}: expected" in str(error.value) and expects in str(error.value)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from functions.intake import dataset_intake
-from shared.localhost import Trigger, blob_trigger_argument
-from shared.storage import DATASETS_CONTAINER
+from shared.dev.localhost import Trigger, blob_trigger_argument
+from shared.vocabulary import DATASETS_CONTAINER
 
 
 def deliver_upload(name: str, container: str = DATASETS_CONTAINER) -> None:

@@ -90,7 +90,7 @@ resource computeOutputsAccess 'Microsoft.Authorization/roleAssignments@2022-04-0
 // dead-letters) instead of failing on a second one.
 resource workspaceEvents 'Microsoft.EventGrid/systemTopics@2024-06-01-preview' = {
   name: workspaceEventsTopicName
-  location: location
+  location: workspace.location // a system topic lives where its source does
   tags: tags
   identity: { type: 'SystemAssigned' }
   dependsOn: [newWorkspace]
@@ -105,6 +105,5 @@ output workspaceId string = workspace.id
 output workspacePrincipalId string = workspace.identity.principalId
 output computeClusterName string = cluster.name
 output computePrincipalId string = computeIdentity.properties.principalId
-output computeClientId string = computeIdentity.properties.clientId
 output workspaceEventsTopicName string = workspaceEvents.name
 output workspaceEventsPrincipalId string = workspaceEvents.identity.principalId

@@ -20,13 +20,11 @@ import orjson
 from shared.datasets.offload import BlockWriter, Offload
 from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_rows
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
-from shared.settings import SAMPLE_PERCENT, TEST_PERCENT, DatasetSettings
+from shared.settings import DatasetSettings
 from shared.training import PARAMETERS, ParameterError, parse_parameter, resolve_parameters
+from shared.validation import SAMPLE_PERCENT, TEST_PERCENT
+from shared.vocabulary import REJECTED_FILE, REPORT_FILE, TEST_FILE, TRAIN_FILE
 
-TRAIN_FILE = "train_sft.jsonl"
-TEST_FILE = "test_sft.jsonl"
-REPORT_FILE = "report.json"
-REJECTED_FILE = "rejected_rows.jsonl"
 FIRST_LINES = 20
 _BUCKETS = 10_000
 _TOKEN_HISTOGRAM_SIZE = 1 << 16
@@ -293,7 +291,7 @@ def prepare_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
         (out_dir / name).unlink(missing_ok=True)
-    fatal, training = refusal, {}
+    fatal, training = refusal, dict[str, Any]()
     try:
         settings, training = read_overrides(metadata or {}, settings)
     except ParameterError as error:

@@ -151,15 +151,15 @@ def _parquet_rows(stream: IO[bytes]) -> Iterator[Row]:
                 yield Row(line, value=value)
 
 
-def read_rows(stream: IO[bytes]) -> tuple[str, Iterator[Row]]:
+def read_rows(stream: IO[bytes] | io.RawIOBase) -> tuple[str, Iterator[Row]]:
     """The upload's format (`jsonl`, `jsonl.gz` or `parquet`, told by content, not by name)
     and its rows."""
     import gzip
 
-    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream, CHUNK_BYTES)  # type: ignore[arg-type]
+    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream, CHUNK_BYTES)  # type: ignore[type-var]
     head = buffered.peek(4)[:4]
     if head.startswith(_GZIP_MAGIC):
-        unzipped = io.BufferedReader(gzip.GzipFile(fileobj=buffered), CHUNK_BYTES)  # type: ignore[arg-type]
+        unzipped = io.BufferedReader(gzip.GzipFile(fileobj=buffered), CHUNK_BYTES)
         return "jsonl.gz", _guard_gzip(_jsonl_rows(unzipped))
     if head == _PARQUET_MAGIC:
         return "parquet", _parquet_rows(buffered)

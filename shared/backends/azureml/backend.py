@@ -4,34 +4,45 @@ and their progress is read later."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from functools import cached_property, partial
+from enum import StrEnum
+from functools import cached_property, partial, wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from shared.backends import (
-    MANAGED_BY,
+from shared.backends import smoke
+from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
+from shared.backends.azureml.registry_model import Purpose, RegistryModel
+from shared.backends.azureml.settings import DISCOVER_BASE_MODEL, AzureMLWorkspace, prepared_uri, workspace_settings
+from shared.backends.interface import (
     BackendError,
     Conversation,
     DeployProgress,
     DeployState,
     Endpoint,
+    JobReport,
     JobRequest,
-    JobStatus,
     ModelRef,
+    TransientBackendError,
     model_name_for,
-    scoring,
 )
-from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
-from shared.backends.azureml.registry_model import Purpose, RegistryModel
-from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
-from shared.settings import DISCOVER_BASE_MODEL, AzureMLWorkspace, Settings
+from shared.settings import Settings
+from shared.vocabulary import (
+    BASE_MODEL_TAG,
+    DATASET_TAG,
+    JOB_TAG,
+    MANAGED_BY,
+    MANAGED_BY_TAG,
+    TEST_FILE,
+    TRAIN_FILE,
+    JobStatus,
+)
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
@@ -77,18 +88,29 @@ def _service_errors(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     message, so the flow records a failure instead of crashing with a traceback."""
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(method)
+        @wraps(method)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             from azure.core.exceptions import AzureError
 
             try:
                 return method(*args, **kwargs)
             except AzureError as error:
-                raise BackendError(f"Azure ML {action} failed: {service_message(error)}") from None
+                kind = TransientBackendError if _transient(error) else BackendError
+                raise kind(f"Azure ML {action} failed: {service_message(error)}") from None
 
         return wrapper
 
     return decorate
+
+
+def _transient(error: Exception) -> bool:
+    """Throttled, conflicting with a concurrent change, or the service or network unavailable
+    (the SDK has already retried 429 and 5xx a few times)."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(error, ServiceRequestError | ServiceResponseError):
+        return True
+    return isinstance(error, HttpResponseError) and error.status_code in (408, 409, 429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,23 @@ def check_vm_size(model: RegistryModel, vm_size: str, purpose: Purpose) -> str |
     return None
 
 
+class DeploymentStep(StrEnum):
+    CLEAN_UP = "clean up"  # the deployment failed: delete it (it bills) and report its logs
+    WAIT = "wait"  # Azure is still creating it
+    SMOKE_TEST = "smoke test"  # it succeeded and takes no traffic yet
+    SERVING = "serving"  # it takes all the traffic already (smoke-tested by an earlier call)
+
+
+def next_deployment_step(provisioning_state: str, traffic: Callable[[], dict[str, int]]) -> DeploymentStep:
+    """What to do with our deployment now; the endpoint's traffic split is read only once the
+    deployment has succeeded."""
+    if provisioning_state.lower() == "failed":
+        return DeploymentStep.CLEAN_UP
+    if provisioning_state.lower() != "succeeded":
+        return DeploymentStep.WAIT
+    return DeploymentStep.SERVING if traffic().get(DEPLOYMENT) == 100 else DeploymentStep.SMOKE_TEST
+
+
 def _version_order(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)) or (-1,)
 
@@ -176,12 +215,15 @@ def display_name(model: str, parameters: dict[str, Any], gpus: int) -> str:
 
 class AzureMLBackend:
     def __init__(self, settings: Settings, transport: Any = None, credential: Any = None) -> None:
-        if settings.azureml is None:
-            raise BackendError("ML_BACKEND=azureml needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP, ...")
         self.settings = settings
-        self.workspace_settings: AzureMLWorkspace = settings.azureml
+        self.workspace_settings: AzureMLWorkspace = workspace_settings(settings)
         self._transport = transport  # tests pass a fake HTTP transport; None is the real network
         self._credential = credential
+
+    @contextmanager
+    def prepared_location(self, run_id: str) -> Iterator[str]:
+        """The workspace's datastore on the `prepared` container: nothing moves at submit time."""
+        yield prepared_uri(self.workspace_settings.datastore, run_id)
 
     # Clients: created on first use and reused.
     def _client_options(self) -> dict[str, Any]:
@@ -290,6 +332,8 @@ class AzureMLBackend:
             compute = self.workspace.compute.get(cluster)
         except ResourceNotFoundError:
             raise PreflightError(f"compute cluster {cluster} does not exist in the workspace") from None
+        if _text(getattr(compute, "type", "")).lower() != "amlcompute":
+            raise PreflightError(f"compute {cluster} is not an Azure ML compute cluster (AmlCompute)")
         if _text(compute.provisioning_state).lower() == "failed":
             raise PreflightError(f"compute cluster {cluster} is in a failed provisioning state: recreate it")
         vm_size = compute.size or ""
@@ -347,12 +391,13 @@ class AzureMLBackend:
             jobs={COMPONENT_NAME: node},
             outputs={"trained_model": Output(type="mlflow_model")},
             tags={
-                "managed-by": MANAGED_BY,
-                "base_model": f"{plan.model_name}:{plan.model_version}",
-                "dataset": request.dataset,
+                MANAGED_BY_TAG: MANAGED_BY,
+                BASE_MODEL_TAG: f"{plan.model_name}:{plan.model_version}",
+                DATASET_TAG: request.dataset,
                 **request.tags,
             },
         )
+        assert job.settings is not None  # PipelineJob always makes its settings
         job.settings.force_rerun = True
         job.settings.continue_on_step_failure = False
         return job
@@ -378,7 +423,7 @@ class AzureMLBackend:
         return body
 
     @_service_errors("submission")
-    def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
+    def submit(self, request: JobRequest, restart: bool = False) -> JobReport:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
@@ -390,15 +435,16 @@ class AzureMLBackend:
         created = self.workspace.jobs.create_or_update(job, experiment_name=self.workspace_settings.experiment_name)
         return replace(self._status(created), notes=tuple(plan.warnings))
 
-    def _status(self, job: Any) -> JobStatus:
-        status = _text(job.status) or "NotStarted"
+    def _status(self, job: Any) -> JobReport:
+        # A status this app does not know yet is taken as still running: the janitor asks again.
+        status = JobStatus.parse(_text(job.status) or JobStatus.NOT_STARTED) or JobStatus.RUNNING
         reason = None
-        if status in ("Failed", "Canceled"):
+        if status in (JobStatus.FAILED, JobStatus.CANCELED):
             reason = f"Azure ML job {job.name} {status.lower()}: see {job.studio_url or 'Azure ML studio'}"
-        return JobStatus(job.name, status, reason)
+        return JobReport(job.name, status, reason)
 
     @_service_errors("reading a job's status")
-    def job_status(self, job_name: str) -> JobStatus:
+    def job_status(self, job_name: str) -> JobReport:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
@@ -418,11 +464,11 @@ class AzureMLBackend:
         from azure.core.exceptions import ResourceNotFoundError
 
         job = self.workspace.jobs.get(job_name)
-        if _text(job.status) != "Completed":
+        if JobStatus.parse(_text(job.status)) != JobStatus.COMPLETED:
             raise BackendError(f"job {job_name} is {_text(job.status)}; only a Completed job has a model to register")
         tags = dict(job.tags or {})
-        base = tags.get("base_model", "model").split(":", 1)[0]
-        name, version = model_name_for(base, tags.get("dataset", "chat")), model_version_for(job_name)
+        base = tags.get(BASE_MODEL_TAG, "model").split(":", 1)[0]
+        name, version = model_name_for(base, tags.get(DATASET_TAG, "chat")), model_version_for(job_name)
         try:
             existing = self.workspace.models.get(name, version=version)
             return ModelRef(existing.name, str(existing.version))
@@ -434,7 +480,11 @@ class AzureMLBackend:
             name=name,
             version=version,
             description=f"{tags.get('base_model', base)} fine-tuned on {tags.get('dataset', '?')} by job {job_name}",
-            tags={"job": job_name, **{k: v for k, v in tags.items() if k != "managed-by"}, "managed-by": MANAGED_BY},
+            tags={
+                JOB_TAG: job_name,
+                **{k: v for k, v in tags.items() if k != MANAGED_BY_TAG},
+                MANAGED_BY_TAG: MANAGED_BY,
+            },
         )
         registered = self.workspace.models.create_or_update(model)
         return ModelRef(registered.name, str(registered.version))
@@ -452,7 +502,7 @@ class AzureMLBackend:
         from azure.core.exceptions import ResourceNotFoundError
 
         registered = self.workspace.models.get(model.name, version=model.version)
-        base_name, _, base_version = (registered.tags or {}).get("base_model", ":").partition(":")
+        base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
         instance_type = self.workspace_settings.instance_type
         if base_name:  # checked at submission too; the setting may have changed since
             check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
@@ -463,7 +513,7 @@ class AzureMLBackend:
                 ManagedOnlineEndpoint(
                     name=endpoint,
                     auth_mode="key",
-                    tags={"managed-by": MANAGED_BY, **tags},
+                    tags={MANAGED_BY_TAG: MANAGED_BY, **tags},
                     description=f"{model.name}:{model.version}",
                 )
             )
@@ -483,7 +533,7 @@ class AzureMLBackend:
                     instance_count=1,
                     liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
                     request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
-                    tags={"managed-by": MANAGED_BY},
+                    tags={MANAGED_BY_TAG: MANAGED_BY},
                 )
             )
         return self.endpoint(endpoint)
@@ -497,19 +547,21 @@ class AzureMLBackend:
         shape until one is answered, then route all traffic to it. The deployment is deleted (it
         bills) only when it failed itself or every request shape failed."""
         self.deploy(model, endpoint, tags)
-        state = self.deployment_state(endpoint)
-        if state.lower() == "failed":
+        step = next_deployment_step(
+            self.deployment_state(endpoint), lambda: self.workspace.online_endpoints.get(endpoint).traffic or {}
+        )
+        if step == DeploymentStep.CLEAN_UP:
             message = self._deployment_logs(endpoint)
             self.delete_deployment(endpoint)
             return DeployProgress(DeployState.FAILED, f"deployment {DEPLOYMENT} of {endpoint} failed: {message}")
-        if state.lower() != "succeeded":
+        if step == DeploymentStep.WAIT:
             return DeployProgress(DeployState.DEPLOYING)
-        if (self.workspace.online_endpoints.get(endpoint).traffic or {}).get(DEPLOYMENT) == 100:
+        if step == DeploymentStep.SERVING:
             return DeployProgress(DeployState.DEPLOYED)
-        attempts = scoring.smoke_test(partial(self._score, endpoint, DEPLOYMENT), conversation())
+        attempts = smoke.run(partial(self._score, endpoint, DEPLOYMENT), conversation())
         if not attempts[-1].answered:
             self.delete_deployment(endpoint)
-            return DeployProgress(DeployState.FAILED, scoring.failure(endpoint, attempts), attempts)
+            return DeployProgress(DeployState.FAILED, smoke.failure(endpoint, attempts), attempts)
         self.set_traffic(endpoint, 100)
         return DeployProgress(DeployState.DEPLOYED, None, attempts)
 
@@ -567,12 +619,12 @@ class AzureMLBackend:
     def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
         status, text = self._score(endpoint, deployment, body)
         if status != 200:
-            raise BackendError(f"endpoint {endpoint} answered {status or 'nothing'}: {scoring.excerpt(text)}")
+            raise BackendError(f"endpoint {endpoint} answered {status or 'nothing'}: {smoke.excerpt(text)}")
         try:
             reply = json.loads(text)
         except ValueError:
             return {"output": text}
-        answer = scoring.reply_text(reply)
+        answer = smoke.reply_text(reply)
         return {"output": answer if answer is not None else reply}
 
     def _score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
@@ -596,7 +648,9 @@ class AzureMLBackend:
 
     @_service_errors("listing endpoints")
     def list_endpoints(self) -> list[Endpoint]:
-        managed = [e for e in self.workspace.online_endpoints.list() if (e.tags or {}).get("managed-by") == MANAGED_BY]
+        managed = [
+            e for e in self.workspace.online_endpoints.list() if (e.tags or {}).get(MANAGED_BY_TAG) == MANAGED_BY
+        ]
         return [self._endpoint(found, self.last_request_at(found.id)) for found in managed]
 
     def last_request_at(self, endpoint_id: str, window: timedelta = timedelta(days=7)) -> str | None:

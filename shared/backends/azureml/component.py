@@ -8,7 +8,8 @@ import ast
 from collections.abc import Mapping
 from typing import Any
 
-from shared.training import SCHEDULERS
+from shared.training import DEFAULTS, SCHEDULERS
+from shared.validation import flag, whole_number
 
 COMPONENT_NAME = "chat_completion_pipeline"
 REGISTRY = "azureml"
@@ -61,17 +62,16 @@ CHOICES: Mapping[str, tuple[str, ...]] = {
     "optim": ("adamw_torch", "adafactor"),
 }
 OUTPUT = "mlflow_model_folder"
-# The walkthrough's fine-tune settings, the base the model's own defaults and the upload's go on.
+# The walkthrough's fine-tune settings (our training defaults where it sets them, and DeepSpeed
+# stage 2, which only the component has), the base the model's own defaults and the upload's go on.
+# The component's own defaults stand for the rest.
 WALKTHROUGH_DEFAULTS: Mapping[str, Any] = {
-    "num_train_epochs": 3,
-    "per_device_train_batch_size": 1,
-    "per_device_eval_batch_size": 1,
-    "learning_rate": 5e-6,
-    "lr_scheduler_type": "cosine",
-    "apply_lora": "true",
+    **{name: DEFAULTS[name] for name in ("num_train_epochs", "per_device_train_batch_size",
+                                         "per_device_eval_batch_size", "learning_rate", "lr_scheduler_type",
+                                         "apply_lora")},
     "apply_deepspeed": "true",
     "deepspeed_stage": "2",
-}
+}  # fmt: skip
 
 
 class ComponentInputError(ValueError):
@@ -85,14 +85,9 @@ def component_value(name: str, value: Any) -> Any:
         raise ComponentInputError(f"{name!r} is not an input of {COMPONENT_NAME}")
     try:
         if kind == "flag":
-            text = str(value).strip().lower()
-            if text not in ("true", "false"):
-                raise ValueError
-            return text
+            return "true" if flag(value) else "false"
         if kind == "integer":
-            if isinstance(value, bool) or int(float(value)) != float(value):
-                raise ValueError
-            return int(float(value))
+            return whole_number(value)
         if kind == "number":
             if isinstance(value, bool):
                 raise ValueError

@@ -1,0 +1,31 @@
+"""The local backend: trainer processes, MLflow's registry, local HTTP endpoints, all on this
+machine. This module is what the rest of the app knows of it; torch, transformers and mlflow are
+imported only when a backend object does the work. None of it ships to Azure."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from shared.backends.local.settings import LOCAL_TOPIC, SETTING_NAMES, TINY_PHI3, read_settings
+from shared.backends.registry import BackendPlugin
+
+if TYPE_CHECKING:
+    from shared.backends.interface import Backend
+    from shared.settings import Settings
+
+
+def _create(settings: Settings) -> Backend:
+    from shared.backends.local.backend import LocalBackend
+
+    return LocalBackend(settings)
+
+
+PLUGIN = BackendPlugin(
+    name="local",
+    setting_names=SETTING_NAMES,
+    read_settings=read_settings,
+    default_base_model=TINY_PHI3,
+    default_job_event_topics=lambda section: (LOCAL_TOPIC,),
+    create=_create,
+    runs_in_azure=False,
+)

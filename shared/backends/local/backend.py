@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.backends import (
+from shared.backends import smoke
+from shared.backends.interface import (
     BackendError,
     Conversation,
     DeployProgress,
     DeployState,
     Endpoint,
+    JobReport,
     JobRequest,
-    JobStatus,
     ModelRef,
     model_name_for,
-    scoring,
 )
 from shared.backends.local import endpoints, jobs, registry
+from shared.backends.local.settings import local_settings
 from shared.settings import Settings
+from shared.storage import blob_service
 from shared.training import PARAMETERS
+from shared.vocabulary import (
+    BASE_MODEL_TAG,
+    DATASET_TAG,
+    JOB_TAG,
+    PREPARED_CONTAINER,
+    TEST_FILE,
+    TRAIN_FILE,
+    JobStatus,
+)
 
 
 @dataclass(frozen=True)
@@ -32,7 +45,18 @@ class LocalBackend:
 
     @property
     def data_dir(self) -> Path:
-        return self.settings.local.data_dir
+        return local_settings(self.settings).data_dir
+
+    @contextmanager
+    def prepared_location(self, run_id: str) -> Iterator[str]:
+        """A download of the run's prepared files, which `submit` copies into its job."""
+        service = blob_service(self.settings.storage)
+        with tempfile.TemporaryDirectory(prefix="submit-") as folder:
+            for name in (TRAIN_FILE, TEST_FILE):
+                blob = service.get_blob_client(PREPARED_CONTAINER, f"{run_id}/{name}")
+                with (Path(folder) / name).open("wb") as target:
+                    blob.download_blob().readinto(target)
+            yield folder
 
     @property
     def tracking_uri(self) -> str:
@@ -42,7 +66,7 @@ class LocalBackend:
     def base_model(self) -> str:
         return self.settings.base_model
 
-    def submit(self, request: JobRequest, restart: bool = False) -> JobStatus:
+    def submit(self, request: JobRequest, restart: bool = False) -> JobReport:
         unknown = set(request.parameters) - set(PARAMETERS)
         if unknown:
             raise BackendError(f"unknown training parameter(s): {', '.join(sorted(unknown))}")
@@ -54,16 +78,16 @@ class LocalBackend:
             experiment_name=f"chat_completion_{Path(self.base_model).name}",
             tracking_uri=self.tracking_uri,
             models_dir=str(self.data_dir / "models"),
-            tags={"dataset": request.dataset, **request.tags},
-            events_endpoint=self.settings.local.job_events_endpoint,
-            events_key=self.settings.local.job_events_key,
+            tags={DATASET_TAG: request.dataset, **request.tags},
+            events_endpoint=local_settings(self.settings).job_events_endpoint,
+            events_key=local_settings(self.settings).job_events_key,
         )
         state = jobs.submit(self.data_dir, spec, Path(request.prepared), restart=restart)
-        return JobStatus(state.job_name, state.status, state.reason)
+        return JobReport(state.job_name, state.status, state.reason)
 
-    def job_status(self, job_name: str) -> JobStatus:
+    def job_status(self, job_name: str) -> JobReport:
         state = jobs.read_state(jobs.job_dir(self.data_dir, job_name))
-        return JobStatus(state.job_name, state.status, state.reason)
+        return JobReport(state.job_name, state.status, state.reason)
 
     def job_names(self) -> list[str]:
         root = self.data_dir / "jobs"
@@ -78,13 +102,13 @@ class LocalBackend:
 
     def register(self, job_name: str) -> ModelRef:
         status = self.job_status(job_name)
-        if status.status != "Completed":
+        if status.status != JobStatus.COMPLETED:
             raise BackendError(f"job {job_name} is {status.status}; only a Completed job has a model to register")
         directory = jobs.job_dir(self.data_dir, job_name)
         spec = jobs.read_spec(directory)
         metrics = self.job_metrics(job_name)
-        name = model_name_for(spec.base_model, spec.tags.get("dataset", "chat"))
-        tags = {"job": job_name, "base_model": spec.base_model, **spec.tags}
+        name = model_name_for(spec.base_model, spec.tags.get(DATASET_TAG, "chat"))
+        tags = {JOB_TAG: job_name, BASE_MODEL_TAG: spec.base_model, **spec.tags}
         version = registry.register(
             self.tracking_uri, self.data_dir, name, Path(metrics["model_folder"]), metrics.get("mlflow_run_id"), tags
         )
@@ -114,10 +138,10 @@ class LocalBackend:
             return DeployProgress(DeployState.FAILED, str(error))
         if ready.last_request_at is not None:  # smoke-tested already: a passed test leaves its mark
             return DeployProgress(DeployState.DEPLOYED)
-        attempts = scoring.smoke_test(partial(self._score, endpoint), conversation())
+        attempts = smoke.run(partial(self._score, endpoint), conversation())
         if not attempts[-1].answered:
             self.delete_endpoint(endpoint)
-            return DeployProgress(DeployState.FAILED, scoring.failure(endpoint, attempts), attempts)
+            return DeployProgress(DeployState.FAILED, smoke.failure(endpoint, attempts), attempts)
         return DeployProgress(DeployState.DEPLOYED, None, attempts)
 
     def _score(self, endpoint: str, body: dict[str, Any]) -> tuple[int | None, str]:

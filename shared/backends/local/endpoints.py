@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.backends import BackendError
+from shared.backends.interface import BackendError
 from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
 
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")

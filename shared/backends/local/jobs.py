@@ -18,12 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.backends import BackendError
+from shared.backends.interface import BackendError
 from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
-from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
-from shared.events import publish_job_status
+from shared.eventgrid import send_event
+from shared.vocabulary import PIPELINE_RUN_TYPE, RUN_STATUS_CHANGED, TEST_FILE, TRAIN_FILE, JobStatus
 
-TERMINAL = ("Completed", "Failed", "Canceled")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 _PUBLISHED = "event-published"
 
@@ -48,17 +47,19 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
-class JobState:
+class JobRecord:
+    """Where a job stands; written to status.json."""
+
     job_name: str
-    status: str  # NotStarted, Running, Completed, Failed, Canceled (Azure ML's names)
+    status: JobStatus
     reason: str | None = None
     pid: int | None = None
     started_at: str | None = None
     ended_at: str | None = None
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobRecord:
+        return cls(**{**data, "status": JobStatus(data["status"])})
 
 
 def check_job_name(name: str) -> str:
@@ -75,7 +76,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def write_state(directory: Path, state: JobState) -> None:
+def write_state(directory: Path, state: JobRecord) -> None:
     write_json(directory / "status.json", asdict(state))
 
 
@@ -83,7 +84,7 @@ def read_spec(directory: Path) -> JobSpec:
     return JobSpec(**json.loads((directory / "job.json").read_text()))
 
 
-def publish_once(directory: Path, state: JobState) -> None:
+def publish_once(directory: Path, state: JobRecord) -> None:
     """Publish the job's final status event exactly once, whoever notices the end first."""
     spec = read_spec(directory)
     try:
@@ -91,21 +92,38 @@ def publish_once(directory: Path, state: JobState) -> None:
     except FileExistsError:
         return
     if spec.events_endpoint and spec.events_key:
-        publish_job_status(
-            spec.events_endpoint, spec.events_key, spec.job_name, state.status, spec.experiment_name, spec.tags
-        )
+        publish_job_status(spec, state.status)
 
 
-def read_state(directory: Path) -> JobState:
+def publish_job_status(spec: JobSpec, status: JobStatus) -> None:
+    """Publish a job's status as Azure ML does (`RunStatusChanged` of a pipeline run), so the local
+    trainer and Azure ML drive the same job-events function."""
+    from azure.core.credentials import AzureKeyCredential
+
+    assert spec.events_endpoint and spec.events_key
+    data = {
+        "experimentId": spec.experiment_name,
+        "experimentName": spec.experiment_name,
+        "runId": spec.job_name,
+        "runType": PIPELINE_RUN_TYPE,
+        "runTags": dict(spec.tags),
+        "runProperties": {},
+        "runStatus": str(status),
+    }
+    subject = f"experiments/{spec.experiment_name}/runs/{spec.job_name}"
+    send_event(spec.events_endpoint, AzureKeyCredential(spec.events_key), subject, RUN_STATUS_CHANGED, "2", data)
+
+
+def read_state(directory: Path) -> JobRecord:
     """The job's status; a trainer that died without saying so ends as Failed (and is published)."""
     if not (directory / "status.json").exists():
         raise JobError(f"no job {directory.name!r}")
-    state = JobState(**json.loads((directory / "status.json").read_text()))
-    if state.is_terminal or state.status == "Queued" or pid_alive(state.pid):
+    state = JobRecord.from_json(json.loads((directory / "status.json").read_text()))
+    if state.status.is_terminal or state.status == JobStatus.QUEUED or pid_alive(state.pid):
         return state
-    failed = JobState(
+    failed = JobRecord(
         state.job_name,
-        "Failed",
+        JobStatus.FAILED,
         reason="the trainer process ended without reporting a result (killed or crashed); see trainer.log",
         pid=state.pid,
         started_at=state.started_at,
@@ -126,7 +144,7 @@ def _stage_inputs(prepared: Path, inputs: Path) -> None:
         shutil.copyfile(prepared / name, inputs / name)
 
 
-def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False) -> JobState:
+def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False) -> JobRecord:
     """Start the job, or find it: a job that exists is returned as it is, unless `restart` is
     set and it ended without completing, in which case it resumes from its last checkpoint."""
     directory = job_dir(data_dir, spec.job_name)
@@ -137,7 +155,7 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
         if not wait_for(directory / "status.json"):
             raise JobError(f"job {directory.name} is being submitted by another process that did not finish") from None
         state = read_state(directory)
-        if not restart or state.status == "Completed" or not state.is_terminal:
+        if not restart or state.status == JobStatus.COMPLETED or not state.status.is_terminal:
             return state
         (directory / _PUBLISHED).unlink(missing_ok=True)
     else:
@@ -147,18 +165,18 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
             shutil.rmtree(directory)
             raise
     write_json(directory / "job.json", asdict(spec))
-    write_state(directory, JobState(spec.job_name, "Queued", started_at=_now()))
+    write_state(directory, JobRecord(spec.job_name, JobStatus.QUEUED, started_at=_now()))
     pid = spawn("shared.backends.local.trainer", directory, "trainer.log")
-    state = JobState(spec.job_name, "Running", pid=pid, started_at=_now())
+    state = JobRecord(spec.job_name, JobStatus.RUNNING, pid=pid, started_at=_now())
     # The trainer writes only final states; it needs seconds to start, so this write comes first.
-    if not read_state(directory).is_terminal:
+    if not read_state(directory).status.is_terminal:
         write_state(directory, state)
     return read_state(directory)
 
 
-def cancel(data_dir: Path, job_name: str) -> JobState:
+def cancel(data_dir: Path, job_name: str) -> JobRecord:
     directory = job_dir(data_dir, job_name)
     state = read_state(directory)
-    if not state.is_terminal and state.pid:
+    if not state.status.is_terminal and state.pid:
         os.kill(state.pid, signal.SIGTERM)  # the trainer records Canceled and publishes
     return state

@@ -42,4 +42,4 @@ def model_folder(tracking_uri: str, name: str, version: str) -> Path:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    return Path(client.get_model_version(name, version).source)
+    return Path(str(client.get_model_version(name, version).source))

@@ -19,9 +19,9 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from shared.backends.local.httpserver import ReplyingHandler
 from shared.backends.local.scoring import BadRequest, ChatRequest, parse_openai, parse_score
 from shared.backends.local.tiny_model import END_OF_TURN
-from shared.httpserver import ReplyingHandler
 
 log = logging.getLogger("endpoint")
 MAX_BODY_BYTES = 1024 * 1024
@@ -41,8 +41,8 @@ class ChatModel:
         if (model_folder / "peft").exists():  # adapter-only (merge_lora_weights=false): base + LoRA
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, model_folder / "peft")
-        self.model = model.to(device).eval()
+            model = PeftModel.from_pretrained(model, model_folder / "peft")  # type: ignore[assignment]
+        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` oddly
         self.device = device
         end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.stop_ids = [i for i in (end, self.tokenizer.eos_token_id) if isinstance(i, int) and i >= 0]
@@ -55,7 +55,7 @@ class ChatModel:
         encoded = self.tokenizer.apply_chat_template(
             request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        inputs = {key: value.to(self.device) for key, value in encoded.items()}
+        inputs = {key: value.to(self.device) for key, value in encoded.items()}  # type: ignore[union-attr]
         options: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": request.do_sample}
         if request.do_sample:
             options.update(temperature=request.temperature, top_p=request.top_p)
@@ -71,7 +71,7 @@ class ChatModel:
         new = output[0, prompt_length:].tolist()
         stopped = bool(new) and new[-1] in self.stop_ids
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return text, prompt_length, len(new), stopped
+        return str(text), prompt_length, len(new), stopped
 
 
 class EndpointServer(ThreadingHTTPServer):

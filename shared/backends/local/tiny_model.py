@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_PHI3 = "tiny-phi3"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 END_OF_TURN = "<|end|>"
 # Phi-3's chat template, with generation markers around what the assistant says (its content and
@@ -64,6 +63,7 @@ def build_tiny_phi3(target: Path, seed: int = 0) -> Path:
         tokenizer.save_pretrained(staging)
 
         end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        assert isinstance(end_id, int)  # one token, one id
         torch.manual_seed(seed)
         config = Phi3Config(
             vocab_size=len(tokenizer),

@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.backends.local.jobs import JobSpec, JobState, publish_once, read_spec, write_state
-from shared.backends.local.tiny_model import TINY_PHI3, build_tiny_phi3
-from shared.datasets.prepare import TEST_FILE, TRAIN_FILE
+from shared.backends.local.jobs import JobRecord, JobSpec, publish_once, read_spec, write_state
+from shared.backends.local.settings import TINY_PHI3
+from shared.backends.local.tiny_model import build_tiny_phi3
 from shared.training import resolve_parameters
+from shared.vocabulary import TEST_FILE, TRAIN_FILE, JobStatus
 
 log = logging.getLogger("trainer")
 MODEL_FOLDER = "mlflow_model_folder"
@@ -200,7 +201,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora)  # type: ignore[assignment]  # a PeftModel wraps the model
 
     collator = _Collator(tokenizer.pad_token_id)
     per_epoch = -(
@@ -257,7 +258,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
         evaluation = trainer.evaluate() if eval_set else {}
 
         final = (
-            trainer.model.merge_and_unload()
+            trainer.model.merge_and_unload()  # type: ignore[union-attr,operator]  # a PeftModel here
             if parameters["apply_lora"] and parameters["merge_lora_weights"]
             else trainer.model
         )
@@ -315,18 +316,20 @@ def main(argv: list[str]) -> int:
     started = datetime.now(UTC).isoformat()
     try:
         metrics = train(directory, spec)
-        state = JobState(spec.job_name, "Completed", started_at=started, ended_at=datetime.now(UTC).isoformat())
+        state = JobRecord(
+            spec.job_name, JobStatus.COMPLETED, started_at=started, ended_at=datetime.now(UTC).isoformat()
+        )
         log.info("job %s completed: %s", spec.job_name, json.dumps(metrics))
     except Canceled:
-        state = JobState(spec.job_name, "Canceled", "canceled on request", started_at=started,
+        state = JobRecord(spec.job_name, JobStatus.CANCELED, "canceled on request", started_at=started,
                          ended_at=datetime.now(UTC).isoformat())  # fmt: skip
     except Exception as error:
         traceback.print_exc()
-        state = JobState(spec.job_name, "Failed", _one_line(error), started_at=started,
+        state = JobRecord(spec.job_name, JobStatus.FAILED, _one_line(error), started_at=started,
                          ended_at=datetime.now(UTC).isoformat())  # fmt: skip
     write_state(directory, state)
     publish_once(directory, state)
-    return 0 if state.status == "Completed" else 1
+    return 0 if state.status == JobStatus.COMPLETED else 1
 
 
 if __name__ == "__main__":

@@ -29,16 +29,17 @@ from queue import Empty, Queue
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
-from shared.eventgrid import LocalTopic
-from shared.httpserver import ReplyingHandler
+from shared.backends.local.httpserver import ReplyingHandler
+from shared.backends.local.settings import LOCAL_TOPIC
+from shared.dev.eventgrid_topic import LocalTopic
 from shared.ncrontab import Schedule
-from shared.settings import LOCAL_TOPIC, STORAGE_SETTING, get_settings
+from shared.settings import STORAGE_SETTING, get_settings
 from shared.storage import blob_service, container
 
 log = logging.getLogger("localhost")
 RECEIPTS_CONTAINER = "azure-webjobs-hosts"
 DEAD_LETTER_CONTAINER = "dead-letter"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ class LocalHost:
                 continue
             event = func.EventGridEvent(
                 id=raw.get("id", str(uuid.uuid4())),
-                data=raw.get("data"),
+                data=raw.get("data") or {},
                 topic=raw.get("topic", LOCAL_TOPIC),
                 subject=raw.get("subject", ""),
                 event_type=raw.get("eventType", ""),
@@ -339,7 +340,7 @@ class LocalHost:
 
 def run_host(start_azurite: bool) -> int:
     """The `host` command: serve until interrupted."""
-    from shared.azurite import start_azurite as launch
+    from shared.dev.azurite import start_azurite as launch
 
     load_local_settings()
     azurite = None

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from shared.backends import Conversation, SmokeAttempt
+from shared.backends.interface import Conversation, SmokeAttempt
 
 # The walkthrough's smoke-test generation settings.
 SMOKE_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
@@ -44,8 +44,9 @@ def reply_text(reply: Any) -> str | None:
             return reply_text(output) if isinstance(output, list) else None if output is None else str(output)
         choices = reply.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            message = choices[0].get("message") or {}
-            return str(message.get("content") if isinstance(message, dict) else choices[0].get("text", ""))
+            message = choices[0].get("message")
+            text = message.get("content") if isinstance(message, dict) else choices[0].get("text")
+            return None if text is None else str(text)
         if "0" in reply:
             return str(reply["0"])
         return None
@@ -62,9 +63,7 @@ def excerpt(text: str) -> str:
     return flat if len(flat) <= EXCERPT_CHARS else flat[: EXCERPT_CHARS - 3] + "..."
 
 
-def smoke_test(
-    send: Callable[[dict[str, Any]], tuple[int | None, str]], messages: Conversation
-) -> tuple[SmokeAttempt, ...]:
+def run(send: Callable[[dict[str, Any]], tuple[int | None, str]], messages: Conversation) -> tuple[SmokeAttempt, ...]:
     """Send the conversation in each request shape until one is answered with text; `send`
     returns the HTTP status (None when no answer came) and the body. Every attempt is kept."""
     attempts = []

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shared.azurite import start_azurite
+from shared.dev.azurite import start_azurite
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / ".local" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / ".local" / "demo"
 DEMO_SETTINGS = {
     "ML_BACKEND": "local",
     "LOCAL_DATA_DIR": str(DEMO_DIR),
@@ -84,12 +84,13 @@ def _follow(ledger: Any, run_id: str, until: set[str], seen: int, timeout_s: flo
 
 
 def _run() -> None:
-    from shared.backends import get_backend
+    from shared.backends.registry import get_backend
     from shared.datasets.sample import write_sample
+    from shared.dev.localhost import LocalHost
     from shared.ledger import open_ledger
-    from shared.localhost import LocalHost
     from shared.settings import STORAGE_SETTING, get_settings
-    from shared.storage import DATASETS_CONTAINER, container
+    from shared.storage import container
+    from shared.vocabulary import DATASETS_CONTAINER
 
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)

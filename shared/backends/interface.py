@@ -1,0 +1,130 @@
+"""What every backend does, behind one small interface, and the values backends and the flow
+exchange. Every mutating call is idempotent: called again with the same arguments it finds what
+the first call made instead of making a second one."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from shared.vocabulary import JobStatus
+
+
+def model_name_for(base_model: str, dataset: str) -> str:
+    """`{base}-{dataset}`, as the walkthrough's `{model}-ultrachat-200k`, '/' and odd characters as '-'."""
+    base = base_model.rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{dataset}").strip("-")
+
+
+def job_name_for(run_id: str) -> str:
+    """A deterministic job name per run: a redelivered upload finds the job it already submitted."""
+    return f"ft-{run_id}"
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_name: str
+    prepared: str  # where train_sft.jsonl and test_sft.jsonl are (a folder, or a storage URI)
+    dataset: str  # a short name for the data, used in the model's name
+    parameters: dict[str, Any] = field(default_factory=dict)  # overrides of the training defaults
+    tags: dict[str, str] = field(default_factory=dict)  # lineage: run id, dataset sha256
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """What a backend says about a job."""
+
+    job_name: str
+    status: JobStatus
+    reason: str | None = None
+    notes: tuple[str, ...] = ()  # what a submission's checks could not check, for the run's history
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    state: str  # Creating, Succeeded, Failed
+    scoring_uri: str | None
+    model: ModelRef | None
+    created_at: str
+    last_request_at: str | None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class DeployState(StrEnum):
+    DEPLOYING = "deploying"  # the backend is still at it; ask again later
+    DEPLOYED = "deployed"  # smoke-tested and taking traffic
+    FAILED = "failed"  # the deployment or its smoke test failed; nothing is left billing
+
+
+@dataclass(frozen=True)
+class SmokeAttempt:
+    """One request of a smoke test: the request shape, the HTTP status (None: no answer) and the
+    start of the answer."""
+
+    shape: str
+    status: int | None
+    excerpt: str
+    answered: bool
+
+
+@dataclass(frozen=True)
+class DeployProgress:
+    state: DeployState
+    message: str | None = None
+    smoke_test: tuple[SmokeAttempt, ...] = ()
+
+
+Conversation = list[dict[str, str]]
+
+
+class Backend(Protocol):
+    def prepared_location(self, run_id: str) -> AbstractContextManager[str]:
+        """Where the backend reads a run's prepared files (`prepared/<run id>/`) while it submits."""
+        ...
+
+    def submit(self, request: JobRequest, restart: bool = False) -> JobReport: ...
+
+    def job_status(self, job_name: str) -> JobReport: ...
+
+    def job_metrics(self, job_name: str) -> dict[str, Any]: ...
+
+    def register(self, job_name: str) -> ModelRef: ...
+
+    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
+
+    def advance(
+        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+    ) -> DeployProgress:
+        """Move a deployment one step on, never blocking for long; once it serves, smoke-test it
+        with the held-out `conversation` (read only then) before it takes traffic."""
+        ...
+
+    def endpoint(self, name: str) -> Endpoint: ...
+
+    def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]: ...
+
+    def keys(self, endpoint: str) -> dict[str, str]: ...
+
+    def list_endpoints(self) -> list[Endpoint]: ...
+
+    def delete_endpoint(self, name: str) -> bool: ...
+
+
+class BackendError(ValueError):
+    """A backend refused or failed a request; the message says why."""
+
+
+class TransientBackendError(BackendError):
+    """A failure worth trying again later (throttling, a conflict with a concurrent change, the
+    service or the network unavailable): the flow leaves the run where it is."""

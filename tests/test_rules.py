@@ -1,0 +1,180 @@
+"""The rules, as pure functions, with no storage, service or model behind them: the janitor's idle
+rule, endpoint naming, job-event parsing, parameter merging, the deploy decision, the smoke
+test's shapes and the registry model's facts. Each runs in milliseconds."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from shared.backends.azureml.backend import DEPLOYMENT, DeploymentStep, next_deployment_step
+from shared.backends.azureml.component import ComponentInputError, merge_parameters
+from shared.backends.azureml.registry_model import RegistryModel
+from shared.backends.interface import Endpoint
+from shared.backends.smoke import REQUEST_SHAPES, failure, reply_text, run
+from shared.deployment import endpoint_name_for
+from shared.events import ignore_reason, parse_job_event
+from shared.janitor import judge
+from shared.settings import JanitorSettings
+from shared.training import ParameterError, parse_parameter
+from shared.vocabulary import MANAGED_BY, RUN_COMPLETED, RUN_STATUS_CHANGED, JobStatus
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+RULES = JanitorSettings(idle_minutes=60, min_age_minutes=30)
+
+
+def _endpoint(created_minutes_ago: float, last_request_minutes_ago: float | None, **tags: str) -> Endpoint:
+    def at(minutes: float) -> str:
+        return (NOW - timedelta(minutes=minutes)).isoformat()
+
+    last = None if last_request_minutes_ago is None else at(last_request_minutes_ago)
+    return Endpoint("ep", "Succeeded", None, None, at(created_minutes_ago), last, {"managed-by": MANAGED_BY, **tags})
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "deleted", "says"),
+    [
+        (_endpoint(600, 61), True, "61.0 min idle, window 60 min"),
+        (_endpoint(600, None), True, "no request since creation"),
+        (_endpoint(600, 59), False, "59.0 min ago"),
+        (_endpoint(20, None), False, "younger than 30 min"),
+        (_endpoint(600, None, keep="true"), False, "tagged keep"),
+        (_endpoint(600, None, keep="false"), True, "no request since creation"),
+        (Endpoint("theirs", "Succeeded", None, None, NOW.isoformat(), None, {}), False, "not managed by this app"),
+    ],
+)
+def test_the_janitors_idle_rule(endpoint: Endpoint, deleted: bool, says: str) -> None:
+    verdict = judge(endpoint, RULES, NOW)
+    assert verdict.delete is deleted and says in verdict.evidence
+
+
+@pytest.mark.parametrize("run_id", ["chats-0123456789ab", "a" * 80 + "-0123456789ab", "1-digits-first-0123456789ab"])
+def test_endpoint_names_are_valid_azure_ml_names_and_unique_per_run(run_id: str) -> None:
+    name = endpoint_name_for(run_id)
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]", name)
+    assert name.endswith("0123456789ab") and endpoint_name_for(run_id) == name
+
+
+def test_job_events_in_both_key_casings_and_either_success_type() -> None:
+    pascal = parse_job_event(RUN_STATUS_CHANGED.lower(), {"RunId": "ft-x", "RunStatus": "failed", "RunType": None})
+    assert pascal is not None and pascal.status == JobStatus.FAILED and pascal.run_type == ""
+    completed = parse_job_event(RUN_COMPLETED, {"runId": "ft-x", "runType": None, "runTags": {}})
+    assert completed is not None and completed.status == JobStatus.COMPLETED
+    assert parse_job_event("Microsoft.Storage.BlobCreated", {"runId": "ft-x"}) is None
+    assert parse_job_event(RUN_COMPLETED, {"experimentName": "no run id"}) is None
+    with_reason = parse_job_event(
+        RUN_STATUS_CHANGED, {"runId": "x", "runStatus": "Failed", "error": {"message": "OOM"}}
+    )
+    assert with_reason is not None and with_reason.reason == "OOM"
+
+
+@pytest.mark.parametrize(
+    ("data", "topic", "ignored_for"),
+    [
+        ({"runId": "j", "runStatus": "Completed", "runType": "azureml.PipelineRun"}, "T", None),
+        ({"runId": "j", "runStatus": "Completed"}, "t", None),  # topics compare case-insensitively
+        ({"runId": "j", "runStatus": "Completed", "runType": "azureml.StepRun"}, "T", "run type 'azureml.StepRun'"),
+        ({"runId": "j", "runStatus": "Running"}, "T", "status Running is not final"),
+        ({"runId": "j", "runStatus": "Exploded"}, "T", "status Exploded is not final"),
+        ({"runId": "j", "runStatus": "Failed"}, "other", "topic 'other' is not one of JOB_EVENTS_TOPICS"),
+    ],
+)
+def test_which_job_events_are_acted_on(data: dict[str, Any], topic: str, ignored_for: str | None) -> None:
+    event = parse_job_event(RUN_STATUS_CHANGED, data)
+    assert event is not None
+    reason = ignore_reason(event, topic, ("T",))
+    assert reason == ignored_for if ignored_for is None else ignored_for in (reason or "")
+
+
+def test_parameters_merge_ours_then_the_models_then_the_uploads() -> None:
+    model_tag = str({"num_train_epochs": 1, "precision": 16, "learning_rate_min": 1e-6})
+    merged, warnings = merge_parameters(model_tag, {"num_train_epochs": 2, "apply_lora": True})
+    assert merged["num_train_epochs"] == 2 and merged["precision"] == "16" and merged["apply_lora"] == "true"
+    assert merged["lr_scheduler_type"] == "cosine"  # ours (the walkthrough's)
+    assert "learning_rate_min" not in merged and any("learning_rate_min" in w for w in warnings)
+    with pytest.raises(ComponentInputError, match="'packing' is not an input"):
+        merge_parameters(None, {"packing": True})
+    assert parse_parameter("lora_r", " 16 ") == 16
+    with pytest.raises(ParameterError, match="lora_r='zero': expected a whole number"):
+        parse_parameter("lora_r", "zero")
+
+
+@pytest.mark.parametrize(
+    ("state", "traffic", "step"),
+    [
+        ("Failed", None, DeploymentStep.CLEAN_UP),
+        ("Creating", None, DeploymentStep.WAIT),
+        ("Updating", None, DeploymentStep.WAIT),
+        ("Succeeded", {}, DeploymentStep.SMOKE_TEST),
+        ("Succeeded", {DEPLOYMENT: 100}, DeploymentStep.SERVING),
+    ],
+)
+def test_the_deploy_decision(state: str, traffic: dict[str, int] | None, step: DeploymentStep) -> None:
+    def read_traffic() -> dict[str, int]:
+        assert traffic is not None, "the traffic split is read only once the deployment succeeded"
+        return traffic
+
+    assert next_deployment_step(state, read_traffic) == step
+
+
+@pytest.mark.parametrize(
+    ("reply", "text"),
+    [
+        ({"output": "hi", "finish_reason": "stop"}, "hi"),
+        ({"output": ["hi"]}, "hi"),
+        ({"output": None, "error": {"status_code": 400}}, None),
+        ([{"0": "hi"}], "hi"),
+        ({"choices": [{"message": {"role": "assistant", "content": "hi"}}]}, "hi"),
+        ({"choices": [{"message": {"content": None}}]}, None),
+        ({"choices": [{"text": "hi"}]}, "hi"),
+        (["hi"], "hi"),
+        ("hi", "hi"),
+        ({"unexpected": 1}, None),
+        ([], None),
+    ],
+)
+def test_every_documented_answer_shape_is_read(reply: Any, text: str | None) -> None:
+    assert reply_text(reply) == text
+
+
+def test_the_smoke_test_tries_each_request_shape_until_one_is_answered() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def refuses_the_flat_shape(body: dict[str, Any]) -> tuple[int | None, str]:
+        sent.append(body)
+        nested = isinstance(body["input_data"]["input_string"][0], list)
+        return (200, json.dumps([{"0": "hello"}])) if nested else (400, json.dumps({"error": "bad input"}))
+
+    conversation = [{"role": "user", "content": "hi"}]
+    attempts = run(refuses_the_flat_shape, conversation)
+    assert [(a.status, a.answered) for a in attempts] == [(400, False), (200, True)]
+    assert [body for body in sent] == [build(conversation) for _, build in REQUEST_SHAPES]
+    unreachable = run(lambda body: (None, "ConnectionError: refused"), conversation)
+    assert [a.status for a in unreachable] == [None, None] and not unreachable[-1].answered
+    assert "no answer ConnectionError: refused" in failure("ep", unreachable)
+    assert not run(lambda body: (200, "not json"), conversation)[-1].answered
+
+
+def _registry_body(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "azureml://registries/azureml/models/Phi-4/versions/8", "name": "8", "properties": properties}
+
+
+def test_registry_model_facts_come_from_system_metadata_first_then_the_old_tags() -> None:
+    both = RegistryModel.from_rest(_registry_body({
+        "tags": {"finetune_compute_allow_list": "['Standard_NC24ads_A100_v4']"},
+        "system_metadata": {"supportedComputes": {"finetuneComputes": ["Standard_NC40ads_H100_v5"]}},
+    }))  # fmt: skip
+    assert both.allowed_computes("finetune") == (
+        ["Standard_NC40ads_H100_v5"], "system metadata supportedComputes.finetuneComputes")  # fmt: skip
+    tags_only = RegistryModel.from_rest(_registry_body({"tags": {"inference_compute_allow_list": "['A', 'B']"}}))
+    assert tags_only.allowed_computes("inference") == (["A", "B"], "tag inference_compute_allow_list")
+    assert tags_only.allowed_computes("finetune")[0] is None
+    archived = RegistryModel.from_rest(_registry_body({"isArchived": True}))
+    assert archived.archived and archived.label == "Phi-4:8"
+    retired = RegistryModel.from_rest(_registry_body({"systemMetadata": json.dumps(
+        {"deprecation": {"finetuneRetirementDate": "2025-08-30T00:00:00.000000Z"}})}))  # fmt: skip
+    assert retired.finetune_retirement() == "2025-08-30"
