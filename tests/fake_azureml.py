@@ -17,6 +17,14 @@ from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.pipeline.transport import HttpResponse, HttpTransport
 
 SUB, RG, WS = "00000000-0000-0000-0000-000000000001", "rg-ml", "mlw-test"
+# App settings for the Azure ML backend against this fake.
+WORKSPACE_ENV = {
+    "ML_BACKEND": "azureml",
+    "AZURE_SUBSCRIPTION_ID": SUB,
+    "AZURE_RESOURCE_GROUP": RG,
+    "AZUREML_WORKSPACE_NAME": WS,
+    "AZUREML_COMPUTE_CLUSTER": "gpu-a100",
+}
 ARM = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
 VM_SIZES = rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/vmSizes"
 REGISTRY_HOST = "https://eastus.api.azureml.ms/"

@@ -27,23 +27,14 @@ from tests.fake_azureml import (
     PHI3_RETIRED_METADATA,
     PHI4_SYSTEM_METADATA,
     PHI4_TAGS,
-    RG,
-    SUB,
-    WS,
+    WORKSPACE_ENV,
     FakeAzureML,
     FakeCredential,
     registry_model,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {
-    "ML_BACKEND": "azureml",
-    "AZURE_SUBSCRIPTION_ID": SUB,
-    "AZURE_RESOURCE_GROUP": RG,
-    "AZUREML_WORKSPACE_NAME": WS,
-    "AZUREML_COMPUTE_CLUSTER": "gpu-a100",
-    "BASE_MODEL": "Phi-4:8",
-}
+ENV = {**WORKSPACE_ENV, "BASE_MODEL": "Phi-4:8"}
 PREPARED = "azureml://datastores/finetune_prepared/paths/chats-0123456789ab"
 REQUEST = JobRequest("ft-chats-0123456789ab", PREPARED, "chats", {"num_train_epochs": 2, "learning_rate": 2e-5},
                      {"run_id": "chats-0123456789ab", "dataset_sha256": "d" * 64})  # fmt: skip

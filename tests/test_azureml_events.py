@@ -14,21 +14,18 @@ import pytest
 from azure.functions import meta
 from azure.functions.eventgrid import EventGridEventInConverter
 
-from shared.backends.azureml.backend import AzureMLBackend
+from shared.backends.azureml.backend import DEPLOYMENT, AzureMLBackend
+from shared.deployment import drive_run
+from shared.dev.azurite import Azurite
 from shared.events import handle_job_event
 from shared.intake import submit_run
 from shared.ledger import Ledger, Run, RunState, Upload
 from shared.settings import Settings, load_settings
-from shared.vocabulary import DATASETS_CONTAINER, RUN_COMPLETED, RUN_STATUS_CHANGED
-from tests.fake_azureml import RG, SUB, WS, FakeAzureML, FakeCredential
+from shared.storage import container
+from shared.vocabulary import DATASETS_CONTAINER, PREPARED_CONTAINER, RUN_COMPLETED, RUN_STATUS_CHANGED, TEST_FILE
+from tests.fake_azureml import RG, SUB, WORKSPACE_ENV, WS, FakeAzureML, FakeCredential
 
-ENV = {
-    "ML_BACKEND": "azureml",
-    "AZURE_SUBSCRIPTION_ID": SUB,
-    "AZURE_RESOURCE_GROUP": RG,
-    "AZUREML_WORKSPACE_NAME": WS,
-    "AZUREML_COMPUTE_CLUSTER": "gpu-a100",
-}
+ENV = WORKSPACE_ENV
 WORKSPACE_TOPIC = (
     f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
 )
@@ -72,8 +69,8 @@ def fake() -> FakeAzureML:
 
 
 @pytest.fixture
-def setup(fake: FakeAzureML, ledger: Ledger) -> tuple[Settings, AzureMLBackend, Run]:
-    settings = load_settings(ENV)
+def setup(fake: FakeAzureML, ledger: Ledger, azurite: Azurite) -> tuple[Settings, AzureMLBackend, Run]:
+    settings = load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string})
     backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
     run, _ = ledger.receive(Upload(DATASETS_CONTAINER, f"chats-{uuid.uuid4().hex[:8]}.jsonl", "0x1"), "received")
     run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": {"sha256": "d" * 64}})
@@ -124,3 +121,39 @@ def test_step_runs_and_other_jobs_are_ignored(
     assert _deliver(settings, ledger, backend, step).startswith("ignored: run type 'azureml.StepRun'")
     assert _deliver(settings, ledger, backend, other) == "ignored: job someone-elses-job was not submitted by this app"
     assert ledger.get(run.run_id).state == RunState.SUBMITTED
+
+
+def test_a_busy_service_leaves_the_run_where_it_is_for_the_next_attempt(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
+) -> None:
+    settings, backend, run = setup
+    assert run.job_name
+    fake.set_job_status(run.job_name, "Completed")
+    fake.fail_next("PUT", "/models/", 409, {"error": {"code": "Conflict", "message": "a concurrent write"}})
+    assert _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name)) == (
+        f"run {run.run_id} is completed"
+    )  # not failed: the janitor's tick drives it on
+    assert drive_run(settings, ledger, run.run_id, backend).state == RunState.DEPLOYING
+
+
+def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_endpoint(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
+) -> None:
+    settings, backend, run = setup
+    assert run.job_name
+    fake.set_job_status(run.job_name, "Completed")
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name))
+    endpoint = ledger.get(run.run_id).endpoint_name or ""
+    held_out = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    prepared = container(settings.storage, PREPARED_CONTAINER)
+    prepared.upload_blob(f"{run.run_id}/{TEST_FILE}", json.dumps(held_out).encode() + b"\n", overwrite=True)
+    fake.endpoints[endpoint]["properties"]["provisioningState"] = "Succeeded"
+    drive_run(settings, ledger, run.run_id, backend)  # creates the deployment
+    fake.deployments[(endpoint, DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
+    refused = {"error": {"code": "BadRequest", "message": "traffic must add up to 100"}}
+    fake.fail_next("PUT", rf"/onlineEndpoints/{endpoint}$", 400, refused)  # routing the traffic
+    failed = drive_run(settings, ledger, run.run_id, backend)
+    assert failed.state == RunState.DEPLOY_FAILED
+    assert "400 BadRequest: traffic must add up to 100" in (failed.reason or "")
+    assert f"endpoint {endpoint} deleted" in (failed.reason or "")
+    assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$")

@@ -74,6 +74,14 @@ def test_intake_records_the_upload_once_per_version(app_settings: Settings, app_
     assert [run.upload.version for run in runs] == [etag, new_etag]
 
 
+def test_an_upload_deleted_before_its_event_is_handled_is_nothing_to_do(
+    app_settings: Settings, app_ledger: Ledger
+) -> None:
+    name = f"gone-{uuid.uuid4().hex[:8]}.jsonl"
+    deliver_upload(name)  # no exception: a retry could not bring the blob back
+    assert app_ledger.by_blob(DATASETS_CONTAINER, name) == []
+
+
 def test_intake_gets_the_blob_by_name_and_never_its_content_through_the_binding() -> None:
     """The worker passes the extension's BlobClient; the binding carries names only."""
     import azurefunctions.extensions.bindings.blob as blob

@@ -76,7 +76,12 @@ def _reachable_from_the_app() -> set[Path]:
     `function_app`, and from the backends that run in Azure (the registry imports the configured
     one by name)."""
     seen: set[Path] = set()
-    in_azure = [module for name, module in BACKENDS.items() if plugin(name).runs_in_azure]
+    in_azure = [
+        module
+        for name, package in BACKENDS.items()
+        if plugin(name).runs_in_azure
+        for module in (package, plugin(name).backend_class.partition(":")[0])
+    ]
     pending = [REPO / "function_app.py", *(found for module in in_azure if (found := _module_file(module)))]
     while pending:
         path = pending.pop()

@@ -34,8 +34,13 @@ class BackendPlugin:
     default_base_model: str
     # Where its job events come from, when JOB_EVENTS_TOPICS does not say.
     default_job_event_topics: Callable[[Any], tuple[str, ...]]
-    create: Callable[[Settings], Backend]
+    backend_class: str  # "module:Class", imported only when a backend object is made
     runs_in_azure: bool  # False: a developer's machine only (its settings stay out of infra/)
+
+    def create(self, settings: Settings) -> Backend:
+        module, _, name = self.backend_class.partition(":")
+        backend: Backend = getattr(importlib.import_module(module), name)(settings)
+        return backend
 
 
 def plugin(name: str) -> BackendPlugin:

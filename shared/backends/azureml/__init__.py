@@ -5,21 +5,8 @@ backend object does the work."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from shared.backends.azureml.settings import DEFAULT_BASE_MODEL, SETTING_NAMES, read_settings
 from shared.backends.registry import BackendPlugin
-
-if TYPE_CHECKING:
-    from shared.backends.interface import Backend
-    from shared.settings import Settings
-
-
-def _create(settings: Settings) -> Backend:
-    from shared.backends.azureml.backend import AzureMLBackend
-
-    return AzureMLBackend(settings)
-
 
 PLUGIN = BackendPlugin(
     name="azureml",
@@ -27,6 +14,6 @@ PLUGIN = BackendPlugin(
     read_settings=read_settings,
     default_base_model=DEFAULT_BASE_MODEL,
     default_job_event_topics=lambda section: (section.resource_id,),
-    create=_create,
+    backend_class="shared.backends.azureml.backend:AzureMLBackend",
     runs_in_azure=True,
 )

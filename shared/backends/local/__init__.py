@@ -4,21 +4,8 @@ imported only when a backend object does the work. None of it ships to Azure."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from shared.backends.local.settings import LOCAL_TOPIC, SETTING_NAMES, TINY_PHI3, read_settings
 from shared.backends.registry import BackendPlugin
-
-if TYPE_CHECKING:
-    from shared.backends.interface import Backend
-    from shared.settings import Settings
-
-
-def _create(settings: Settings) -> Backend:
-    from shared.backends.local.backend import LocalBackend
-
-    return LocalBackend(settings)
-
 
 PLUGIN = BackendPlugin(
     name="local",
@@ -26,6 +13,6 @@ PLUGIN = BackendPlugin(
     read_settings=read_settings,
     default_base_model=TINY_PHI3,
     default_job_event_topics=lambda section: (LOCAL_TOPIC,),
-    create=_create,
+    backend_class="shared.backends.local.backend:LocalBackend",
     runs_in_azure=False,
 )
