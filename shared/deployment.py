@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from shared import lifecycle
@@ -30,6 +31,7 @@ from shared.vocabulary import (
 log = logging.getLogger(__name__)
 S = RunState
 DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING)
+GIVE_UP_AFTER = timedelta(hours=24)  # a step that keeps hitting transient errors fails after this
 METRICS_SUMMARY = ("train_loss", "eval_loss", "perplexity", "tokens_per_second", "steps")
 
 
@@ -102,12 +104,13 @@ def drive_run(settings: Settings, ledger: Ledger, run_id: str, backend: Backend 
                 return ledger.get(run_id)
         except (RunChanged, IllegalTransition):
             continue  # another handler moved it: look again
-        except TransientBackendError as error:
-            # Throttled, a concurrent handler's change, the service unavailable: the run stays
-            # where it is and the janitor's next tick drives it on.
-            log.warning("run %s, %s step: %s; trying again on the next janitor tick", run_id, run.state, error)
-            return ledger.get(run_id)
         except BackendError as error:
+            # Throttled, a concurrent handler's change, the service unavailable: the run stays
+            # where it is and the janitor's next tick drives it on, for a day at most.
+            entered = run.state_times.get(run.state)
+            if isinstance(error, TransientBackendError) and entered and datetime.now(UTC) - entered < GIVE_UP_AFTER:
+                log.warning("run %s, %s step: %s; trying again on the next janitor tick", run_id, run.state, error)
+                return ledger.get(run_id)
             reason = f"{error}{_remove_endpoint(backend, run)}"
             try:
                 failed = ledger.advance(run, S.DEPLOY_FAILED, f"{run.state} step failed", reason=reason)

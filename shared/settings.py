@@ -63,21 +63,6 @@ CORE_SETTINGS = (
 DEV_ONLY_CORE_SETTINGS = ("LIFECYCLE_TOPIC_KEY",)  # in Azure the app's identity publishes
 
 
-def known_settings() -> tuple[str, ...]:
-    """Every setting any configuration reads (each backend's too). It imports every backend's
-    plug-in module, so only tests and developer tools call it."""
-    backends = (name for backend in BACKENDS for name in plugin(backend).setting_names)
-    return (STORAGE_SETTING, *STORAGE_IDENTITY_SETTINGS, *CORE_SETTINGS, *backends)
-
-
-def dev_only_settings() -> tuple[str, ...]:
-    """The settings only a developer's machine uses: the deployment in Azure sets none of them."""
-    backends = (
-        name for backend in BACKENDS if not plugin(backend).runs_in_azure for name in plugin(backend).setting_names
-    )
-    return (*DEV_ONLY_CORE_SETTINGS, *backends)
-
-
 class SettingsError(ValueError):
     """One or more app settings are missing or malformed."""
 
@@ -230,7 +215,12 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
         "ML_BACKEND", DEFAULT_BACKEND, Rule("one of: " + ", ".join(BACKENDS), one_of(tuple(BACKENDS)))
     )
     # Only the configured backend's plug-in is imported: in Azure, the local one is not shipped.
-    configured = plugin(backend)
+    try:
+        configured = plugin(backend)
+    except ModuleNotFoundError:
+        reader.errors.append(f"ML_BACKEND={backend!r}: that backend is not installed here (the local backend "
+                             "stays on a developer's machine); set ML_BACKEND=azureml")  # fmt: skip
+        return _unusable(storage), reader
     section = configured.read_settings(reader)
     topics = reader.raw("JOB_EVENTS_TOPICS")
     settings = Settings(
@@ -256,6 +246,11 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
         backend_settings=section,
     )
     return settings, reader
+
+
+def _unusable(storage: StorageConnection) -> Settings:
+    """Settings that only carry the errors found: `load_settings` raises before anyone uses them."""
+    return Settings(storage, "", None, "", DatasetSettings(), "", 0, JanitorSettings(), (), None, None, None)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -9,11 +9,11 @@ from contextlib import suppress
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from shared.settings import StorageConnection
-
 if TYPE_CHECKING:
     from azure.data.tables import TableServiceClient
     from azure.storage.blob import BlobServiceClient, ContainerClient
+
+    from shared.settings import StorageConnection
 
 
 def _credential(connection: StorageConnection) -> Any:

@@ -18,7 +18,8 @@ from azure.data.tables import TableServiceClient
 
 from shared.dev.azurite import Azurite, start_azurite
 from shared.ledger import Ledger
-from shared.settings import Settings, get_settings, known_settings
+from shared.settings import Settings, get_settings
+from tests.settings_catalog import known_settings
 
 
 @pytest.fixture(scope="session")

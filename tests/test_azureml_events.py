@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from azure.functions import meta
 from azure.functions.eventgrid import EventGridEventInConverter
 
+from shared import deployment
 from shared.backends.azureml.backend import DEPLOYMENT, AzureMLBackend
 from shared.deployment import drive_run
 from shared.dev.azurite import Azurite
@@ -157,3 +159,16 @@ def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_end
     assert "400 BadRequest: traffic must add up to 100" in (failed.reason or "")
     assert f"endpoint {endpoint} deleted" in (failed.reason or "")
     assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$")
+
+
+def test_a_service_busy_for_longer_than_a_day_fails_the_run(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, backend, run = setup
+    assert run.job_name
+    fake.set_job_status(run.job_name, "Completed")
+    monkeypatch.setattr(deployment, "GIVE_UP_AFTER", timedelta(0))  # as if the day had passed
+    fake.fail_next("PUT", "/models/", 409, {"error": {"code": "Conflict", "message": "a concurrent write"}})
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name))
+    failed = ledger.get(run.run_id)
+    assert failed.state == RunState.DEPLOY_FAILED and "409 Conflict: a concurrent write" in (failed.reason or "")

@@ -13,7 +13,7 @@ from pycep import BicepParser
 
 from shared.backends.azureml.settings import AzureMLWorkspace
 from shared.backends.registry import plugin
-from shared.settings import STORAGE_SETTING, dev_only_settings, known_settings, load_settings
+from shared.settings import STORAGE_SETTING, load_settings
 from shared.vocabulary import (
     DATASETS_CONTAINER,
     JOB_EVENT_TYPES,
@@ -24,6 +24,7 @@ from shared.vocabulary import (
     JobStatus,
 )
 from tests.fake_azureml import A100_H100
+from tests.settings_catalog import dev_only_settings, known_settings
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep"))

@@ -12,10 +12,10 @@ from shared.settings import (
     STORAGE_SETTING,
     SettingsError,
     StorageConnection,
-    known_settings,
     load_settings,
     settings_read,
 )
+from tests.settings_catalog import known_settings
 
 REPO = Path(__file__).resolve().parent.parent
 AZUREML = {
@@ -98,6 +98,15 @@ def test_a_backends_own_setting_is_checked_when_it_is_configured(name: str, valu
 @pytest.mark.parametrize("schedule", ["0 30 9 * * Mon-Fri", "0 0 6 1 Jan,Jul *", "0 0 12 * * Sunday", "*/5 * * * *"])
 def test_every_schedule_the_functions_host_takes_is_accepted(schedule: str) -> None:
     assert load_settings({"JANITOR_SCHEDULE": schedule}).janitor_schedule == schedule
+
+
+def test_a_backend_that_is_not_installed_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In Azure the local backend is not shipped: ML_BACKEND=local (or unset) names the fix."""
+    import shared.backends.registry as registry
+
+    monkeypatch.setitem(registry.BACKENDS, "local", "shared.backends.not_shipped")
+    with pytest.raises(SettingsError, match="ML_BACKEND='local': that backend is not installed here"):
+        load_settings({})
 
 
 def test_all_bad_settings_are_reported_at_once() -> None:

@@ -5,19 +5,27 @@ the first call made instead of making a second one."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.vocabulary import JobStatus
+from shared.vocabulary import BASE_MODEL_TAG, DATASET_TAG, JobStatus
+
+if TYPE_CHECKING:
+    from shared.validation import SettingsReader
 
 
 def model_name_for(base_model: str, dataset: str) -> str:
     """`{base}-{dataset}`, as the walkthrough's `{model}-ultrachat-200k`, '/' and odd characters as '-'."""
     base = base_model.rstrip("/").rsplit("/", 1)[-1]
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{dataset}").strip("-")
+
+
+def model_description(tags: Mapping[str, str], job_name: str) -> str:
+    """What a registered model is, from its lineage tags."""
+    return f"{tags.get(BASE_MODEL_TAG, '?')} fine-tuned on {tags.get(DATASET_TAG, '?')} by job {job_name}"
 
 
 def job_name_for(run_id: str) -> str:
@@ -128,3 +136,18 @@ class BackendError(ValueError):
 class TransientBackendError(BackendError):
     """A failure worth trying again later (throttling, a conflict with a concurrent change, the
     service or the network unavailable): the flow leaves the run where it is."""
+
+
+@dataclass(frozen=True)
+class BackendPlugin:
+    """What the rest of the app knows about a backend, and nothing more."""
+
+    name: str
+    setting_names: tuple[str, ...]  # every app setting it reads
+    # Its settings section, read from the environment when it is the backend configured.
+    read_settings: Callable[[SettingsReader], Any]
+    default_base_model: str
+    # Where its job events come from, when JOB_EVENTS_TOPICS does not say.
+    default_job_event_topics: Callable[[Any], tuple[str, ...]]
+    backend_class: str  # "module:Class", imported only when a backend object is made
+    runs_in_azure: bool  # False: a developer's machine only (its settings stay out of infra/)

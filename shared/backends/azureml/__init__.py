@@ -6,7 +6,7 @@ backend object does the work."""
 from __future__ import annotations
 
 from shared.backends.azureml.settings import DEFAULT_BASE_MODEL, SETTING_NAMES, read_settings
-from shared.backends.registry import BackendPlugin
+from shared.backends.interface import BackendPlugin
 
 PLUGIN = BackendPlugin(
     name="azureml",

@@ -30,9 +30,9 @@ from shared.backends.interface import (
     JobRequest,
     ModelRef,
     TransientBackendError,
+    model_description,
     model_name_for,
 )
-from shared.settings import Settings
 from shared.vocabulary import (
     BASE_MODEL_TAG,
     DATASET_TAG,
@@ -47,6 +47,8 @@ from shared.vocabulary import (
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
     from azure.ai.ml.entities import PipelineJob
+
+    from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "chat"  # 3-32 characters, like endpoint names
@@ -479,7 +481,7 @@ class AzureMLBackend:
             type=AssetTypes.MLFLOW_MODEL,
             name=name,
             version=version,
-            description=f"{tags.get('base_model', base)} fine-tuned on {tags.get('dataset', '?')} by job {job_name}",
+            description=model_description(tags, job_name),
             tags={
                 JOB_TAG: job_name,
                 **{k: v for k, v in tags.items() if k != MANAGED_BY_TAG},

@@ -4,8 +4,8 @@ imported only when a backend object does the work. None of it ships to Azure."""
 
 from __future__ import annotations
 
+from shared.backends.interface import BackendPlugin
 from shared.backends.local.settings import LOCAL_TOPIC, SETTING_NAMES, TINY_PHI3, read_settings
-from shared.backends.registry import BackendPlugin
 
 PLUGIN = BackendPlugin(
     name="local",

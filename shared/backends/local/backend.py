@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.backends import smoke
 from shared.backends.interface import (
@@ -25,7 +25,6 @@ from shared.backends.interface import (
 )
 from shared.backends.local import endpoints, jobs, registry
 from shared.backends.local.settings import local_settings
-from shared.settings import Settings
 from shared.storage import blob_service
 from shared.training import PARAMETERS
 from shared.vocabulary import (
@@ -37,6 +36,9 @@ from shared.vocabulary import (
     TRAIN_FILE,
     JobStatus,
 )
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
+from shared.backends.interface import model_description
+from shared.vocabulary import JOB_TAG
+
 
 def register(
     tracking_uri: str, lock_dir: Path, name: str, model_folder: Path, run_id: str | None, tags: dict[str, str]
@@ -25,7 +28,7 @@ def register(
         except MlflowException as error:
             if "already exists" not in str(error).lower():
                 raise
-        existing = client.search_model_versions(f"name = '{name}' and tag.job = '{tags['job']}'")
+        existing = client.search_model_versions(f"name = '{name}' and tag.{JOB_TAG} = '{tags[JOB_TAG]}'")
         if existing:
             return str(existing[0].version)
         version = client.create_model_version(
@@ -33,7 +36,7 @@ def register(
             source=str(model_folder),
             run_id=run_id,
             tags=tags,
-            description=f"{tags.get('base_model', '?')} fine-tuned on {tags.get('dataset', '?')} by job {tags['job']}",
+            description=model_description(tags, tags[JOB_TAG]),
         )
         return str(version.version)
 
