@@ -71,7 +71,9 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
                        endpoint_name=endpoint)  # fmt: skip
         return True
     if run.state == S.DEPLOYING:
-        progress = backend.advance(model, run.endpoint_name or "", tags, partial(smoke_conversation, settings, run))
+        progress = backend.continue_deployment(
+            model, run.endpoint_name or "", tags, partial(smoke_conversation, settings, run)
+        )
         if progress.state == DeployState.DEPLOYING:
             return False  # Azure is still at it; the janitor's timer comes back
         details = {"smoke_test": [asdict(attempt) for attempt in progress.smoke_test]} if progress.smoke_test else None

@@ -2,7 +2,7 @@
 
 Settings are environment variables (Azure Functions app settings; `local.settings.json` under
 Core Tools). Each has a default that works locally. Each backend reads its own section (its
-package's `read_settings`); a backend's required values are required only when it is the one
+package's `read_section`); a backend's required values are required only when it is the one
 configured. A bad value fails at start-up with one message that names every offending setting and
 what it expects.
 """
@@ -208,7 +208,8 @@ def _dataset(reader: SettingsReader) -> DatasetSettings:
     )
 
 
-def _read(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
+def read_settings(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
+    """The settings, and the reader that read them: its errors, and every name it looked at."""
     reader = SettingsReader(environ)
     storage = _storage(reader)
     backend = reader.parsed(
@@ -221,7 +222,7 @@ def _read(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
         reader.errors.append(f"ML_BACKEND={backend!r}: that backend is not installed here (the local backend "
                              "stays on a developer's machine); set ML_BACKEND=azureml")  # fmt: skip
         return _unusable(storage), reader
-    section = configured.read_settings(reader)
+    section = configured.read_section(reader)
     topics = reader.raw("JOB_EVENTS_TOPICS")
     settings = Settings(
         storage=storage,
@@ -255,15 +256,10 @@ def _unusable(storage: StorageConnection) -> Settings:
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every app setting; raise SettingsError naming each bad one."""
-    settings, reader = _read(os.environ if environ is None else environ)
+    settings, reader = read_settings(os.environ if environ is None else environ)
     if reader.errors:
         raise SettingsError("Invalid app settings:\n  - " + "\n  - ".join(reader.errors))
     return settings
-
-
-def settings_read(environ: Mapping[str, str]) -> set[str]:
-    """The names `load_settings` looks at for this environment (for drift tests)."""
-    return _read(environ)[1].names_read
 
 
 @lru_cache(maxsize=1)

@@ -278,9 +278,9 @@ def _serving_deployment(fake: FakeAzureML, tags: dict[str, str] | None = None) -
     """A registered model whose endpoint and deployment have been created and have succeeded."""
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.advance(model, "ep-chats", tags or {}, lambda: CONVERSATION)
+    backend.continue_deployment(model, "ep-chats", tags or {}, lambda: CONVERSATION)
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
-    backend.advance(model, "ep-chats", tags or {}, lambda: CONVERSATION)
+    backend.continue_deployment(model, "ep-chats", tags or {}, lambda: CONVERSATION)
     fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
     return backend, model
 
@@ -290,13 +290,13 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
     model = backend.register(REQUEST.job_name)
     tags = {"run_id": "chats-0123456789ab"}
     deploying = DeployProgress(DeployState.DEPLOYING)
-    assert backend.advance(model, "ep-chats", tags, lambda: CONVERSATION) == deploying
+    assert backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION) == deploying
     (endpoint_put,) = fake.sent("PUT", r"/onlineEndpoints/ep-chats$")
     assert endpoint_put.body["properties"]["authMode"] == "Key"
     assert endpoint_put.body["tags"] == {"managed-by": "finetune-on-upload", "run_id": "chats-0123456789ab"}
 
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
-    assert backend.advance(model, "ep-chats", tags, lambda: CONVERSATION) == deploying
+    assert backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION) == deploying
     (deployment_put,) = fake.sent("PUT", f"/onlineEndpoints/ep-chats/deployments/{DEPLOYMENT}$")
     properties = deployment_put.body["properties"]
     assert properties["model"].endswith(f"/models/Phi-4-chats/versions/{model.version}")
@@ -307,7 +307,7 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
     assert not fake.sent("POST", "/score")  # nothing is sent to a deployment still provisioning
 
     fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
-    progress = backend.advance(model, "ep-chats", tags, lambda: CONVERSATION)
+    progress = backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION)
     assert progress.state == DeployState.DEPLOYED
     (attempt,) = progress.smoke_test
     assert (attempt.shape, attempt.status, attempt.answered) == ("input_string as a list of messages", 200, True)
@@ -322,7 +322,7 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
     traffic = fake.sent("PUT", r"/onlineEndpoints/ep-chats$")[-1]
     assert traffic.body["properties"]["traffic"] == {DEPLOYMENT: 100}
 
-    duplicate = backend.advance(model, "ep-chats", tags, lambda: CONVERSATION)  # a duplicate event
+    duplicate = backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION)  # a duplicate event
     assert duplicate == DeployProgress(DeployState.DEPLOYED)
     assert len(fake.sent("PUT", r"/onlineEndpoints/ep-chats$")) == 2
     assert len(fake.sent("PUT", "/deployments/")) == 1 and len(fake.sent("POST", "/score")) == 1
@@ -331,7 +331,7 @@ def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(f
 def test_an_mlflow_deployment_refusing_the_flat_shape_gets_the_nested_one_and_is_kept(fake: FakeAzureML) -> None:
     fake.serving = "mlflow"
     backend, model = _serving_deployment(fake)
-    progress = backend.advance(model, "ep-chats", {}, lambda: CONVERSATION)
+    progress = backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
     assert progress.state == DeployState.DEPLOYED
     first, second = progress.smoke_test
     assert (first.status, first.answered) == (424, False) and "unexpected error occurred in scoring" in first.excerpt
@@ -348,7 +348,7 @@ def test_the_deployment_is_deleted_only_when_every_shape_failed(fake: FakeAzureM
     backend, model = _serving_deployment(fake)
     fake.fail_next("POST", "/score", 424, {"message": "upstream model error"})
     fake.fail_next("POST", "/score", 502, {"message": "Liveness probe failed"})
-    progress = backend.advance(model, "ep-chats", {}, lambda: CONVERSATION)
+    progress = backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
     assert progress.state == DeployState.FAILED
     assert [attempt.status for attempt in progress.smoke_test] == [424, 502]
     message = progress.message or ""
@@ -361,7 +361,7 @@ def test_the_deployment_is_deleted_only_when_every_shape_failed(fake: FakeAzureM
 def test_a_failed_deployment_is_deleted_with_its_logs_as_the_reason(fake: FakeAzureML) -> None:
     backend, model = _serving_deployment(fake)
     fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Failed"
-    progress = backend.advance(model, "ep-chats", {}, lambda: CONVERSATION)
+    progress = backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
     assert progress.state == DeployState.FAILED and progress.smoke_test == ()
     assert (progress.message or "").startswith(f"deployment {DEPLOYMENT} of ep-chats failed")
     assert fake.sent("DELETE", f"/deployments/{DEPLOYMENT}$") and not fake.sent("POST", "/score")
@@ -370,12 +370,12 @@ def test_a_failed_deployment_is_deleted_with_its_logs_as_the_reason(fake: FakeAz
 def test_a_quota_error_becomes_a_failure_with_the_service_text(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.advance(model, "ep-chats", {}, lambda: CONVERSATION)
+    backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
     quota = "Not enough quota available for Standard_NC24ads_A100_v4 in SubscriptionId. Current usage/limit: 24/24."
     fake.fail_next("PUT", "/deployments/", 400, {"error": {"code": "InferencingClientCallFailed", "message": quota}})
     with pytest.raises(BackendError, match="Not enough quota available for Standard_NC24ads_A100_v4"):
-        backend.advance(model, "ep-chats", {}, lambda: CONVERSATION)
+        backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
 
 
 def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzureML) -> None:
@@ -394,7 +394,7 @@ def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzu
 def test_listing_reads_idle_evidence_from_metrics_and_deletion_does_not_wait(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.advance(model, "ep-chats", {}, lambda: CONVERSATION)
+    backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
     fake.endpoints["other"] = {**fake.endpoints["ep-chats"], "name": "other", "tags": {"owner": "someone"}}
     fake.metrics["ep-chats"] = [
         {"timeStamp": "2026-11-24T10:00:00Z", "total": 3.0},
@@ -503,7 +503,7 @@ class RefusingCredential(FakeCredential):
     [
         (lambda b: b.register(REQUEST.job_name), lambda f: f.fail_next("PUT", "/models/", 403, AUTHORIZATION_FAILED),
          "Azure ML registration failed: 403 AuthorizationFailed"),
-        (lambda b: b.advance(b.register(REQUEST.job_name), "ep-chats", {}, lambda: CONVERSATION),
+        (lambda b: b.continue_deployment(b.register(REQUEST.job_name), "ep-chats", {}, lambda: CONVERSATION),
          lambda f: f.fail_next("PUT", "/onlineEndpoints/", 409, {"error": {"code": "Conflict", "message": "busy"}}),
          "Azure ML deployment failed: 409 Conflict: busy"),
         (lambda b: b.list_endpoints(), lambda f: f.fail_next("GET", "/onlineEndpoints", 403, AUTHORIZATION_FAILED),

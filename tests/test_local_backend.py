@@ -292,7 +292,11 @@ def test_a_killed_trainer_ends_failed_published_and_resumes_from_its_checkpoint(
     assert _wait(backend, "job-killed") == "Completed"
     metrics = backend.job_metrics("job-killed")
     assert metrics["resumed_from"] and "checkpoint-" in metrics["resumed_from"]
-    assert [e["data"]["runStatus"] for e in events[1] if e["data"]["runId"] == "job-killed"] == ["Failed", "Completed"]
+    # The trainer records its status, then posts the event: give the post a moment to arrive.
+    while len(published := [e["data"]["runStatus"] for e in events[1] if e["data"]["runId"] == "job-killed"]) < 2:
+        assert time.monotonic() < deadline + 240, published
+        time.sleep(0.1)
+    assert published == ["Failed", "Completed"]
 
 
 def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from shared.settings import (
     SettingsError,
     StorageConnection,
     load_settings,
-    settings_read,
+    read_settings,
 )
 from tests.settings_catalog import known_settings
 
@@ -46,8 +46,10 @@ def test_the_sample_local_settings_hold_every_app_setting_and_load() -> None:
 def test_the_settings_module_reads_exactly_the_known_settings() -> None:
     """Each configuration reads the core settings and its own backend's; together, all known."""
     configurations = [{}, AZUREML, {f"{STORAGE_SETTING}__accountName": "stfinetune"}]
-    assert set().union(*(settings_read(environ) for environ in configurations)) == set(known_settings())
-    assert "AZUREML_WORKSPACE_NAME" not in settings_read({})  # the local configuration never imports azureml
+    assert set().union(*(read_settings(environ)[1].names_read for environ in configurations)) == set(known_settings())
+    assert (
+        "AZUREML_WORKSPACE_NAME" not in read_settings({})[1].names_read
+    )  # the local configuration never imports azureml
 
 
 def test_azureml_backend_needs_its_workspace_and_names_every_missing_setting() -> None:

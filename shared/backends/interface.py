@@ -111,7 +111,7 @@ class Backend(Protocol):
 
     def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
 
-    def advance(
+    def continue_deployment(
         self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
     ) -> DeployProgress:
         """Move a deployment one step on, never blocking for long; once it serves, smoke-test it
@@ -145,7 +145,7 @@ class BackendPlugin:
     name: str
     setting_names: tuple[str, ...]  # every app setting it reads
     # Its settings section, read from the environment when it is the backend configured.
-    read_settings: Callable[[SettingsReader], Any]
+    read_section: Callable[[SettingsReader], Any]
     default_base_model: str
     # Where its job events come from, when JOB_EVENTS_TOPICS does not say.
     default_job_event_topics: Callable[[Any], tuple[str, ...]]

@@ -5,13 +5,13 @@ backend object does the work."""
 
 from __future__ import annotations
 
-from shared.backends.azureml.settings import DEFAULT_BASE_MODEL, SETTING_NAMES, read_settings
+from shared.backends.azureml.settings import DEFAULT_BASE_MODEL, SETTING_NAMES, read_section
 from shared.backends.interface import BackendPlugin
 
 PLUGIN = BackendPlugin(
     name="azureml",
     setting_names=SETTING_NAMES,
-    read_settings=read_settings,
+    read_section=read_section,
     default_base_model=DEFAULT_BASE_MODEL,
     default_job_event_topics=lambda section: (section.resource_id,),
     backend_class="shared.backends.azureml.backend:AzureMLBackend",

@@ -541,7 +541,7 @@ class AzureMLBackend:
         return self.endpoint(endpoint)
 
     @_service_errors("deployment")
-    def advance(
+    def continue_deployment(
         self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
     ) -> DeployProgress:
         """Move a deployment one step on, never waiting. Once it has succeeded, smoke-test it at 0%

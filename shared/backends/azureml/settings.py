@@ -46,7 +46,7 @@ class AzureMLWorkspace:
                 f"Microsoft.MachineLearningServices/workspaces/{self.workspace_name}")  # fmt: skip
 
 
-def read_settings(reader: SettingsReader) -> AzureMLWorkspace:
+def read_section(reader: SettingsReader) -> AzureMLWorkspace:
     gpus_per_node = reader.parsed("AZUREML_GPUS_PER_NODE", None, POSITIVE_INT)
     component_version = reader.raw("AZUREML_COMPONENT_VERSION")
     instance_type = reader.raw("AZUREML_INSTANCE_TYPE") or AzureMLWorkspace.instance_type

@@ -5,12 +5,12 @@ imported only when a backend object does the work. None of it ships to Azure."""
 from __future__ import annotations
 
 from shared.backends.interface import BackendPlugin
-from shared.backends.local.settings import LOCAL_TOPIC, SETTING_NAMES, TINY_PHI3, read_settings
+from shared.backends.local.settings import LOCAL_TOPIC, SETTING_NAMES, TINY_PHI3, read_section
 
 PLUGIN = BackendPlugin(
     name="local",
     setting_names=SETTING_NAMES,
-    read_settings=read_settings,
+    read_section=read_section,
     default_base_model=TINY_PHI3,
     default_job_event_topics=lambda section: (LOCAL_TOPIC,),
     backend_class="shared.backends.local.backend:LocalBackend",

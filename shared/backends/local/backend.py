@@ -127,7 +127,7 @@ class LocalBackend:
         )
         return _endpoint(started)
 
-    def advance(
+    def continue_deployment(
         self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
     ) -> DeployProgress:
         """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failed

@@ -24,7 +24,7 @@ class LocalBackendSettings:
     job_events_key: str | None
 
 
-def read_settings(reader: SettingsReader) -> LocalBackendSettings:
+def read_section(reader: SettingsReader) -> LocalBackendSettings:
     endpoint = reader.parsed(
         "JOB_EVENTS_TOPIC_ENDPOINT", None, Rule("an http(s):// Event Grid topic endpoint", http_uri)
     )
