@@ -215,11 +215,32 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _invoke(args: argparse.Namespace) -> int:
-    try:
-        body = json.loads(Path(args.file).read_text())
-    except json.JSONDecodeError as error:
-        raise CliError(f"{args.file}: not valid JSON: {error}") from None
+    if args.message is not None:
+        body: Any = {"input_data": {"input_string": [{"role": "user", "content": args.message}],
+                                    "parameters": {"max_new_tokens": args.max_new_tokens}}}  # fmt: skip
+    else:
+        try:
+            body = json.loads(Path(args.file).read_text())
+        except json.JSONDecodeError as error:
+            raise CliError(f"{args.file}: not valid JSON: {error}") from None
     _emit(_local_backend().invoke(args.endpoint, body))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """Write a generated ultrachat-shaped dataset (the demo's), to try `prepare` and uploads on."""
+    import orjson
+
+    from shared.datasets.sample import conversations
+
+    if args.rows < 1:
+        raise CliError(f"--rows {args.rows}: expected at least 1")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as target:
+        for row in conversations(args.rows, seed=args.seed):
+            target.write(orjson.dumps(row) + b"\n")
+    _emit({"out": str(out), "rows": args.rows})
     return 0
 
 
@@ -303,10 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("endpoint")
     keys.set_defaults(handler=_keys)
 
-    invoke = commands.add_parser("invoke", help="send a request file to an endpoint")
+    invoke = commands.add_parser("invoke", help="send a message, or a request file, to an endpoint")
     invoke.add_argument("--endpoint", required=True)
-    invoke.add_argument("--file", required=True, metavar="REQUEST.json")
+    body = invoke.add_mutually_exclusive_group(required=True)
+    body.add_argument("--message", help="one user message, sent in Azure ML's chat shape")
+    body.add_argument("--file", metavar="REQUEST.json", help="a whole request body")
+    invoke.add_argument("--max-new-tokens", type=int, default=64, help="with --message (default 64)")
     invoke.set_defaults(handler=_invoke)
+
+    sample = commands.add_parser("sample", help="write a generated chat dataset (JSON Lines) to try things on")
+    sample.add_argument("out", metavar="OUT.jsonl")
+    sample.add_argument("--rows", type=int, default=200, help="conversations to write (default 200)")
+    sample.add_argument("--seed", type=int, default=1, help="the generator's seed (default 1)")
+    sample.set_defaults(handler=_sample)
 
     endpoints = commands.add_parser("endpoints", help="local endpoints with their last request times")
     endpoints.set_defaults(handler=_endpoints)
@@ -338,6 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as error:  # anything unforeseen is still one line; -v shows where it came from
+        if args.verbose:
+            logging.exception("unexpected failure")
+        print(f"error: {type(error).__name__}: {error} (run with -v for details)".replace("\n", " "), file=sys.stderr)
         return 1
 
 

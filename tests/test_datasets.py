@@ -322,6 +322,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_cli_sample_writes_a_dataset_that_prepare_accepts(tmp_path: Path) -> None:
+    written = _cli("sample", str(tmp_path / "chats.jsonl"), "--rows", "25")
+    assert written.returncode == 0, written.stderr
+    assert json.loads(written.stdout.splitlines()[-1]) == {"out": str(tmp_path / "chats.jsonl"), "rows": 25}
+    assert len((tmp_path / "chats.jsonl").read_bytes().splitlines()) == 25
+    prepared = _cli("prepare", str(tmp_path / "chats.jsonl"), "--out", str(tmp_path / "prepared"))
+    assert prepared.returncode == 0 and json.loads(prepared.stdout.splitlines()[-1])["status"] == "accepted"
+    refused = _cli("sample", str(tmp_path / "none.jsonl"), "--rows", "0")
+    assert refused.returncode == 1 and refused.stderr.strip() == "error: --rows 0: expected at least 1"
+
+
 def test_cli_prepare_exit_codes_and_messages(tmp_path: Path) -> None:
     good = write_sample(tmp_path / "good.jsonl", 30)
     accepted = _cli("prepare", str(good), "--out", str(tmp_path / "ok"), "--test-pc", "10")

@@ -316,7 +316,18 @@ def test_cli_commands_end_with_one_line_of_json(backend: LocalBackend, trained: 
     assert bad.returncode == 1 and "unknown training parameter 'lora_rank'" in bad.stderr
     missing = _cli("train", "--prepared", str(tmp_path), "--job", "x2", data_dir=backend.data_dir)
     assert missing.returncode == 1 and "train_sft.jsonl: no such file" in missing.stderr
-    assert "Traceback" not in bad.stderr + missing.stderr
+    unknown = _cli("deploy", "--model", "nope:1", "--endpoint", "ep-nope", data_dir=backend.data_dir)
+    assert unknown.returncode == 1 and unknown.stderr.strip().splitlines() == [
+        "error: no model nope:1 in the local registry ('register --job JOB' makes one)"]  # fmt: skip
+    assert "Traceback" not in bad.stderr + missing.stderr + unknown.stderr
+
+    deployed = _cli("deploy", "--model", f"{model['model']}:{model['version']}", "--endpoint", "ep-cli",
+                    data_dir=backend.data_dir)  # fmt: skip
+    assert deployed.returncode == 0, deployed.stderr
+    said = _cli("invoke", "--endpoint", "ep-cli", "--message", "hello there", data_dir=backend.data_dir)
+    assert said.returncode == 0, said.stderr
+    assert isinstance(json.loads(said.stdout.splitlines()[-1])["output"], str)
+    assert _cli("delete-endpoint", "ep-cli", data_dir=backend.data_dir).returncode == 0
 
 
 def test_an_adapter_only_model_is_served_with_its_adapter(backend: LocalBackend, tmp_path: Path) -> None:

@@ -4,16 +4,23 @@ Event Grid delivery with retries and dead-lettering."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from azure.core.credentials import AzureKeyCredential
 from azure.core.exceptions import HttpResponseError
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
+from azure.storage.blob import BlobServiceClient
 
 from shared.dev.localhost import DEAD_LETTER_CONTAINER, RECEIPTS_CONTAINER, LocalHost, Trigger, _route_pattern
 from shared.ledger import RunState, Upload, open_ledger
@@ -21,6 +28,8 @@ from shared.ncrontab import Schedule, ScheduleError
 from shared.settings import Settings
 from shared.storage import blob_service, container
 from shared.vocabulary import DATASETS_CONTAINER, RUN_STATUS_CHANGED
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -120,3 +129,29 @@ def test_a_failing_delivery_is_retried_then_dead_lettered(host: LocalHost) -> No
     dead = blob_service(host.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
     letter = json.loads(dead.download_blob(f"always_fails/{raw['id']}.json").readall())
     assert letter == {"event": raw, "error": "handler is down", "attempts": 3}
+
+
+@pytest.mark.slow
+def test_the_host_shows_its_topic_key_creates_the_apps_containers_and_stops_everything_on_sigterm(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = {**os.environ, "JOB_EVENTS_TOPIC_KEY": "a-known-key", "LOCAL_DATA_DIR": str(tmp_path)}
+    host = subprocess.Popen([sys.executable, "-m", "shared.cli", "host", "--azurite"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("Event Grid topic")):
+            line = host.stdout.readline() if host.stdout else ""
+            assert line, f"the host stopped: {lines}"
+            lines.append(line.strip())
+        connection = next(line.removeprefix("Azurite: ") for line in lines if line.startswith("Azurite: "))
+        assert lines[-1].endswith("(aeg-sas-key a-known-key)")
+        blobs = BlobServiceClient.from_connection_string(connection)
+        assert blobs.get_container_client(DATASETS_CONTAINER).exists()
+        host.send_signal(signal.SIGTERM)
+        assert host.wait(timeout=60) == 0
+        port = int(connection.split("BlobEndpoint=http://127.0.0.1:")[1].split("/")[0])
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0  # its Azurite went with it
+    finally:
+        host.kill()

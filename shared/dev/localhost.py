@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from shared.dev.eventgrid_topic import LocalTopic
 from shared.ncrontab import Schedule
 from shared.settings import STORAGE_SETTING, get_settings
 from shared.storage import blob_service, container
+from shared.vocabulary import DATASETS_CONTAINER, PREPARED_CONTAINER
 
 log = logging.getLogger("localhost")
 RECEIPTS_CONTAINER = "azure-webjobs-hosts"
@@ -163,7 +165,8 @@ class _HttpFunctions(ReplyingHandler):
 class LocalHost:
     def __init__(self, poll_interval_s: float = 1.0, delivery_attempts: int = 5, backoff_s: float = 1.0) -> None:
         self.poll_interval_s, self.delivery_attempts, self.backoff_s = poll_interval_s, delivery_attempts, backoff_s
-        self.topic_key = uuid.uuid4().hex
+        # JOB_EVENTS_TOPIC_KEY, when set, is the topic's key (so other tools can post to it).
+        self.topic_key = os.environ.get("JOB_EVENTS_TOPIC_KEY") or uuid.uuid4().hex
         self._stop = threading.Event()
         self._events: Queue[dict[str, Any]] = Queue()
         self._threads: list[threading.Thread] = []
@@ -188,7 +191,8 @@ class LocalHost:
             self.blob_attempts = json.load(host_json)["extensions"]["blobs"]["poisonBlobThreshold"]
 
     def start(self) -> LocalHost:
-        for name in (RECEIPTS_CONTAINER, DEAD_LETTER_CONTAINER):
+        # The host's own containers, and the app's: an upload needs `datasets/` to exist.
+        for name in (RECEIPTS_CONTAINER, DEAD_LETTER_CONTAINER, DATASETS_CONTAINER, PREPARED_CONTAINER):
             container(self.settings.storage, name)
         for trigger in self.triggers:
             if trigger.kind == "blobTrigger":
@@ -350,7 +354,13 @@ def run_host(start_azurite: bool) -> int:
         print(f"Azurite: {azurite.connection_string}", flush=True)
     host = LocalHost().start()
     api = host.serve_http()
-    print(f"host running; runs at {api}runs; Event Grid topic {host.topic.endpoint}; Ctrl-C stops", flush=True)
+    print(f"host running; runs at {api}runs; Ctrl-C stops", flush=True)
+    print(f"Event Grid topic {host.topic.endpoint} (aeg-sas-key {host.topic_key})", flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops what the host started, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-from shared.backends.interface import model_description
+from shared.backends.interface import BackendError, model_description
 from shared.vocabulary import JOB_TAG
 
 
@@ -42,7 +42,13 @@ def register(
 
 
 def model_folder(tracking_uri: str, name: str, version: str) -> Path:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    return Path(str(client.get_model_version(name, version).source))
+    try:
+        return Path(str(client.get_model_version(name, version).source))
+    except MlflowException:
+        raise BackendError(
+            f"no model {name}:{version} in the local registry ('register --job JOB' makes one)"
+        ) from None
