@@ -4,7 +4,9 @@ Event Grid delivery with retries and dead-lettering."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,7 +96,8 @@ def test_the_host_fires_blob_triggers_once_per_version_and_serves_routes(host: L
         assert json.loads(reply.read())["state"] == "rejected"
 
 
-def test_posted_job_events_reach_the_job_events_function(host: LocalHost) -> None:
+def test_posted_job_events_reach_the_job_events_function(host: LocalHost, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="localhost")
     ledger = open_ledger(host.settings)
     run, _ = ledger.receive(Upload(DATASETS_CONTAINER, "posted.jsonl", uuid.uuid4().hex), "received")
     run = ledger.advance(ledger.advance(run, RunState.PREPARED, "prepared"), RunState.SUBMITTED, "submitted",
@@ -108,6 +111,14 @@ def test_posted_job_events_reach_the_job_events_function(host: LocalHost) -> Non
         assert time.monotonic() < deadline, "the event was not delivered"
         time.sleep(0.2)
     assert current.reason == "out of memory"
+    prefix = f"job_events ({RUN_STATUS_CHANGED} "
+    while not [r for r in caplog.records if r.getMessage().startswith(prefix)]:  # logged just after
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (call,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert re.fullmatch(
+        rf"job_events \({RUN_STATUS_CHANGED} experiments/x/runs/{run.job_name}\): succeeded in [\d.]+ s", call
+    )
     with pytest.raises(HttpResponseError, match="Unauthorized"):
         EventGridPublisherClient(host.topic.endpoint, AzureKeyCredential("wrong")).send([failed])
 

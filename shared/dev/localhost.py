@@ -104,6 +104,18 @@ def blob_trigger_argument(trigger: Trigger, container: str, name: str) -> Any:
     return converter.decode(Datum(_ModelBindingData(content), "model_binding_data"), trigger_metadata={}, pytype=pytype)
 
 
+def invoke(trigger: Trigger, argument: Any, about: str) -> Any:
+    """Call a function as the host does, logging one line for the call and its outcome."""
+    started = time.monotonic()
+    try:
+        result = trigger.call(argument)
+    except Exception as error:
+        log.info("%s (%s): failed after %.1f s: %s", trigger.function_name, about, time.monotonic() - started, error)
+        raise
+    log.info("%s (%s): succeeded in %.1f s", trigger.function_name, about, time.monotonic() - started)
+    return result
+
+
 def _route_pattern(route: str) -> re.Pattern[str]:
     """A Functions route template (`runs/{run_id?}`) as a regular expression with named groups."""
     parts = []
@@ -154,7 +166,7 @@ class _HttpFunctions(ReplyingHandler):
                 route_params={key: value for key, value in match.groupdict().items() if value},
                 body=self.rfile.read(int(self.headers.get("Content-Length") or 0)),
             )
-            response = trigger.call(request)
+            response = invoke(trigger, request, f"{self.command} {path}")
             self.send_body(response.status_code, response.get_body(), response.mimetype or "application/json")
             return
         self.send_error(404, "no function serves this route")
@@ -270,7 +282,7 @@ class LocalHost:
         error: Exception | None = None
         for attempt in range(1, self.blob_attempts + 1):
             try:
-                trigger.call(blob_trigger_argument(trigger, container, blob.name))
+                invoke(trigger, blob_trigger_argument(trigger, container, blob.name), f"{container}/{blob.name}")
                 error = None
                 break
             except Exception as failure:
@@ -295,7 +307,7 @@ class LocalHost:
         while not self._stop.wait(max(0.0, (due - datetime.now(UTC)).total_seconds())):
             late = (datetime.now(UTC) - due).total_seconds()
             try:
-                trigger.call(TimerRequest(past_due=late > 5, schedule_status={"Last": due.isoformat()}))
+                invoke(trigger, TimerRequest(past_due=late > 5, schedule_status={"Last": due.isoformat()}), "timer")
             except Exception:
                 log.exception("%s failed", trigger.function_name)
             due = schedule.next_after(datetime.now(UTC))
@@ -325,7 +337,7 @@ class LocalHost:
     def _deliver(self, trigger: Trigger, event: Any, raw: dict[str, Any]) -> None:
         for attempt in range(1, self.delivery_attempts + 1):
             try:
-                trigger.call(event)
+                invoke(trigger, event, f"{event.event_type} {event.subject}")
                 return
             except Exception as failure:
                 log.warning("%s failed on event %s (attempt %d of %d): %s", trigger.function_name, event.id,
@@ -347,6 +359,7 @@ def run_host(start_azurite: bool) -> int:
     from shared.dev.azurite import start_azurite as launch
 
     load_local_settings()
+    log.setLevel(logging.INFO)  # one line per function call, whatever the CLI's level
     azurite = None
     if start_azurite:
         azurite = launch(location=REPO_ROOT / ".azurite")
