@@ -9,14 +9,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.backends.registry import BACKENDS
 from shared.ledger import LedgerError, open_ledger
-from shared.settings import SettingsError, get_settings
+from shared.settings import Settings, SettingsError, get_settings
 from shared.status import runs_response
 from shared.vocabulary import (
     MANAGED_BY,
@@ -34,9 +35,37 @@ class CliError(Exception):
 
 def _status(args: argparse.Namespace) -> int:
     query = {"limit": str(args.limit), **({"state": args.state} if args.state else {})}
-    response = runs_response(open_ledger(get_settings()), args.run, query)
+    with _ledger_storage() as settings:
+        response = runs_response(open_ledger(settings), args.run, query)
     print(response.body)
     return 0 if response.status == 200 else 1
+
+
+@contextmanager
+def _ledger_storage() -> Iterator[Settings]:
+    """The storage the runs are in: AzureWebJobsStorage when set; otherwise the local host's or the
+    demo's store under .local/ (started for the query if its Azurite is gone)."""
+    import socket
+
+    from shared.dev.azurite import local_store
+    from shared.settings import STORAGE_SETTING, load_settings
+
+    settings = get_settings()
+    if os.environ.get(STORAGE_SETTING):
+        yield settings
+        return
+    with local_store() as connection:
+        if connection is not None:
+            yield load_settings({**os.environ, STORAGE_SETTING: connection})
+            return
+    with socket.socket() as probe:  # UseDevelopmentStorage=true: an Azurite on its default ports
+        probe.settimeout(1)
+        if probe.connect_ex(("127.0.0.1", 10002)) != 0:
+            raise CliError(
+                "no runs to read: no local store under .local/ and nothing listens on 127.0.0.1:10002; "
+                "run `make demo` or `python -m shared.cli host --azurite`, or set AzureWebJobsStorage"
+            )
+    yield settings
 
 
 def _progress_printer(total: int) -> Callable[[int], None] | None:
@@ -346,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.set_defaults(handler=_delete_endpoint)
 
     host = commands.add_parser("host", help="run the function app locally without Core Tools")
-    host.add_argument("--azurite", action="store_true", help="also start Azurite (data kept in .azurite/)")
+    host.add_argument("--azurite", action="store_true", help="also start Azurite (data kept in .local/azurite/)")
     host.set_defaults(handler=_host)
 
     demo = commands.add_parser("demo", help="run the end-to-end demo on the local backend")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from shared.settings import STORAGE_SETTING
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,3 +30,12 @@ def test_the_demo_runs_the_whole_flow_and_cleans_up() -> None:
         ["pgrep", "-f", "shared.backends.local.serve .*demo"], capture_output=True, text=True, check=False
     )
     assert leftover.stdout == ""
+
+    # The demo's closing hint works after it ended: `status` finds the demo's store under .local/.
+    run_id = re.search(r"run (\S+) is torn_down; `python -m shared.cli status \1`", out)
+    assert run_id, out[-2000:]
+    env = {name: value for name, value in os.environ.items() if name != STORAGE_SETTING}
+    status = subprocess.run([sys.executable, "-m", "shared.cli", "status", run_id.group(1)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "torn_down"

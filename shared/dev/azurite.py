@@ -1,15 +1,21 @@
 """Start and stop Azurite, the local Azure Storage emulator, for tests, the demo and the local host.
 
 Azurite is the project's pinned npm dev dependency (`package.json`), installed by `make setup`.
-It listens on free ports picked by the OS, so several can run side by side.
+It listens on free ports picked by the OS, so several can run side by side. The local host and
+the demo keep their data in a store under `.local/` and, while Azurite serves it, write where it
+listens into the store (`listening.json`), so `status` finds it, running or not.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +24,9 @@ AZURITE_BIN = REPO_ROOT / "node_modules" / ".bin" / "azurite"
 # Azurite's well-known development account; public, documented, not a secret.
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+HOST_STORE = REPO_ROOT / ".local" / "azurite"  # the local host's (`host --azurite`)
+DEMO_STORE = REPO_ROOT / ".local" / "demo" / "azurite"  # the demo's, kept after it ends
+LISTENING_FILE = "listening.json"
 _LISTENING = re.compile(r"Azurite (Blob|Queue|Table) service is successfully listening at http://[^:]+:(\d+)")
 
 
@@ -30,6 +39,7 @@ class Azurite:
     process: subprocess.Popen[str]
     ports: dict[str, int]
     output: list[str] = field(default_factory=list)
+    location: Path | None = None
 
     @property
     def connection_string(self) -> str:
@@ -41,6 +51,8 @@ class Azurite:
         )
 
     def stop(self) -> None:
+        if self.location is not None:
+            (self.location / LISTENING_FILE).unlink(missing_ok=True)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -55,6 +67,8 @@ def start_azurite(location: Path | None = None, timeout_s: float = 30.0) -> Azur
     without, it lives in memory and is gone when Azurite stops."""
     if not AZURITE_BIN.exists():
         raise AzuriteError(f"Azurite is not installed at {AZURITE_BIN}: run `make setup` (npm ci) first")
+    if location is not None:
+        location.mkdir(parents=True, exist_ok=True)
     persistence = ["--location", str(location)] if location else ["--inMemoryPersistence"]
     command = [
         str(AZURITE_BIN), "--silent", "--skipApiVersionCheck", "--disableTelemetry", "--loose",
@@ -64,7 +78,7 @@ def start_azurite(location: Path | None = None, timeout_s: float = 30.0) -> Azur
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
-    azurite = Azurite(process=process, ports={})
+    azurite = Azurite(process=process, ports={}, location=location)
     ready = threading.Event()
 
     def read_output() -> None:
@@ -88,4 +102,36 @@ def start_azurite(location: Path | None = None, timeout_s: float = 30.0) -> Azur
     if len(azurite.ports) != 3:
         azurite.stop()
         raise AzuriteError(f"Azurite exited during start-up: {' | '.join(azurite.output[-5:])}")
+    if location is not None:
+        (location / LISTENING_FILE).write_text(json.dumps({"connection_string": azurite.connection_string}))
     return azurite
+
+
+def _listening(connection_string: str) -> bool:
+    port = int(re.search(r"BlobEndpoint=http://127\.0\.0\.1:(\d+)/", connection_string).group(1))  # type: ignore[union-attr]
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def local_store(stores: tuple[Path, ...] = (HOST_STORE, DEMO_STORE)) -> Iterator[str | None]:
+    """A connection string to the local host's or the demo's storage: the Azurite serving it now,
+    or (nothing listening) one started on its data for as long as this lasts. The store used last
+    wins; None when neither has any data."""
+    existing = sorted((store for store in stores if store.is_dir()), key=lambda s: s.stat().st_mtime, reverse=True)
+    for store in existing:
+        listening = store / LISTENING_FILE
+        if listening.exists():
+            connection = json.loads(listening.read_text())["connection_string"]
+            if _listening(connection):
+                yield connection
+                return
+    if not existing:
+        yield None
+        return
+    azurite = start_azurite(location=existing[0])
+    try:
+        yield azurite.connection_string
+    finally:
+        azurite.stop()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from shared.dev.azurite import start_azurite
+from shared.dev.azurite import DEMO_STORE, start_azurite
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / ".local" / "demo"
 DEMO_SETTINGS = {
@@ -95,7 +95,7 @@ def _run() -> None:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
     with _step("start Azurite (local Azure Storage)"):
-        azurite = start_azurite()
+        azurite = start_azurite(location=DEMO_STORE)  # kept after the demo: `status` reads it
     host = None
     try:
         os.environ.update({**DEMO_SETTINGS, STORAGE_SETTING: azurite.connection_string})

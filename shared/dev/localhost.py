@@ -356,13 +356,14 @@ class LocalHost:
 
 def run_host(start_azurite: bool) -> int:
     """The `host` command: serve until interrupted."""
+    from shared.dev.azurite import HOST_STORE
     from shared.dev.azurite import start_azurite as launch
 
     load_local_settings()
     log.setLevel(logging.INFO)  # one line per function call, whatever the CLI's level
     azurite = None
     if start_azurite:
-        azurite = launch(location=REPO_ROOT / ".azurite")
+        azurite = launch(location=HOST_STORE)
         os.environ[STORAGE_SETTING] = azurite.connection_string
         print(f"Azurite: {azurite.connection_string}", flush=True)
     host = LocalHost().start()
