@@ -196,15 +196,19 @@ def _train(args: argparse.Namespace) -> int:
     status = backend.submit(request, restart=True)
     _progress(f"job {status.job_name}: {status.status} (log: {backend.job_log(status.job_name)})")
     if args.wait:
-        started, last = time.monotonic(), status.status
+        from shared.backends.local.jobs import progress_line
+
+        last, shown = status.status, None
         while not status.status.is_terminal:
-            time.sleep(2)
+            time.sleep(1)
             status = backend.job_status(args.job)
             if status.status != last:
                 _progress(f"job {args.job}: {status.status}")
                 last = status.status
-            elif int(time.monotonic() - started) % 20 < 2:
-                _progress(f"job {args.job}: {status.status}, {time.monotonic() - started:.0f} s")
+            progress = backend.job_progress(args.job)
+            if progress and progress != shown:
+                _progress(f"job {args.job}: {progress_line(progress)}")
+                shown = progress
     completed = status.status == JobStatus.COMPLETED
     _emit({"job": status.job_name, "status": status.status, "reason": status.reason,
            "metrics": backend.job_metrics(status.job_name) if completed else None})  # fmt: skip

@@ -23,6 +23,7 @@ def test_the_demo_runs_the_whole_flow_and_cleans_up() -> None:
     for state in ("received", "prepared", "submitted", "completed", "registered", "deploying", "deployed", "torn_down"):
         assert f" {state} " in out, state
     assert "answered:" in out and "loss plot: " in out and "loss_curve.png" in out
+    assert re.search(r" training +step \d+/\d+, loss [\d.]+, [\d,]+ tokens/s", out), out[:3000]
     assert out.rstrip().endswith("stopped the host and Azurite")
     loss_plot = out.split("loss plot: ", 1)[1].split()[0]
     assert Path(loss_plot).read_bytes()[:4] == b"\x89PNG"

@@ -15,6 +15,7 @@ from shared.backends.azureml.backend import DEPLOYMENT, DeploymentStep, next_dep
 from shared.backends.azureml.component import ComponentInputError, merge_parameters
 from shared.backends.azureml.registry_model import RegistryModel
 from shared.backends.interface import Endpoint
+from shared.backends.local.jobs import progress_line
 from shared.backends.smoke import REQUEST_SHAPES, failure, reply_text, run
 from shared.deployment import endpoint_name_for
 from shared.events import ignore_reason, parse_job_event
@@ -157,6 +158,12 @@ def test_the_smoke_test_tries_each_request_shape_until_one_is_answered() -> None
     assert [a.status for a in unreachable] == [None, None] and not unreachable[-1].answered
     assert "no answer ConnectionError: refused" in failure("ep", unreachable)
     assert not run(lambda body: (200, "not json"), conversation)[-1].answered
+
+
+def test_training_progress_reads_as_one_line() -> None:
+    progress = {"step": 12, "total_steps": 40, "loss": 5.1234, "tokens_per_second": 3612.4, "eta_s": 8.2}
+    assert progress_line(progress) == "step 12/40, loss 5.123, 3,612 tokens/s, about 8 s left"
+    assert progress_line({**progress, "eta_s": None}) == "step 12/40, loss 5.123, 3,612 tokens/s"
 
 
 def _registry_body(properties: dict[str, Any]) -> dict[str, Any]:

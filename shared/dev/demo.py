@@ -64,16 +64,27 @@ def run_demo() -> int:
     return 0
 
 
-def _follow(ledger: Any, run_id: str, until: set[str], seen: int, timeout_s: float, step: str) -> tuple[Any, int]:
-    """Print the run's history as it grows until it reaches one of `until` (or fails)."""
+def _follow(
+    ledger: Any, run_id: str, until: set[str], seen: int, timeout_s: float, step: str, backend: Any
+) -> tuple[Any, int]:
+    """Print the run's history as it grows until it reaches one of `until` (or fails), and the
+    training's progress while its job runs."""
+    from shared.backends.local.jobs import progress_line
+
     deadline = time.monotonic() + timeout_s
     failures = {"rejected", "failed", "canceled", "deploy_failed"}
+    shown, shown_at = None, 0.0
     while True:
         history = ledger.history(run_id)
         for entry in history[seen:]:
             _say(f"    {entry.at:%H:%M:%S} {entry.state:<13} {entry.message}")
         seen = len(history)
         run = ledger.get(run_id)
+        running = run.state in ("submitted", "running") and run.job_name
+        progress = backend.job_progress(run.job_name) if running else None
+        if progress and progress != shown and time.monotonic() - shown_at >= 5:  # a line every 5 s at most
+            _say(f"    {time.strftime('%H:%M:%S')} training      {progress_line(progress)}")
+            shown, shown_at = progress, time.monotonic()
         if run.state in until:
             return run, seen
         if run.state in failures:
@@ -112,6 +123,7 @@ def _run() -> None:
             _say(f"    uploaded {DATASETS_CONTAINER}/{sample.name} ({sample.stat().st_size:,} bytes), "
                  f"metadata {UPLOAD_METADATA}")  # fmt: skip
 
+        backend = get_backend(settings)
         with _step("the upload goes through intake, training, registration, deployment and a smoke test"):
             deadline = time.monotonic() + 60
             while not (runs := ledger.by_blob(DATASETS_CONTAINER, sample.name)):
@@ -119,10 +131,9 @@ def _run() -> None:
                     raise DemoFailed("intake", "the blob trigger did not fire within 60 s")
                 time.sleep(0.5)
             run_id = runs[0].run_id
-            run, seen = _follow(ledger, run_id, {"deployed"}, 0, 600, "training and deployment")
+            run, seen = _follow(ledger, run_id, {"deployed"}, 0, 600, "training and deployment", backend)
 
         with _step("chat with the deployed endpoint"):
-            backend = get_backend(settings)
             body = {"input_data": {"input_string": [{"role": "user", "content": QUESTION}],
                                    "parameters": {"max_new_tokens": 40}}}  # fmt: skip
             reply = backend.invoke(run.endpoint_name, body)
@@ -133,7 +144,7 @@ def _run() -> None:
             _say(f"    loss plot: {run.details.get('loss_curve')}")
 
         with _step("leave the endpoint idle: the janitor tears it down"):
-            run, _ = _follow(ledger, run_id, {"torn_down"}, seen, 180, "idle teardown")
+            run, _ = _follow(ledger, run_id, {"torn_down"}, seen, 180, "idle teardown", backend)
             deadline = time.monotonic() + 30  # the run is claimed first; the deletion follows
             while any(endpoint.name == run.endpoint_name for endpoint in backend.list_endpoints()):
                 if time.monotonic() > deadline:

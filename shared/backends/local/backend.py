@@ -95,6 +95,9 @@ class LocalBackend:
         root = self.data_dir / "jobs"
         return sorted(path.parent.name for path in root.glob("*/status.json")) if root.exists() else []
 
+    def job_progress(self, job_name: str) -> dict[str, Any] | None:
+        return jobs.read_progress(jobs.job_dir(self.data_dir, job_name))
+
     def job_log(self, job_name: str) -> Path:
         return jobs.job_dir(self.data_dir, job_name) / "trainer.log"
 

@@ -25,6 +25,7 @@ from shared.vocabulary import PIPELINE_RUN_TYPE, RUN_STATUS_CHANGED, TEST_FILE, 
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 _PUBLISHED = "event-published"
+PROGRESS_FILE = "progress.json"
 
 
 class JobError(BackendError):
@@ -78,6 +79,20 @@ def _now() -> str:
 
 def write_state(directory: Path, state: JobRecord) -> None:
     write_json(directory / "status.json", asdict(state))
+
+
+def progress_line(progress: dict[str, Any]) -> str:
+    """`step 12/40, loss 5.12, 3,600 tokens/s, about 8 s left`."""
+    eta = progress.get("eta_s")
+    left = f", about {eta:.0f} s left" if eta is not None else ""
+    return (f"step {progress['step']}/{progress['total_steps']}, loss {progress['loss']:.3f}, "
+            f"{progress['tokens_per_second']:,.0f} tokens/s{left}")  # fmt: skip
+
+
+def read_progress(directory: Path) -> dict[str, Any] | None:
+    """How far a running job is: step, total_steps, loss, tokens_per_second, eta_s."""
+    path = directory / PROGRESS_FILE
+    return dict(json.loads(path.read_text())) if path.exists() else None
 
 
 def read_spec(directory: Path) -> JobSpec:

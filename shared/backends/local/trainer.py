@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.backends.local.jobs import JobRecord, JobSpec, publish_once, read_spec, write_state
+from shared.backends.local.jobs import PROGRESS_FILE, JobRecord, JobSpec, publish_once, read_spec, write_state
+from shared.backends.local.processes import write_json
 from shared.backends.local.settings import TINY_PHI3
 from shared.backends.local.tiny_model import build_tiny_phi3
 from shared.training import resolve_parameters
@@ -118,14 +119,17 @@ class _Collator:
         return tensors
 
 
-def _metrics_callback(collator: _Collator) -> Any:
+def _metrics_callback(collator: _Collator, directory: Path) -> Any:
+    """Metrics to MLflow at each logging step, and the job's progress to `progress.json` (steps
+    done and to do, loss, tokens per second, an ETA) for `train --wait`, the demo and `jobs`."""
     import mlflow
     from transformers import TrainerCallback
 
     class MetricsToMlflow(TrainerCallback):
         def __init__(self) -> None:
-            self.last_time = time.monotonic()
+            self.started = self.last_time = time.monotonic()
             self.last_tokens = 0
+            self.first_step: int | None = None  # a resumed job starts past 0
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
             logs = logs or {}
@@ -142,6 +146,20 @@ def _metrics_callback(collator: _Collator) -> Any:
                 metrics["perplexity"] = math.exp(min(logs["eval_loss"], 50))
             if metrics:
                 mlflow.log_metrics(metrics, step=state.global_step)
+            if "train_loss" in metrics:
+                self._progress(state, metrics)
+
+        def _progress(self, state: Any, metrics: dict[str, float]) -> None:
+            if self.first_step is None:
+                self.first_step = max(0, state.global_step - state.logging_steps)
+            done = state.global_step - self.first_step
+            left = state.max_steps - state.global_step
+            elapsed = time.monotonic() - self.started
+            write_json(directory / PROGRESS_FILE, {
+                "step": state.global_step, "total_steps": state.max_steps, "loss": metrics["train_loss"],
+                "tokens_per_second": metrics["tokens_per_second"],
+                "eta_s": elapsed / done * left if done > 0 else None,
+            })  # fmt: skip
 
     return MetricsToMlflow()
 
@@ -238,7 +256,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
         train_dataset=train_set,
         eval_dataset=eval_set or None,
         data_collator=collator,
-        callbacks=[_metrics_callback(collator)],
+        callbacks=[_metrics_callback(collator, directory)],
     )
 
     mlflow.set_tracking_uri(spec.tracking_uri)
