@@ -121,12 +121,20 @@ def test_training_lowers_the_loss_and_records_everything(backend: LocalBackend, 
     metrics = backend.job_metrics(trained)
     client = MlflowClient(tracking_uri=backend.tracking_uri)
     points = client.get_metric_history(metrics["mlflow_run_id"], "train_loss")
-    history = [m.value for m in sorted(points, key=lambda m: m.step)]
+    per_step: dict[int, float] = {}
+    for point in sorted(points, key=lambda m: (m.step, m.timestamp)):
+        per_step.setdefault(point.step, point.value)  # the summary comes last, at the last step
+    history = [per_step[step] for step in sorted(per_step)]
     assert len(history) == metrics["steps"] > 10
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5 - 0.5  # it learned something
     run = client.get_run(metrics["mlflow_run_id"])
     assert {"eval_loss", "perplexity", "learning_rate", "tokens_per_second"} <= set(run.data.metrics)
+    for name in ("train_loss", "tokens_per_second", "eval_loss"):  # the UI's latest is metrics.json's
+        assert run.data.metrics[name] == pytest.approx(metrics[name])
     assert run.data.params["lora_r"] == "8"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location == (backend.data_dir / "mlartifacts").as_uri()
     job_dir = backend.data_dir / "jobs" / trained
     assert (job_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (job_dir / "outputs" / "mlflow_model_folder" / "MLmodel").exists()

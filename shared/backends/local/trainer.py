@@ -7,6 +7,7 @@ final status; the backend reads everything else from the files it leaves."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ log = logging.getLogger("trainer")
 MODEL_FOLDER = "mlflow_model_folder"
 DEFAULT_MAX_LENGTH = 2048
 LOSS_CURVE_POINTS = 50
+SUMMARY_METRICS = ("train_loss", "eval_loss", "perplexity", "tokens_per_second")
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "tokenizers"]
 
 
@@ -117,6 +119,20 @@ class _Collator:
                 [(e.position_ids or []) + list(range(width - len(e.input_ids))) for e in batch]
             )
         return tensors
+
+
+def _experiment(spec: JobSpec) -> None:
+    """The job's MLflow experiment: its artifacts under the local data folder (not `./mlruns` of
+    whatever folder a command ran in), and shown in MLflow's UI as model training, not GenAI."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if mlflow.get_experiment_by_name(spec.experiment_name) is None:
+        artifacts = Path(spec.models_dir).parent / "mlartifacts"
+        with contextlib.suppress(MlflowException):  # a concurrent job created it first
+            mlflow.create_experiment(spec.experiment_name, artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(spec.experiment_name)
+    mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
 
 
 def _metrics_callback(collator: _Collator, directory: Path) -> Any:
@@ -260,7 +276,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
     )
 
     mlflow.set_tracking_uri(spec.tracking_uri)
-    mlflow.set_experiment(spec.experiment_name)
+    _experiment(spec)
     run_file = directory / "mlflow_run_id"
     run_id = run_file.read_text().strip() if run_file.exists() else None
     resume = _last_checkpoint(checkpoints) if parameters["resume_from_checkpoint"] else None
@@ -312,7 +328,9 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
             "model_folder": str(output),
             "loss_curve": str(directory / "loss_curve.png"),
         }
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k in ("tokens_per_second",) and v is not None})
+        # The summary, at the last step: what the MLflow UI shows as latest is what metrics.json says.
+        summary = {name: metrics[name] for name in SUMMARY_METRICS if metrics[name] is not None}
+        mlflow.log_metrics(summary, step=trainer.state.global_step)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
