@@ -24,6 +24,7 @@ from azure.core.exceptions import HttpResponseError
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 from azure.storage.blob import BlobServiceClient
 
+from shared.backends.local.settings import local_settings
 from shared.dev.localhost import DEAD_LETTER_CONTAINER, RECEIPTS_CONTAINER, LocalHost, Trigger, _route_pattern
 from shared.ledger import RunState, Upload, open_ledger
 from shared.ncrontab import Schedule, ScheduleError
@@ -166,3 +167,19 @@ def test_the_host_shows_its_topic_key_creates_the_apps_containers_and_stops_ever
             assert probe.connect_ex(("127.0.0.1", port)) != 0  # its Azurite went with it
     finally:
         host.kill()
+
+
+def test_the_host_logs_the_progress_of_running_local_jobs(host: LocalHost, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="localhost")
+    job = local_settings(host.settings).data_dir / "jobs" / "job-watched"
+    job.mkdir(parents=True)
+    trainer = subprocess.Popen(["sleep", "60"])  # a live process stands in for the trainer
+    status = {"job_name": "job-watched", "status": "Running", "pid": trainer.pid}
+    (job / "status.json").write_text(json.dumps(status))
+    (job / "progress.json").write_text(json.dumps(
+        {"step": 3, "total_steps": 10, "loss": 1.0, "tokens_per_second": 100.0, "eta_s": 7.0}))  # fmt: skip
+    deadline = time.monotonic() + 20
+    expected = "training job-watched: step 3/10, loss 1.000, 100 tokens/s, about 7 s left"
+    while expected not in [record.getMessage() for record in caplog.records]:
+        assert time.monotonic() < deadline, "no progress line in the host's log"
+        time.sleep(0.2)

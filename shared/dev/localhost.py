@@ -213,6 +213,8 @@ class LocalHost:
                 self._spawn(self._run_timer, trigger)
         for _ in range(4):
             self._spawn(self._deliver_events, None)
+        if self.settings.ml_backend == "local":  # the host runs the local trainers' jobs: show them
+            self._spawn(self._log_training, None)
         log.info("local host: Event Grid topic at %s; functions: %s", self.topic.endpoint,
                  ", ".join(f"{t.function_name} ({t.kind})" for t in self.triggers))  # fmt: skip
         return self
@@ -311,6 +313,20 @@ class LocalHost:
             except Exception:
                 log.exception("%s failed", trigger.function_name)
             due = schedule.next_after(datetime.now(UTC))
+
+    def _log_training(self, _: Trigger | None, every_s: float = 5.0) -> None:
+        """A line per running local job every few seconds: steps, loss, tokens/s, time left."""
+        from shared.backends.local.backend import LocalBackend
+        from shared.backends.local.jobs import progress_line
+
+        backend = LocalBackend(self.settings)
+        shown: dict[str, Any] = {}
+        while not self._stop.wait(every_s):
+            for job in backend.job_names():
+                progress = backend.job_progress(job)
+                if progress and progress != shown.get(job) and not backend.job_status(job).status.is_terminal:
+                    log.info("training %s: %s", job, progress_line(progress))
+                    shown[job] = progress
 
     # Event Grid triggers: delivery with retries, backoff and dead-lettering.
     def _deliver_events(self, _: Trigger | None) -> None:
