@@ -4,10 +4,26 @@ A job's model gets one version, however often it is registered."""
 from __future__ import annotations
 
 import fcntl
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.backends.interface import BackendError, model_description
 from shared.vocabulary import JOB_TAG
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+# Two threads of one process importing mlflow for the first time at once (an event handler and
+# the janitor in the local host) can see it half-initialised ("partially initialized module
+# 'mlflow'"), and the failed import then breaks every later one: the first import goes one at a time.
+_IMPORTING = threading.Lock()
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    with _IMPORTING:
+        from mlflow.tracking import MlflowClient
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def register(
@@ -15,10 +31,9 @@ def register(
 ) -> str:
     """Register `model_folder` as a version of `name`, tagged with its lineage; the version already
     registered for the same job (tag `job`) is returned instead of a second one."""
+    client = _client(tracking_uri)
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     lock_dir.mkdir(parents=True, exist_ok=True)
     # MLflow numbers versions itself: the check and the create must not interleave across processes.
     with (lock_dir / "registry.lock").open("w") as lock:
@@ -42,10 +57,9 @@ def register(
 
 
 def model_folder(tracking_uri: str, name: str, version: str) -> Path:
+    client = _client(tracking_uri)
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         return Path(str(client.get_model_version(name, version).source))
     except MlflowException:
