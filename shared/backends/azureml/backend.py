@@ -503,14 +503,16 @@ class AzureMLBackend:
         )
         from azure.core.exceptions import ResourceNotFoundError
 
-        registered = self.workspace.models.get(model.name, version=model.version)
-        base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
         instance_type = self.workspace_settings.instance_type
-        if base_name:  # checked at submission too; the setting may have changed since
-            check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
         try:
             found = self.workspace.online_endpoints.get(endpoint)
         except ResourceNotFoundError:
+            # Checked at submission too, but the setting may have changed since: once, before
+            # anything is created (not on every later call that moves the deployment on).
+            registered = self.workspace.models.get(model.name, version=model.version)
+            base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
+            if base_name:
+                check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
             self.workspace.online_endpoints.begin_create_or_update(
                 ManagedOnlineEndpoint(
                     name=endpoint,
