@@ -262,17 +262,13 @@ def _invoke(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     """Write a generated ultrachat-shaped dataset (the demo's), to try `prepare` and uploads on."""
-    import orjson
-
-    from shared.datasets.sample import conversations
+    from shared.datasets.sample import write_sample
 
     if args.rows < 1:
         raise CliError(f"--rows {args.rows}: expected at least 1")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as target:
-        for row in conversations(args.rows, seed=args.seed):
-            target.write(orjson.dumps(row) + b"\n")
+    write_sample(out, args.rows, seed=args.seed)
     _emit({"out": str(out), "rows": args.rows})
     return 0
 
