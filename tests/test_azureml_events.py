@@ -59,6 +59,16 @@ def _pascal(event: dict[str, Any]) -> dict[str, Any]:
     return {**event, "data": {key[0].upper() + key[1:]: value for key, value in event["data"].items()}}
 
 
+def _job_ends(fake: FakeAzureML, run: Run, status: str) -> str:
+    """The run's job reaches `status` at the service; its name, for the events about it."""
+    assert run.job_name
+    fake.set_job_status(run.job_name, status)
+    return run.job_name
+
+
+CONFLICT = {"error": {"code": "Conflict", "message": "a concurrent write"}}
+
+
 def _deliver(settings: Settings, ledger: Ledger, backend: AzureMLBackend, body: dict[str, Any]) -> str:
     """As the worker decodes the webhook's body, then as the job_events function hands it on."""
     event = EventGridEventInConverter.decode(meta.Datum(json.dumps(body), "json"), trigger_metadata=None)
@@ -90,13 +100,13 @@ def test_either_success_event_registers_and_starts_the_deployment(
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run], success: Any, casing: Any
 ) -> None:
     settings, backend, run = setup
-    assert run.state == RunState.SUBMITTED and run.job_name
-    fake.set_job_status(run.job_name, "Completed")
-    outcome = _deliver(settings, ledger, backend, casing(success(run.job_name)))
+    assert run.state == RunState.SUBMITTED
+    job = _job_ends(fake, run, "Completed")
+    outcome = _deliver(settings, ledger, backend, casing(success(job)))
     assert outcome == f"run {run.run_id} is deploying"
     assert len(fake.sent("PUT", "/models/")) == 1 and len(fake.sent("PUT", "/onlineEndpoints/")) == 1
     # Both event types arrive for one job (two subscriptions): the second changes nothing.
-    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name))
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, job))
     assert len(fake.sent("PUT", "/models/")) == 1 and len(fake.sent("PUT", "/onlineEndpoints/")) == 1
 
 
@@ -105,13 +115,10 @@ def test_the_documented_failure_sample_fails_the_run_with_the_services_reason(
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run], casing: Any
 ) -> None:
     settings, backend, run = setup
-    assert run.job_name
-    fake.set_job_status(run.job_name, "Failed")
-    failed = _documented(RUN_STATUS_CHANGED, run.job_name, runStatus="failed")  # lowercase, as in the sample
+    job = _job_ends(fake, run, "Failed")
+    failed = _documented(RUN_STATUS_CHANGED, job, runStatus="failed")  # lowercase, as in the sample
     assert _deliver(settings, ledger, backend, casing(failed)) == f"run {run.run_id} is failed"
-    assert f"Azure ML job {run.job_name} failed: see https://ml.azure.com/runs/" in (
-        ledger.get(run.run_id).reason or ""
-    )
+    assert f"Azure ML job {job} failed: see https://ml.azure.com/runs/" in (ledger.get(run.run_id).reason or "")
 
 
 def test_step_runs_and_other_jobs_are_ignored(
@@ -129,10 +136,9 @@ def test_a_busy_service_leaves_the_run_where_it_is_for_the_next_attempt(
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
 ) -> None:
     settings, backend, run = setup
-    assert run.job_name
-    fake.set_job_status(run.job_name, "Completed")
-    fake.fail_next("PUT", "/models/", 409, {"error": {"code": "Conflict", "message": "a concurrent write"}})
-    assert _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name)) == (
+    job = _job_ends(fake, run, "Completed")
+    fake.fail_next("PUT", "/models/", 409, CONFLICT)
+    assert _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, job)) == (
         f"run {run.run_id} is completed"
     )  # not failed: the janitor's tick drives it on
     assert drive_run(settings, ledger, run.run_id, backend).state == RunState.DEPLOYING
@@ -142,9 +148,7 @@ def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_end
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
 ) -> None:
     settings, backend, run = setup
-    assert run.job_name
-    fake.set_job_status(run.job_name, "Completed")
-    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name))
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
     endpoint = ledger.get(run.run_id).endpoint_name or ""
     held_out = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     prepared = container(settings.storage, PREPARED_CONTAINER)
@@ -165,10 +169,9 @@ def test_a_service_busy_for_longer_than_a_day_fails_the_run(
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings, backend, run = setup
-    assert run.job_name
-    fake.set_job_status(run.job_name, "Completed")
+    job = _job_ends(fake, run, "Completed")
     monkeypatch.setattr(deployment, "GIVE_UP_AFTER", timedelta(0))  # as if the day had passed
-    fake.fail_next("PUT", "/models/", 409, {"error": {"code": "Conflict", "message": "a concurrent write"}})
-    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, run.job_name))
+    fake.fail_next("PUT", "/models/", 409, CONFLICT)
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, job))
     failed = ledger.get(run.run_id)
     assert failed.state == RunState.DEPLOY_FAILED and "409 Conflict: a concurrent write" in (failed.reason or "")

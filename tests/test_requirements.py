@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from shared.backends.registry import BACKENDS, plugin
+from tests.imports import MODULES, REPO, loaded_by_name, reachable
 
-REPO = Path(__file__).resolve().parent.parent
 DISTRIBUTIONS = {
     "azure.functions": "azure-functions",
     "azurefunctions.extensions.bindings": "azurefunctions-extensions-bindings-blob",
@@ -66,40 +66,11 @@ def _excluded(path: Path, patterns: list[str]) -> bool:
     return any(relative == pattern or relative.startswith(f"{pattern}/") for pattern in patterns)
 
 
-def _module_file(name: str) -> Path | None:
-    base = REPO / name.replace(".", "/")
-    return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.exists()), None)
-
-
 def _reachable_from_the_app() -> set[Path]:
-    """Every project file the app in Azure can import, function-level imports included: from
-    `function_app`, and from the backends that run in Azure (the registry imports the configured
-    one by name)."""
-    seen: set[Path] = set()
-    in_azure = [
-        module
-        for name, package in BACKENDS.items()
-        if plugin(name).runs_in_azure
-        for module in (package, plugin(name).backend_class.partition(":")[0])
-    ]
-    pending = [REPO / "function_app.py", *(found for module in in_azure if (found := _module_file(module)))]
-    while pending:
-        path = pending.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            for name in names:
-                if name.split(".")[0] in ("shared", "functions"):
-                    found = _module_file(name)
-                    if found is not None:
-                        pending.append(found)
-    return seen
+    """Every project file the app in Azure can import: from `function_app`, and from the backends
+    that run in Azure (the registry imports the configured one by name)."""
+    in_azure = loaded_by_name(name for name in BACKENDS if plugin(name).runs_in_azure)
+    return {MODULES[module] for module in reachable(["function_app", *in_azure])}
 
 
 def test_the_azure_package_leaves_out_dev_tools_and_ships_everything_the_app_imports() -> None:
