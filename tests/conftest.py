@@ -41,8 +41,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 def stop_local_processes(data_dir: Path) -> None:
     """Stop the trainers and endpoint servers a test started under `data_dir`."""
-    for spec in [*data_dir.glob("jobs/*/status.json"), *data_dir.glob("endpoints/*/endpoint.json")]:
-        pid = json.loads(spec.read_text()).get("pid")
+    pids = [json.loads(spec.read_text()).get("pid") for spec in data_dir.glob("jobs/*/status.json")]
+    pids += [int(found.read_text()) for found in data_dir.glob("servers/*/server.pid")]
+    for pid in pids:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -86,7 +87,7 @@ def user_function(function_app: func.FunctionApp) -> Callable[[str], Callable[..
 # `pytest -m "not slow"` answers in seconds: what needs Azurite, trains a model or starts
 # processes is marked slow here, by the fixtures it uses or the module it lives in.
 SLOW_FIXTURES = {"azurite"}
-SLOW_MODULES = {"tests.test_local_backend", "tests.test_flow", "tests.test_demo"}
+SLOW_MODULES = {"tests.test_local_backend", "tests.test_serving", "tests.test_flow", "tests.test_demo"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

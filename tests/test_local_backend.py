@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from shared.backends.interface import BackendError, JobRequest
+from shared.backends.local import endpoints
 from shared.backends.local.backend import LocalBackend
 from shared.backends.local.settings import TINY_PHI3, LocalBackendSettings
 from shared.backends.local.tiny_model import END_OF_TURN, build_tiny_phi3
@@ -211,7 +212,7 @@ def test_the_endpoint_answers_both_azureml_shapes_and_the_openai_route(backend: 
     assert isinstance(backend.invoke(endpoint, {"input_data": {"input_string": [CONVERSATION],
                                                                "parameters": walkthrough}})["output"], str)  # fmt: skip
     base = backend.endpoint(endpoint).scoring_uri.removesuffix("/score")
-    body = json.dumps({"messages": CONVERSATION, "max_tokens": 200}).encode()
+    body = json.dumps({"messages": CONVERSATION, "max_tokens": 200, "temperature": 0}).encode()  # greedy, as /score
     status, reply = _post(f"{base}/v1/chat/completions", body, backend.keys(endpoint)["secondary_key"])
     assert status == 200
     assert reply["object"] == "chat.completion"
@@ -232,6 +233,13 @@ def test_the_endpoint_answers_both_azureml_shapes_and_the_openai_route(backend: 
         ("/score", b'{"input_data": {"input_string": "hi"}}', "primary", 400, "non-empty list"),
         ("/v1/chat/completions", b'{"messages": [{"role": "bot", "content": "x"}]}', "primary", 400, "role must be"),
         ("/score", b'{"input_data": {"input_string": [], "parameters": {"top_p": 7}}}', "primary", 400, "non-empty"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+            "primary",
+            400,
+            "not valid Unicode",
+        ),  # half a surrogate pair: valid JSON, not text
         ("/nowhere", b"{}", "primary", 404, "no route"),
         ("/score", b" " * (1024 * 1024 + 1), "primary", 413, "larger than"),
     ],
@@ -243,7 +251,7 @@ def test_the_endpoint_refuses_bad_requests_clearly(
     real_key = backend.keys(endpoint)["primary_key"] if key == "primary" else key
     got, reply = _post(base + route, body, real_key)
     assert got == status
-    assert says in reply["error"] and "Traceback" not in reply["error"]
+    assert says in reply["error"]["message"] and "Traceback" not in reply["error"]["message"]
 
 
 def test_keys_are_private_and_never_logged(backend: LocalBackend, endpoint: str) -> None:
@@ -251,7 +259,7 @@ def test_keys_are_private_and_never_logged(backend: LocalBackend, endpoint: str)
     assert (directory / "keys.json").stat().st_mode & 0o777 == 0o600
     keys = backend.keys(endpoint)
     assert keys["primary_key"] != keys["secondary_key"] and len(keys["primary_key"]) >= 32
-    log = (directory / "server.log").read_text()
+    log = endpoints.log_path(backend.data_dir, endpoint).read_text()
     assert "Bearer" not in log and keys["primary_key"] not in log and keys["secondary_key"] not in log
 
 
@@ -338,22 +346,33 @@ def test_cli_commands_end_with_one_line_of_json(backend: LocalBackend, trained: 
     assert _cli("delete-endpoint", "ep-cli", data_dir=backend.data_dir).returncode == 0
 
 
-def test_an_adapter_only_model_is_served_with_its_adapter(backend: LocalBackend, tmp_path: Path) -> None:
+def test_an_adapter_only_model_is_served_as_its_base_plus_its_adapter(backend: LocalBackend, tmp_path: Path) -> None:
+    """The base weights come back whole from MLflow's adapter-only folder (whose `model/` still
+    has the LoRA layers in it), so the answer is the one PEFT gives on the real base model."""
+    import torch
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    from shared.backends.local.scoring import ChatRequest
-    from shared.backends.local.serve import ChatModel
+    from shared.backends.local import served_model
 
     prepared = _prepared(tmp_path, 30, seed=13)
     parameters = {**FAST, "max_steps": 2, "merge_lora_weights": False}
     backend.submit(JobRequest("job-adapter", str(prepared), "sample", parameters))
     assert _wait(backend, "job-adapter") == "Completed"
     folder = Path(backend.job_metrics("job-adapter")["model_folder"])
-    assert (folder / "peft" / "adapter_config.json").exists()
-    served = ChatModel(folder)
-    assert isinstance(served.model, PeftModel)
-    text, _, new_tokens, _ = served.generate(ChatRequest(CONVERSATION, max_new_tokens=5), timeout_s=60)
-    assert isinstance(text, str) and 0 < new_tokens <= 5
+    assert served_model.is_adapter(folder)
+    loaded = served_model.load(folder)
+    base = AutoModelForCausalLM.from_pretrained(backend.data_dir / "models" / TINY_PHI3)
+    assert all(torch.equal(weight, base.state_dict()[name]) for name, weight in loaded.model.state_dict().items())
+    served_model.add_adapter(loaded, "ep-adapter", folder)
+    reference = PeftModel.from_pretrained(base, str(folder / "peft")).eval()
+    prompt = loaded.tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)["input_ids"]  # fmt: skip
+    options = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": loaded.stop_ids}
+    with torch.inference_mode():
+        expected = reference.generate(input_ids=prompt, **options)
+        served = loaded.model.generate(input_ids=prompt, adapter_names=["ep-adapter"], **options)
+    assert torch.equal(served, expected)
 
 
 def test_packing_fills_rows_without_losing_or_mixing_labels() -> None:

@@ -38,6 +38,8 @@ def test_the_local_backend_by_hand_works_as_written(tmp_path: Path) -> None:
     try:
         for words in (command for command in commands[1:] if command):
             assert words[0] == "$cli", words
+            if words[1] == "delete-endpoint":  # before it goes: the README's streaming example
+                outputs["openai stream"] = _run_streaming_example(tmp_path, env, words[2])
             result = subprocess.run([sys.executable, "-m", "shared.cli", *words[1:]], cwd=tmp_path, env=env,
                                     capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
             said = " ".join(words[1:3])
@@ -50,4 +52,22 @@ def test_the_local_backend_by_hand_works_as_written(tmp_path: Path) -> None:
     assert json.loads(outputs["register --job"].stdout.splitlines()[-1]) == {"model": "tiny-phi3-prepared",
                                                                              "version": "1"}  # fmt: skip
     assert isinstance(json.loads(outputs["invoke --endpoint"].stdout.splitlines()[-1])["output"], str)
+    assert outputs["openai stream"].stdout.strip()
     assert json.loads(outputs["delete-endpoint my-endpoint"].stdout.splitlines()[-1])["deleted"] is True
+
+
+def _run_streaming_example(folder: Path, env: dict[str, str], endpoint: str) -> subprocess.CompletedProcess[str]:
+    """The README's python block, with ENDPOINT_URL and ENDPOINT_KEY found as it says."""
+    from shared.backends.local import endpoints
+
+    data_dir = Path(env["LOCAL_DATA_DIR"])
+    scoring_uri = endpoints.get(data_dir, endpoint).scoring_uri
+    assert scoring_uri is not None
+    example = _block("The local backend by hand", "python")
+    assert f'model="{endpoint}"' in example
+    result = subprocess.run([sys.executable, "-c", example], cwd=folder, capture_output=True, text=True, timeout=120,
+                            check=False,
+                            env={**env, "ENDPOINT_URL": scoring_uri.removesuffix("/score") + "/v1",
+                                 "ENDPOINT_KEY": endpoints.keys(data_dir, endpoint)["primary_key"]})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result

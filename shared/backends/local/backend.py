@@ -165,7 +165,9 @@ class LocalBackend:
     def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
         status, reply = endpoints.invoke(self.data_dir, endpoint, body)
         if status != 200:
-            raise BackendError(f"endpoint {endpoint} answered {status}: {reply.get('error', reply)}")
+            error = reply.get("error", reply)
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise BackendError(f"endpoint {endpoint} answered {status}: {message}")
         return reply
 
     def keys(self, endpoint: str) -> dict[str, str]:

@@ -1,9 +1,12 @@
-"""Local online endpoints: one server process per endpoint, in `<data dir>/endpoints/<name>/`
-(`endpoint.json`, `keys.json` readable by the owner only, `ready.json`, `last_request`,
-`server.log`). Deploying an existing endpoint name returns it as it is."""
+"""Local online endpoints, each a folder `<data dir>/endpoints/<name>/` (`endpoint.json`,
+`keys.json` readable by the owner only, `ready.json` or `failed.json` from its server,
+`last_request`), served by a process in `<data dir>/servers/<id>/` (`server.json`, `server.pid`,
+`server.log`). Adapter-only models of one base share a server; any other model has its own.
+Deploying an existing endpoint name returns it as it is."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -13,13 +16,16 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shared.backends.interface import BackendError
-from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
+from shared.backends.local import served_model
+from shared.backends.local.processes import pid_alive, spawn, write_json
 
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 
@@ -53,16 +59,45 @@ def _directory(data_dir: Path, name: str) -> Path:
     return data_dir / "endpoints" / check_endpoint_name(name)
 
 
+def _server_dir(data_dir: Path, server_id: str) -> Path:
+    return data_dir / "servers" / server_id
+
+
+def _server_pid(server_dir: Path) -> int | None:
+    try:
+        return int((server_dir / "server.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def _changing(data_dir: Path) -> Iterator[None]:
+    """One deployer or deleter at a time, across processes: endpoints share servers."""
+    root = data_dir / "endpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _read(directory: Path) -> LocalEndpoint:
     spec = json.loads((directory / "endpoint.json").read_text())
+    server = _server_dir(directory.parent.parent, spec["server"])
     ready = directory / "ready.json"
-    port = json.loads(ready.read_text())["port"] if ready.exists() else None
-    state = ("Succeeded" if port else "Creating") if pid_alive(spec["pid"]) else "Failed"
+    alive = pid_alive(_server_pid(server))
+    if (directory / "failed.json").exists() or (not alive and (server / "server.pid").exists()):
+        state, port = "Failed", None
+    else:
+        port = json.loads(ready.read_text())["port"] if ready.exists() and alive else None
+        state = "Succeeded" if port else "Creating"
     last = directory / "last_request"
     return LocalEndpoint(
         name=spec["name"],
         state=state,
-        scoring_uri=f"http://127.0.0.1:{port}/score" if port and state == "Succeeded" else None,
+        scoring_uri=f"http://127.0.0.1:{port}/score" if port else None,
         model_name=spec["model_name"],
         model_version=spec["model_version"],
         created_at=spec["created_at"],
@@ -85,36 +120,52 @@ def deploy(
     tags: dict[str, str],
     request_timeout_s: int,
 ) -> LocalEndpoint:
-    """Start serving `model` (name, version, MLflow model folder) at endpoint `name`; returns at once."""
+    """Start serving `model` (name, version, MLflow model folder) at endpoint `name`; returns at once.
+    An adapter-only model joins the server that holds its base, if one runs; anything else gets a
+    server of its own."""
     directory = _directory(data_dir, name)
     model_name, model_version, model_path = model
     if not (model_path / "MLmodel").exists():
         raise EndpointError(f"{model_path} is not an MLflow model folder")
-    if (directory / "endpoint.json").exists() and _read(directory).state == "Failed":
-        shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        directory.mkdir()  # the claim: of concurrent deployers, one creates the folder and starts the server
-    except FileExistsError:
-        if not wait_for(directory / "endpoint.json"):
-            raise EndpointError(f"endpoint {name} is being created by another process that did not finish") from None
+    with _changing(data_dir):
+        if (directory / "endpoint.json").exists():
+            if _read(directory).state != "Failed":
+                return _read(directory)
+            _remove(data_dir, name)
+        shutil.rmtree(directory, ignore_errors=True)  # a deployer that died before endpoint.json
+        directory.mkdir()
+        keys = directory / "keys.json"
+        keys.touch(mode=0o600)
+        keys.write_text(json.dumps({name: secrets.token_urlsafe(32) for name in ("primary_key", "secondary_key")}))
+        shared = served_model.is_adapter(model_path)
+        server_id = f"base-{served_model.base_identity(model_path)}" if shared else f"model-{name}"
+        spec = {
+            "name": name,
+            "model_name": model_name,
+            "model_version": model_version,
+            "model_path": str(model_path),
+            "request_timeout_s": request_timeout_s,
+            "created_at": datetime.now(UTC).isoformat(),
+            "tags": tags,
+            "server": server_id,
+        }
+        write_json(directory / "endpoint.json", spec)
+        _ensure_server(_server_dir(data_dir, server_id), model_path)
         return _read(directory)
-    keys = directory / "keys.json"
-    keys.touch(mode=0o600)
-    keys.write_text(json.dumps({"primary_key": secrets.token_urlsafe(32), "secondary_key": secrets.token_urlsafe(32)}))
-    pid = spawn("shared.backends.local.serve", directory, "server.log")
-    spec = {
-        "name": name,
-        "model_name": model_name,
-        "model_version": model_version,
-        "model_path": str(model_path),
-        "request_timeout_s": request_timeout_s,
-        "created_at": datetime.now(UTC).isoformat(),
-        "tags": tags,
-        "pid": pid,
-    }
-    write_json(directory / "endpoint.json", spec)
-    return _read(directory)
+
+
+def _ensure_server(server: Path, model_path: Path) -> None:
+    if pid_alive(_server_pid(server)):
+        return  # it picks the new endpoint up from its folder
+    shutil.rmtree(server, ignore_errors=True)
+    server.mkdir(parents=True)
+    write_json(server / "server.json", {"model_path": str(model_path)})
+    (server / "server.pid").write_text(str(spawn("shared.backends.local.serve", server, "server.log")))
+
+
+def log_path(data_dir: Path, name: str) -> Path:
+    spec = json.loads((_directory(data_dir, name) / "endpoint.json").read_text())
+    return _server_dir(data_dir, spec["server"]) / "server.log"
 
 
 def wait_ready(data_dir: Path, name: str, timeout_s: float = 120) -> LocalEndpoint:
@@ -122,8 +173,12 @@ def wait_ready(data_dir: Path, name: str, timeout_s: float = 120) -> LocalEndpoi
     while (endpoint := get(data_dir, name)).state == "Creating" and time.monotonic() < deadline:
         time.sleep(0.2)
     if endpoint.state != "Succeeded":
-        log_tail = (_directory(data_dir, name) / "server.log").read_text()[-600:]
-        raise EndpointError(f"endpoint {name} is {endpoint.state}: {log_tail}")
+        failed = _directory(data_dir, name) / "failed.json"
+        if failed.exists():
+            reason = json.loads(failed.read_text())["reason"]
+        else:
+            reason = log_path(data_dir, name).read_text()[-600:]
+        raise EndpointError(f"endpoint {name} is {endpoint.state}: {reason}")
     return endpoint
 
 
@@ -168,18 +223,31 @@ def invoke(
 
 
 def delete(data_dir: Path, name: str) -> bool:
-    """Stop the server (freeing its port) and remove the endpoint. False if there was none."""
+    """Remove the endpoint, and its server (freeing its port) once it serves no other endpoint.
+    False if there was none."""
+    with _changing(data_dir):
+        return _remove(data_dir, name)
+
+
+def _remove(data_dir: Path, name: str) -> bool:
     directory = _directory(data_dir, name)
     spec_file = directory / "endpoint.json"
     if not spec_file.exists():
         return False
-    pid = json.loads(spec_file.read_text())["pid"]
+    server_id = json.loads(spec_file.read_text())["server"]
+    shutil.rmtree(directory, ignore_errors=True)
+    if any(json.loads(other.read_text()).get("server") == server_id
+           for other in (data_dir / "endpoints").glob("*/endpoint.json")):  # fmt: skip
+        return True  # the server drops the endpoint's adapter when it sees the folder gone
+    server = _server_dir(data_dir, server_id)
+    pid = _server_pid(server)
     if pid_alive(pid):
+        assert pid is not None
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(server, ignore_errors=True)
     return True

@@ -1,199 +1,396 @@
-"""A local online endpoint: `python -m shared.backends.local.serve ENDPOINT_DIR`.
+"""A local endpoint server: `python -m shared.backends.local.serve SERVER_DIR`.
 
-Serves one registered model version on 127.0.0.1, behind keys like an Azure ML managed endpoint:
-`POST /score` (Azure ML's chat schema), `POST /v1/chat/completions` (OpenAI's), `GET /health`.
-Keys are compared in constant time and never logged; every failure is JSON, never a traceback."""
+One process per model held in memory, serving every endpoint that uses it: a merged model serves
+its one endpoint; an adapter-only base serves each endpoint as a LoRA adapter on it, picked per
+request. Endpoints are folders (see `endpoints`); the server keeps in step with them, loading an
+endpoint's adapter when its folder appears and dropping it when the folder goes.
+
+Routes, behind each endpoint's keys like an Azure ML managed endpoint: `POST /score` (Azure ML's
+chat schema), `POST /v1/chat/completions` (OpenAI's, streaming included), `GET /v1/models`,
+`GET /health`. The key says which endpoint is meant; OpenAI's `model` field and Azure ML's
+`azureml-model-deployment` header, when sent, must name that endpoint. Keys are compared in
+constant time and never logged; every failure is JSON in OpenAI's error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from shared.backends.local.httpserver import ReplyingHandler
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from shared.backends.local import served_model
+from shared.backends.local.engine import BatchingEngine, Generation, Step
+from shared.backends.local.processes import write_json
 from shared.backends.local.scoring import BadRequest, ChatRequest, parse_openai, parse_score
-from shared.backends.local.tiny_model import END_OF_TURN
 
 log = logging.getLogger("endpoint")
 MAX_BODY_BYTES = 1024 * 1024
+SYNC_INTERVAL_S = 0.25
+ALONE_EXIT_S = 30  # a server whose endpoints are all gone (its deleter died mid-way) leaves by itself
+DEPLOYMENT_HEADER = "azureml-model-deployment"
 
 
-class ChatModel:
-    """The model behind the endpoint; one generation at a time (CPU or one GPU)."""
+class ApiError(Exception):
+    """An answer other than 200, in OpenAI's error shape."""
 
-    def __init__(self, model_folder: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_folder / "components" / "tokenizer")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_folder / "model", dtype=dtype)
-        if (model_folder / "peft").exists():  # adapter-only (merge_lora_weights=false): base + LoRA
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, model_folder / "peft")  # type: ignore[assignment]
-        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` oddly
-        self.device = device
-        end = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        self.stop_ids = [i for i in (end, self.tokenizer.eos_token_id) if isinstance(i, int) and i >= 0]
-        self._lock = threading.Lock()
-
-    def generate(self, request: ChatRequest, timeout_s: float) -> tuple[str, int, int, bool]:
-        """(text, prompt tokens, new tokens, finished at a stop token)."""
-        import torch
-
-        encoded = self.tokenizer.apply_chat_template(
-            request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        inputs = {key: value.to(self.device) for key, value in encoded.items()}  # type: ignore[union-attr]
-        options: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": request.do_sample}
-        if request.do_sample:
-            options.update(temperature=request.temperature, top_p=request.top_p)
-        with self._lock, torch.inference_mode():
-            output = self.model.generate(
-                **inputs,
-                **options,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                max_time=timeout_s,
-            )
-        prompt_length = inputs["input_ids"].shape[1]
-        new = output[0, prompt_length:].tolist()
-        stopped = bool(new) and new[-1] in self.stop_ids
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return str(text), prompt_length, len(new), stopped
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body, self.status, headers=headers)
 
 
-class EndpointServer(ThreadingHTTPServer):
-    daemon_threads = True
+@dataclass(frozen=True)
+class Tenant:
+    """An endpoint this server serves."""
 
-    def __init__(self, directory: Path, model: ChatModel, keys: list[str], timeout_s: float, name: str) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.directory, self.model, self.keys, self.timeout_s, self.name = directory, model, keys, timeout_s, name
+    name: str
+    created_at: str
+    directory: Path
+    keys: tuple[str, ...]
+    adapter: str | None  # the adapter's name in the model, None for a merged model
+    time_limit_s: float
 
-    def record_request(self) -> None:
-        (self.directory / "last_request").write_text(datetime.now(UTC).isoformat())
 
+class Tenants:
+    """The endpoints whose `endpoint.json` names this server, kept in step with their folders."""
 
-class _Handler(ReplyingHandler):
-    server: EndpointServer
-    protocol_version = "HTTP/1.1"
+    def __init__(self, server_dir: Path, loaded: served_model.LoadedModel, engine: BatchingEngine,
+                 shares_base: bool) -> None:  # fmt: skip
+        self.server_id = server_dir.name
+        self.root = server_dir.parent.parent / "endpoints"
+        self.loaded, self.engine, self.shares_base = loaded, engine, shares_base
+        self.by_name: dict[str, Tenant] = {}
+        self.port = 0
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)  # the request line and status, never headers
-
-    def _authorized(self) -> bool:
-        header = self.headers.get("Authorization", "")
+    def authorize(self, header: str) -> Tenant:
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
-            return False
-        # Compare against every key, always, so timing says nothing about which one matched.
-        matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in self.server.keys]
-        return any(matches)
+            raise ApiError(401, "missing or invalid key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        # Compare against every key of every endpoint, always: timing says nothing about a match.
+        found = None
+        for tenant in list(self.by_name.values()):
+            for key in tenant.keys:
+                if hmac.compare_digest(presented.encode(), key.encode()):
+                    found = tenant
+        if found is None:
+            raise ApiError(401, "missing or invalid key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        return found
 
-    def _body(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise _HttpError(411, "a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            if int(length) <= 8 * MAX_BODY_BYTES:  # read it, so the client hears the 413, not a broken pipe
-                self.rfile.read(int(length))
-            else:
-                self.close_connection = True
-            raise _HttpError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(int(length))
+    def sync(self) -> None:
+        wanted: dict[str, dict[str, Any]] = {}
+        for spec_file in self.root.glob("*/endpoint.json"):
+            try:
+                spec = json.loads(spec_file.read_text())
+            except (OSError, ValueError):  # removed while read
+                continue
+            if spec.get("server") == self.server_id:
+                wanted[spec["name"]] = spec
+        for name, tenant in list(self.by_name.items()):
+            if wanted.get(name, {}).get("created_at") != tenant.created_at:
+                self._remove(tenant)
+        for name, spec in wanted.items():
+            if name not in self.by_name and not (self.root / name / "failed.json").exists():
+                self._add(spec)
+
+    def _add(self, spec: dict[str, Any]) -> None:
+        directory = self.root / spec["name"]
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise _HttpError(400, f"malformed JSON: {error}") from None
+            keys = json.loads((directory / "keys.json").read_text())
+            adapter = spec["name"] if self.shares_base else None
+            if adapter:
+                with self.engine.lock:
+                    served_model.add_adapter(self.loaded, adapter, Path(spec["model_path"]))
+                    self.engine.model = self.loaded.model
+        except Exception as error:
+            log.exception("endpoint %s could not be loaded", spec["name"])
+            write_json(directory / "failed.json", {"reason": f"{type(error).__name__}: {error}"[:500]})
+            return
+        self.by_name[spec["name"]] = Tenant(spec["name"], spec["created_at"], directory,
+                                            (keys["primary_key"], keys["secondary_key"]), adapter,
+                                            float(spec["request_timeout_s"]))  # fmt: skip
+        write_json(directory / "ready.json", {"port": self.port})
+        log.info("endpoint %s serves %s:%s", spec["name"], spec["model_name"], spec["model_version"])
 
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            self.send_json(200, {"status": "ready", "endpoint": self.server.name})
-        else:
-            self.send_json(404, {"error": f"no route GET {self.path}"})
+    def _remove(self, tenant: Tenant) -> None:
+        del self.by_name[tenant.name]
+        if tenant.adapter:
+            with self.engine.lock:
+                served_model.remove_adapter(self.loaded, tenant.adapter)
+        log.info("endpoint %s removed", tenant.name)
 
-    def do_POST(self) -> None:
-        routes = {"/score": parse_score, "/v1/chat/completions": parse_openai}
-        parse = routes.get(self.path.split("?", 1)[0])
+    def keep_in_step(self, stop: threading.Event) -> None:
+        alone_since = time.monotonic()
+        while not stop.wait(SYNC_INTERVAL_S):
+            try:
+                self.sync()
+            except Exception:
+                log.exception("could not read the endpoints")
+            if self.by_name:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since > ALONE_EXIT_S:
+                log.info("no endpoint left; stopping")
+                stop.set()
+
+
+def build_app(tenants: Tenants) -> FastAPI:
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    engine = tenants.engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
+        return ApiError(400, str(error), code=error.code, param=error.param).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
+        code = "not_found" if error.status_code == 404 else None
+        return ApiError(error.status_code, str(message), code=code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        return ApiError(400, "the request is not valid").response()
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, error: Exception) -> JSONResponse:
+        log.exception("a request failed")
+        return ApiError(500, "the model failed to answer; see the endpoint log", "server_error").response()
+
+    def tenant_for(request: Request) -> Tenant:
+        return tenants.authorize(request.headers.get("authorization", ""))
+
+    def check_named(tenant: Tenant, named: str | None) -> None:
+        if named and named != tenant.name:
+            raise ApiError(404, f"The model '{named}' does not exist or you do not have access to it.",
+                           code="model_not_found", param="model")  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ready", "requests_in_flight": engine.in_flight}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(tenant_for(request))]}
+
+    @app.get("/v1/models/{model}")
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        tenant = tenant_for(request)
+        check_named(tenant, model)
+        return _model_card(tenant)
+
+    @app.post("/score")
+    async def score(request: Request) -> Response:
+        tenant = tenant_for(request)
+        check_named(tenant, request.headers.get(DEPLOYMENT_HEADER))
+        chat = parse_score(await _json_body(request))
+        text, _ = await _collect(_start(engine, tenants.loaded, tenant, chat), request)
+        return JSONResponse({"output": text})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        tenant = tenant_for(request)
+        chat = parse_openai(await _json_body(request))
+        check_named(tenant, chat.model)
+        steps = _start(engine, tenants.loaded, tenant, chat)
+        completion = _Completion(tenant.name)
+        if chat.stream:
+            return StreamingResponse(completion.stream(steps, chat.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        text, last = await _collect(steps, request)
+        return JSONResponse(completion.whole(text, last))
+
+    return app
+
+
+def _model_card(tenant: Tenant) -> dict[str, Any]:
+    created = int(datetime.fromisoformat(tenant.created_at).timestamp())
+    return {"id": tenant.name, "object": "model", "created": created, "owned_by": "local"}
+
+
+async def _json_body(request: Request) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and not length.isdigit():
+        raise ApiError(400, "the Content-Length header must be a whole number")
+    if length is not None and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"malformed JSON: {error}") from None
+
+
+@dataclass
+class _Steps:
+    """A request handed to the engine: its steps arrive on `queue` from the engine's thread."""
+
+    queue: asyncio.Queue[Step]
+    work: Generation
+    prompt_tokens: int
+
+    async def __aiter__(self) -> AsyncGenerator[Step]:
         try:
-            if parse is None:
-                raise _HttpError(404, f"no route POST {self.path}")
-            if not self._authorized():
-                raise _HttpError(401, "missing or invalid key: send 'Authorization: Bearer <key>'")
-            body = self._body()
-            request = parse(body)
-            self.server.record_request()
-            started = time.monotonic()
-            text, prompt_tokens, new_tokens, stopped = self.server.model.generate(request, self.server.timeout_s)
-            if not stopped and time.monotonic() - started >= self.server.timeout_s:
-                raise _HttpError(408, f"the request took longer than {self.server.timeout_s:.0f} s")
-        except _HttpError as error:
-            self.send_json(error.status, {"error": str(error)})
-            return
-        except BadRequest as error:
-            self.send_json(400, {"error": str(error)})
-            return
-        except Exception:
-            log.exception("scoring failed")
-            self.send_json(500, {"error": "the model failed to answer; see the endpoint log"})
-            return
-        if parse is parse_score:
-            self.send_json(200, {"output": text})
-            return
-        self.send_json(
-            200,
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": self.server.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop" if stopped else "length",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": new_tokens,
-                    "total_tokens": prompt_tokens + new_tokens,
-                },
-            },
-        )
+            while True:
+                step = await self.queue.get()
+                yield step
+                if step.finish_reason:
+                    return
+        finally:  # the client went away (or the reply is done): free the slot
+            self.work.canceled.set()
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def _start(engine: BatchingEngine, loaded: served_model.LoadedModel, tenant: Tenant, chat: ChatRequest) -> _Steps:
+    prompt = loaded.tokenizer.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]  # fmt: skip
+    if len(prompt) >= engine.context_length:
+        most = engine.context_length - 1
+        raise ApiError(400, f"the conversation is {len(prompt)} tokens; this model reads at most {most}",
+                       code="context_length_exceeded", param="messages")  # fmt: skip
+    (tenant.directory / "last_request").write_text(datetime.now(UTC).isoformat())
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue[Step] = asyncio.Queue()
+    work = Generation(list(prompt), tenant.adapter, chat.max_new_tokens, chat.sampling, chat.stop,
+                      tenant.time_limit_s, lambda step: loop.call_soon_threadsafe(steps.put_nowait, step))  # fmt: skip
+    engine.submit(work)
+    return _Steps(steps, work, len(prompt))
+
+
+async def _collect(steps: _Steps, request: Request) -> tuple[str, Step]:
+    """The whole answer; gives up the request's slot if the client disconnects while it waits."""
+    texts = []
+    iterator = aiter(steps)
+    while True:
+        try:
+            step = await asyncio.wait_for(anext(iterator), timeout=1.0)
+        except TimeoutError:
+            if await request.is_disconnected():
+                await iterator.aclose()
+                raise ApiError(499, "the client closed the request") from None
+            continue
+        except StopAsyncIteration:
+            raise ApiError(500, "the model stopped without an answer", "server_error") from None
+        texts.append(step.text)
+        if step.finish_reason:
+            await iterator.aclose()
+            _raise_if_failed(step, steps.work.time_limit_s)
+            return "".join(texts), step
+
+
+def _raise_if_failed(step: Step, time_limit_s: float) -> None:
+    if step.finish_reason == "timeout":
+        raise ApiError(408, f"the request took longer than {time_limit_s:.0f} s", "timeout", "timeout")
+    if step.finish_reason == "error":
+        raise ApiError(500, "the model failed to answer; see the endpoint log", "server_error")
+
+
+class _Completion:
+    """OpenAI's chat completion and chunk objects for one request."""
+
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    @staticmethod
+    def _usage(step: Step) -> dict[str, int]:
+        return {"prompt_tokens": step.prompt_tokens, "completion_tokens": step.completion_tokens,
+                "total_tokens": step.prompt_tokens + step.completion_tokens}  # fmt: skip
+
+    def whole(self, text: str, last: Step) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}
+        return self._envelope("chat.completion", choices=[choice], usage=self._usage(last))
+
+    async def stream(self, steps: _Steps, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events as OpenAI sends them: the role first, content deltas, a last choice
+        chunk with the finish reason, a usage chunk if asked for, then `[DONE]`."""
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return _event(self._envelope("chat.completion.chunk", choices=[choice], **extra))
+
+        yield chunk({"role": "assistant", "content": ""})
+        async for step in steps:
+            if step.text:
+                yield chunk({"content": step.text})
+            if step.finish_reason in ("timeout", "error"):
+                try:
+                    _raise_if_failed(step, steps.work.time_limit_s)
+                except ApiError as error:
+                    yield _event({"error": {"message": str(error), "type": error.kind, "code": error.code}})
+                return
+            if step.finish_reason:
+                yield chunk({}, step.finish_reason)
+                if include_usage:
+                    yield _event(self._envelope("chat.completion.chunk", choices=[], usage=self._usage(step)))
+        yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 def main(argv: list[str]) -> int:
+    import uvicorn
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    directory = Path(argv[0]).resolve()
-    spec = json.loads((directory / "endpoint.json").read_text())
-    keys = json.loads((directory / "keys.json").read_text())
-    model = ChatModel(Path(spec["model_path"]))
-    server = EndpointServer(directory, model, [keys["primary_key"], keys["secondary_key"]],
-                            spec["request_timeout_s"], spec["name"])  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    (directory / "ready.json").write_text(json.dumps({"port": server.server_address[1]}))
-    log.info("endpoint %s serving %s:%s on port %s", spec["name"], spec["model_name"], spec["model_version"],
-             server.server_address[1])  # fmt: skip
-    server.serve_forever()
-    server.server_close()
+    server_dir = Path(argv[0]).resolve()
+    spec = json.loads((server_dir / "server.json").read_text())
+    loaded = served_model.load(Path(spec["model_path"]))
+    engine = BatchingEngine(loaded.model, loaded.tokenizer, loaded.stop_ids, loaded.device)
+    tenants = Tenants(server_dir, loaded, engine, served_model.is_adapter(Path(spec["model_path"])))
+    # IPPROTO_TCP named outright: asyncio turns Nagle's algorithm off only on sockets that say they
+    # are TCP, and with it on, every reply on a kept-alive connection waited 40 ms for an ACK.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    tenants.port = listener.getsockname()[1]
+    config = uvicorn.Config(build_app(tenants), log_config=None, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    stop = threading.Event()
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stopping, lambda *_: stop.set())
+
+    def follow_endpoints() -> None:
+        while not server.started and not stop.wait(0.05):
+            pass
+        tenants.keep_in_step(stop)
+
+    web = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="http")
+    web.start()
+    threading.Thread(target=follow_endpoints, name="endpoints", daemon=True).start()
+    log.info("server %s holds %s on port %s", server_dir.name, spec["model_path"], tenants.port)
+    engine.run(stop)  # on the main thread (see BatchingEngine.run)
+    server.should_exit = True
+    web.join()
     return 0
 
 
