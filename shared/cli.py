@@ -26,7 +26,10 @@ from shared.vocabulary import (
 )
 
 if TYPE_CHECKING:
+    from shared.backends.azureml.backend import AzureMLBackend
+    from shared.backends.interface import JobRequest
     from shared.backends.local.backend import LocalBackend
+    from shared.datasets.prepare import Preparation
 
 
 class CliError(Exception):
@@ -102,6 +105,8 @@ def _prepare(args: argparse.Namespace) -> int:
             file_chunks(data), Path(args.out), InputInfo(str(source), size), get_settings().dataset, overrides,
             on_progress=_progress_printer(size),
         )  # fmt: skip
+    if result.accepted and args.tokenizer:
+        _count_exactly(result, args.tokenizer)
     if not result.accepted:
         print(f"{source}: rejected: {result.reason}", file=sys.stderr)
         for problem in result.first_problems:
@@ -109,6 +114,28 @@ def _prepare(args: argparse.Namespace) -> int:
     print(json.dumps({"status": result.report["status"], "reason": result.reason, "out": str(result.out_dir),
                       **{key: result.report["split"][key] for key in ("train", "test")}}))  # fmt: skip
     return 0 if result.accepted else 2
+
+
+def _count_exactly(result: Preparation, source: str) -> None:
+    """Token counts with `source`'s tokenizer (a folder, or a Hugging Face id in the local cache)."""
+    from shared.datasets.prepare import rewrite_report
+    from shared.datasets.tokens import count_tokens
+    from shared.vocabulary import TEST_FILE, TRAIN_FILE
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, ImportError) as error:
+        raise CliError(f"--tokenizer {source}: cannot load it here ({' '.join(str(error).split())[:200]})") from None
+    statistics = result.report["statistics"]
+    statistics["tokens"], statistics["training_tokens"] = count_tokens(
+        result.out_dir / TRAIN_FILE, result.out_dir / TEST_FILE, tokenizer, source.rstrip("/").rsplit("/", 1)[-1],
+        result.report["settings"]["effective_max_seq_length"], statistics["training_tokens"]["epochs"],
+    )  # fmt: skip
+    rewrite_report(result)
+    _progress(f"{statistics['tokens']['total']} tokens ({statistics['tokens']['method']}); "
+              f"{statistics['training_tokens']['total']} training tokens")  # fmt: skip
 
 
 def _local_backend() -> LocalBackend:
@@ -179,11 +206,36 @@ def _submit(args: argparse.Namespace) -> int:
         _progress(f"PUT https://management.azure.com/subscriptions/{workspace.subscription_id}/resourceGroups/"
                   f"{workspace.resource_group}/providers/Microsoft.MachineLearningServices/workspaces/"
                   f"{workspace.workspace_name}/jobs/{request.job_name}")  # fmt: skip
-        print(json.dumps(AzureMLBackend(settings).dry_run(request), indent=2))
+        backend = AzureMLBackend(settings)
+        print(json.dumps(backend.dry_run(request), indent=2))
+        _dry_run_checks(backend, request, Path(args.prepared), args.vm_size, args.region)
         return 0
     status = get_backend(settings).submit(request)
     _emit(asdict(status))
     return 0
+
+
+def _dry_run_checks(backend: AzureMLBackend, request: JobRequest, prepared: Path, vm_size: str | None,
+                    region: str | None) -> None:  # fmt: skip
+    """Beside the job body: the estimate from the prepared report and the facts given, and what
+    each check says or why it cannot say it without the network."""
+    from shared.costs.estimate import budget_refusal
+    from shared.vocabulary import REPORT_FILE
+
+    settings = backend.settings
+    budget = settings.dataset.max_training_cost_usd
+    report_file = prepared / REPORT_FILE
+    if not report_file.is_file() or not vm_size:
+        _progress(f"estimate: needs {REPORT_FILE} in --prepared (written by 'prepare') and --vm-size (the cluster's)")
+        return
+    report = json.loads(report_file.read_text())
+    gpus = backend.workspace_settings.gpus_per_node or 1
+    estimate = backend.estimate_on(report["statistics"]["training_tokens"]["total"], request.parameters,
+                                   settings.base_model.partition(":")[0], vm_size, gpus, region)  # fmt: skip
+    _progress(f"estimate: {json.dumps(estimate.as_dict())}")
+    verdict = budget_refusal(estimate, budget) or (f"within ${budget:g}" if budget else "no budget set")
+    _progress(f"check budget: {verdict}")
+    _progress("check quota: not checked (it reads the workspace's usage API; a dry run sends nothing)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -319,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", required=True, help="folder for train_sft.jsonl, test_sft.jsonl, report.json")
     prepare.add_argument("--test-pc", help="percentage of conversations held out for test (default 5)")
     prepare.add_argument("--sample-pc", help="percentage of conversations to keep at all (default 100)")
+    prepare.add_argument("--tokenizer", help="count tokens exactly with this tokenizer: a folder, or a Hugging Face "
+                                             "id already in the local cache (never downloaded)")  # fmt: skip
     prepare.set_defaults(handler=_prepare)
 
     submit = commands.add_parser("submit", help="submit prepared data to the configured backend")
@@ -327,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--job", help="the job's name (default: ft-<folder name>)")
     submit.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training parameter, repeatable")
     submit.add_argument("--dry-run", action="store_true", help="print the Azure ML job body; send nothing")
+    submit.add_argument("--vm-size", help="with --dry-run: the cluster's VM size, for the estimate")
+    submit.add_argument("--region", help="with --dry-run: the workspace's region, for prices from the API")
     submit.set_defaults(handler=_submit)
 
     train = commands.add_parser("train", help="start (or resume) a local fine-tune job")

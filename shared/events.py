@@ -8,11 +8,13 @@ import logging
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from shared import lifecycle
 from shared.backends.interface import Backend, BackendError
 from shared.backends.registry import get_backend
+from shared.costs.spend import SPEND, training_spend
 from shared.deployment import drive_run
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import Settings
@@ -116,15 +118,18 @@ def finish_job(
     if job_status == JobStatus.COMPLETED:
         # A duplicate or a race finds the run already past this point, and drives it on from there.
         with suppress(IllegalTransition, RunChanged):
-            ledger.advance(run, RunState.COMPLETED, f"job {job} completed")
+            spent = training_spend(run, datetime.now(UTC))
+            ledger.advance(run, RunState.COMPLETED, f"job {job} completed", details=spent)
         return drive_run(settings, ledger, run.run_id, backend)
     target = RunState.FAILED if job_status == JobStatus.FAILED else RunState.CANCELED
     reason = reason or _backend_reason(backend or get_backend(settings), job) or f"job {job} {job_status}"
     try:
-        ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason)
+        spent = training_spend(run, datetime.now(UTC))
+        ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason, details=spent)
     except (IllegalTransition, RunChanged):
         return ledger.get(run.run_id)
-    lifecycle.publish(settings, lifecycle.JOB_FAILED, ended, stage="training", jobStatus=str(job_status))
+    lifecycle.publish(settings, lifecycle.JOB_FAILED, ended, stage="training", jobStatus=str(job_status),
+                      spend=ended.details.get(SPEND))  # fmt: skip
     return ended
 
 

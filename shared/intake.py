@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared import lifecycle
-from shared.datasets.prepare import InputInfo, Preparation, prepare_dataset, report_summary
+from shared.datasets.prepare import InputInfo, Preparation, prepare_dataset, refuse, report_summary, rewrite_report
 from shared.ledger import Ledger, Run, RunChanged, RunState, Upload
 from shared.settings import Settings
 from shared.storage import blob_service, container
@@ -66,9 +66,15 @@ def _prepare_blob(settings: Settings, blob: BlobClient, etag: str, work: Path) -
 
 def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) -> Run:
     """Prepare the run's upload into `prepared/<run id>/` and record the outcome."""
+    from shared.backends.registry import get_backend
+    from shared.costs.gate import check_before_spending
+
     prepared = container(settings.storage, PREPARED_CONTAINER)
     with tempfile.TemporaryDirectory(prefix="prepare-") as work:
         preparation = _prepare_blob(settings, blob, run.upload.version, Path(work))
+        if preparation.accepted:  # the gate before any spend: tokens, time, money, budget
+            verdict = check_before_spending(get_backend(settings), preparation)
+            preparation = refuse(preparation, verdict.refusal) if verdict.refusal else rewrite_report(preparation)
         for path in preparation.files:
             with path.open("rb") as data:
                 prepared.upload_blob(f"{run.run_id}/{path.name}", data, overwrite=True)
@@ -120,5 +126,6 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | 
         submitted = ledger.advance(run, RunState.SUBMITTED, message, job_name=status.job_name, details=notes)
     except RunChanged:
         return ledger.get(run.run_id)
-    lifecycle.publish(settings, lifecycle.JOB_SUBMITTED, submitted, job=status.job_name)
+    estimate = report.get("estimate")
+    lifecycle.publish(settings, lifecycle.JOB_SUBMITTED, submitted, job=status.job_name, estimate=estimate)
     return submitted

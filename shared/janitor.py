@@ -16,6 +16,7 @@ from typing import Any
 from shared import lifecycle
 from shared.backends.interface import Backend, BackendError, Endpoint
 from shared.backends.registry import get_backend
+from shared.costs.spend import SPEND, hosting_spend
 from shared.deployment import DRIVEN_STATES, drive_run
 from shared.events import finish_job
 from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
@@ -105,7 +106,8 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
                 kept[verdict.endpoint] = "still deploying"
                 continue
             try:
-                run = ledger.advance(run, RunState.TORN_DOWN, f"endpoint {endpoint.name} deleted: {verdict.evidence}")
+                run = ledger.advance(run, RunState.TORN_DOWN, f"endpoint {endpoint.name} deleted: {verdict.evidence}",
+                                     details=hosting_spend(run, now))  # fmt: skip
             except (RunChanged, IllegalTransition):
                 continue  # another sweep claimed it first and deletes it
         try:
@@ -118,7 +120,7 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
             deleted.append(verdict.endpoint)
             if run is not None:
                 lifecycle.publish(settings, lifecycle.ENDPOINT_DELETED, run, endpoint=endpoint.name,
-                                  evidence=verdict.evidence)  # fmt: skip
+                                  evidence=verdict.evidence, spend=run.details.get(SPEND))  # fmt: skip
     return {
         "backend": settings.ml_backend,
         "past_due": past_due,

@@ -16,17 +16,20 @@ from functools import lru_cache
 from typing import Any
 
 from shared.backends.registry import BACKENDS, DEFAULT_BACKEND, plugin
+from shared.costs.prices import RETAIL_PRICES_URL
 from shared.ncrontab import Schedule
 from shared.validation import (
     POSITIVE_INT,
     SAMPLE_PERCENT,
     TEST_PERCENT,
+    USD,
     Rule,
     SettingsReader,
     checked,
     flag,
     http_uri,
     one_of,
+    price_table,
 )
 
 STORAGE_SETTING = "AzureWebJobsStorage"
@@ -52,6 +55,9 @@ CORE_SETTINGS = (
     "DATASET_MAX_INVALID_FRACTION",
     "DATASET_MAX_SEQ_LENGTH",
     "BASE_MODEL",
+    "MAX_TRAINING_COST_USD",
+    "PRICES_API_URL",
+    "VM_PRICES_USD_PER_HOUR",
     "ENDPOINT_REQUEST_TIMEOUT_S",
     "ENDPOINT_IDLE_MINUTES",
     "ENDPOINT_MIN_AGE_MINUTES",
@@ -91,13 +97,33 @@ class StorageConnection:
 
 @dataclass(frozen=True)
 class DatasetSettings:
-    """How uploads are checked and split; a blob's metadata may override the percentages."""
+    """How uploads are checked, split and budgeted; a blob's metadata may override the
+    percentages and the budget."""
 
     test_percent: float = 5.0
     sample_percent: float = 100.0
     min_conversations: int = 10
     max_invalid_fraction: float = 0.0
     max_seq_length: int = 4096
+    max_training_cost_usd: float = 0.0  # 0: no limit
+
+
+# Pay-as-you-go Linux prices in USD per hour, East US, for when the Retail Prices API is off or
+# out of reach: a fallback remembered by the team, not a quote (the API is the source).
+DEFAULT_VM_PRICES = {
+    "Standard_NC24ads_A100_v4": 3.673,
+    "Standard_NC48ads_A100_v4": 7.346,
+    "Standard_NC96ads_A100_v4": 14.692,
+    "Standard_NC40ads_H100_v5": 6.98,
+}
+
+
+@dataclass(frozen=True)
+class PriceSettings:
+    """Where VM prices come from: the Retail Prices API (None: off), then the table."""
+
+    api_url: str | None = RETAIL_PRICES_URL
+    table: tuple[tuple[str, float], ...] = tuple(DEFAULT_VM_PRICES.items())  # (VM size, USD per hour); hashable
 
 
 @dataclass(frozen=True)
@@ -121,8 +147,13 @@ class Settings:
     lifecycle_topic_endpoint: str | None
     lifecycle_topic_key: str | None  # None: publish with the app's identity (EventGrid Data Sender)
     backend_settings: Any  # the configured backend's own section (its package's settings module)
+    prices: PriceSettings = PriceSettings()
 
 
+_PRICE_TABLE = Rule(
+    "VM sizes and USD prices per hour, such as 'Standard_NC24ads_A100_v4=3.67,Standard_NC40ads_H100_v5=6.98'",
+    price_table,
+)
 _MINUTES = Rule("a number of minutes, at least 0", checked(float, lambda number: number >= 0))
 _SCHEDULE = Rule(
     "an NCRONTAB schedule such as '0 */10 * * * *' or '0 30 9 * * Mon-Fri' (second minute hour day month day-of-week)",
@@ -205,7 +236,17 @@ def _dataset(reader: SettingsReader) -> DatasetSettings:
             defaults.max_seq_length,
             Rule("a whole number of tokens, at least 1", POSITIVE_INT.parse),
         ),
+        max_training_cost_usd=reader.parsed("MAX_TRAINING_COST_USD", 0.0, USD),
     )
+
+
+def _prices(reader: SettingsReader) -> PriceSettings:
+    api = reader.raw("PRICES_API_URL")
+    table = tuple(reader.parsed("VM_PRICES_USD_PER_HOUR", DEFAULT_VM_PRICES, _PRICE_TABLE).items())
+    if api is not None and api.strip().lower() == "off":
+        return PriceSettings(None, table)
+    url = reader.parsed("PRICES_API_URL", RETAIL_PRICES_URL, Rule("an http(s):// URL, or off", http_uri))
+    return PriceSettings(url, table)
 
 
 def read_settings(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
@@ -245,6 +286,7 @@ def read_settings(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]
         ),
         lifecycle_topic_key=reader.raw("LIFECYCLE_TOPIC_KEY"),
         backend_settings=section,
+        prices=_prices(reader),
     )
     return settings, reader
 

@@ -61,8 +61,22 @@ def http_uri(value: str) -> str:
     return value.rstrip("/")
 
 
+def price_table(value: str) -> dict[str, float]:
+    """`size=price,size=price`: prices at least 0."""
+    table = {}
+    for entry in value.split(","):
+        size, equals, price = entry.strip().partition("=")
+        if not entry.strip():
+            continue
+        if not equals or not size.strip() or float(price) < 0:
+            raise ValueError(entry)
+        table[size.strip()] = float(price)
+    return table
+
+
 POSITIVE_INT = Rule("a whole number, at least 1", checked(int, lambda number: number >= 1))
 TEST_PERCENT = Rule("a percentage above 0 and below 100", checked(float, lambda number: 0 < number < 100))
+USD = Rule("an amount in US dollars, at least 0 (0: no limit)", checked(float, lambda number: number >= 0))
 SAMPLE_PERCENT = Rule("a percentage above 0, at most 100", checked(float, lambda number: 0 < number <= 100))
 
 

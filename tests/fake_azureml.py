@@ -24,9 +24,11 @@ WORKSPACE_ENV = {
     "AZURE_RESOURCE_GROUP": RG,
     "AZUREML_WORKSPACE_NAME": WS,
     "AZUREML_COMPUTE_CLUSTER": "gpu-a100",
+    "PRICES_API_URL": "off",  # prices from the VM_PRICES_USD_PER_HOUR table; tests of the API set it
 }
 ARM = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
 VM_SIZES = rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/vmSizes"
+USAGES = rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/usages"
 REGISTRY_HOST = "https://eastus.api.azureml.ms/"
 REGISTRY_PATH = (
     "/mferp/managementfrontend/subscriptions/reg-sub/resourceGroups/reg-rg"
@@ -185,6 +187,9 @@ class FakeAzureML(HttpTransport):
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Azure ML vCPU quota by family: (in use, limit); the regional total likewise.
+    quota: dict[str, tuple[int, int]] = field(default_factory=lambda: {"standardNCADSA100v4Family": (0, 96)})
+    total_quota: tuple[int, int] = (0, 200)
     requests: list[Recorded] = field(default_factory=list)
     injected: list[tuple[str, str, int, Any]] = field(default_factory=list)  # (method, path regex, status, body)
 
@@ -240,6 +245,7 @@ class FakeAzureML(HttpTransport):
             ("GET", REGISTRY_PATH + r"/models", self._registry_containers),
             ("GET", ARM + r"/computes/([^/]+)", self._compute),
             ("GET", VM_SIZES, self._vm_sizes),
+            ("GET", USAGES, self._usages),
             ("GET", ARM, self._workspace),
             ("GET", ARM + r"/jobs/([^/]+)", self._get(self.jobs.get)),
             ("PUT", ARM + r"/jobs/([^/]+)", self._put_job),
@@ -311,13 +317,33 @@ class FakeAzureML(HttpTransport):
         }
 
     def _vm_sizes(self, request: Recorded) -> tuple[int, Any]:
+        """The VM size list (azure-rest-api-specs, machinelearningservices,
+        examples/VirtualMachineSize/list.json): not paged, `family` names the quota family."""
         return 200, {"value": [
-            {"name": "Standard_NC24ads_A100_v4", "gpus": 1, "vCPUs": 24},
-            {"name": "Standard_NC96ads_A100_v4", "gpus": 4, "vCPUs": 96},
-            {"name": "Standard_NC40ads_H100_v5", "gpus": 1, "vCPUs": 40},
-            {"name": "Standard_ND96isr_H100_v5", "gpus": 8, "vCPUs": 96},
-            {"name": "Standard_D4s_v3", "gpus": 0, "vCPUs": 4},
+            _vm_size("Standard_NC24ads_A100_v4", "standardNCADSA100v4Family", 24, 1),
+            _vm_size("Standard_NC96ads_A100_v4", "standardNCADSA100v4Family", 96, 4),
+            _vm_size("Standard_NC40ads_H100_v5", "standardNCadsH100v5Family", 40, 1),
+            _vm_size("Standard_NC80adis_H100_v5", "standardNCadsH100v5Family", 80, 2),
+            _vm_size("Standard_ND96isr_H100_v5", "standardNDSH100v5Family", 96, 8),
+            _vm_size("Standard_D4s_v3", "standardDSv3Family", 4, 0),
         ]}  # fmt: skip
+
+    def _usages(self, request: Recorded) -> tuple[int, Any]:
+        """The Azure ML quota usages of the region (examples/Usage/list.json; as the live
+        service sends them, `name.value` is the VM family's token): for each family the
+        subscription's dedicated and low-priority rows, then the per-workspace breakdown."""
+        rows = [_usage("Total Cluster Dedicated Regional vCPUs", "TotalDedicatedCores", *self.total_quota)]
+        for family, (in_use, limit) in self.quota.items():
+            # standardNCSv3Family is labelled "Standard NCSv3 Family Cluster Dedicated vCPUs"
+            label = "Standard " + family.removeprefix("standard").removesuffix("Family")
+            rows += [
+                _usage(f"{label} Family Cluster Dedicated vCPUs", family, in_use, limit),
+                _usage(f"{label} Family Cluster LowPriority vCPUs", family, 0, 100,
+                       "Microsoft.MachineLearningServices/vmFamily/lowPriorityCores/usages"),
+                _usage(f"{label} Family Cluster Dedicated vCPUs", family, in_use, limit,
+                       "Microsoft.MachineLearningServices/workspaces/dedicatedCores/usages"),
+            ]  # fmt: skip
+        return 200, {"value": rows}
 
     def _put_job(self, request: Recorded, name: str) -> tuple[int, Any]:
         job = {**request.body, "id": f"{ARM}/jobs/{name}", "name": name}
@@ -406,6 +432,21 @@ class FakeAzureML(HttpTransport):
         if self.serving == "vllm":
             return 400, {"output": None, "error": {"status_code": 400, "body": "input_string must hold messages"}}
         return 424, {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}
+
+
+def _vm_size(name: str, family: str, vcpus: int, gpus: int) -> dict[str, Any]:
+    return {"name": name, "family": family, "vCPUs": vcpus, "gpus": gpus, "osVhdSizeMB": 1047552,
+            "maxResourceVolumeMB": 65536, "memoryGB": 220.0, "lowPriorityCapable": True, "premiumIO": True,
+            "supportedComputeTypes": ["AmlCompute", "ComputeInstance", "MIR"]}  # fmt: skip
+
+
+DEDICATED_USAGE = "Microsoft.MachineLearningServices/vmFamily/dedicatedCores/usages"
+
+
+def _usage(label: str, value: str, in_use: int, limit: int, kind: str = DEDICATED_USAGE) -> dict[str, Any]:
+    return {"id": f"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/eastus/usages/{value}",
+            "amlWorkspaceLocation": "eastus", "type": kind, "unit": "Count", "currentValue": in_use, "limit": limit,
+            "name": {"value": value, "localizedValue": label}}  # fmt: skip
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

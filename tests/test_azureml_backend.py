@@ -117,7 +117,8 @@ def test_a_pinned_component_version_and_gpus_override(fake: FakeAzureML) -> None
     node = fake.sent("PUT", "/jobs/")[0].body["properties"]["jobs"]["chat_completion_pipeline"]
     assert node["componentId"].endswith("/chat_completion_pipeline/versions/0.0.82")
     assert node["inputs"]["number_of_gpu_to_use_finetuning"]["value"] == "4"
-    assert not fake.sent("GET", "/vmSizes")
+    assert len(fake.sent("GET", "/vmSizes")) == 1  # for the quota check only, in the workspace's region
+    assert fake.sent("GET", "/locations/eastus/usages")
 
 
 def _phi4(**changes: object) -> dict[str, object]:

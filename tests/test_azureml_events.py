@@ -85,7 +85,10 @@ def setup(fake: FakeAzureML, ledger: Ledger, azurite: Azurite) -> tuple[Settings
     settings = load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string})
     backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
     run, _ = ledger.receive(Upload(DATASETS_CONTAINER, f"chats-{uuid.uuid4().hex[:8]}.jsonl", "0x1"), "received")
-    run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": {"sha256": "d" * 64}})
+    estimate = {"training_hours": 1.5, "training_usd": 5.5, "hosting_usd_per_hour": 3.673,
+                "basis": {"training_price_usd_per_hour": 3.673}}  # fmt: skip
+    run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": {"sha256": "d" * 64,
+                                                                                 "estimate": estimate}})  # fmt: skip
     return settings, backend, submit_run(settings, ledger, run, backend)
 
 
@@ -104,6 +107,8 @@ def test_either_success_event_registers_and_starts_the_deployment(
     job = _job_ends(fake, run, "Completed")
     outcome = _deliver(settings, ledger, backend, casing(success(job)))
     assert outcome == f"run {run.run_id} is deploying"
+    training = ledger.get(run.run_id).details["spend"]["training"]  # priced as the estimate was
+    assert training["usd"] == pytest.approx(training["hours"] * 3.673, abs=1e-4) and training["estimated_usd"] == 5.5
     assert len(fake.sent("PUT", "/models/")) == 1 and len(fake.sent("PUT", "/onlineEndpoints/")) == 1
     # Both event types arrive for one job (two subscriptions): the second changes nothing.
     _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, job))

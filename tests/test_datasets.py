@@ -245,10 +245,11 @@ def test_report_contents(tmp_path: Path) -> None:
     }
     assert report["settings"]["test_percent"] == 10
     assert report["training_overrides"] == {"num_train_epochs": 2}
-    tokens = report["statistics"]["estimated_tokens"]
+    tokens = report["statistics"]["tokens"]
     assert 0 < tokens["p50"] <= tokens["p95"] <= tokens["max"] < tokens["total"]
-    training = report["statistics"]["estimated_training_tokens"]
-    assert training["epochs"] == 2 and training["total"] == 2 * training["train_tokens"]
+    assert tokens["method"].startswith("estimate:") and tokens["over_max_seq_length"] == 0
+    training = report["statistics"]["training_tokens"]
+    assert training["epochs"] == 2 and training["total"] == 2 * training["per_epoch"]
     assert report["statistics"]["turns"]["total"] == sum(len(json.loads(g)["messages"]) for g in GOOD)
 
 

@@ -264,3 +264,12 @@ def test_the_janitor_deletes_only_idle_managed_endpoints_once(
     assert "min idle, window 10 min" in ledger.history(run.run_id)[-1].message
     deleted = [e for e in lifecycle_events if e["eventType"] == "FineTune.EndpointDeleted"]
     assert [e["data"]["endpoint"] for e in deleted] == [run.endpoint_name]
+    # What it was estimated to take (exact tokens, a measured rate, nothing billed) and what it took.
+    report = run.details["report"]
+    assert report["tokens_counted"] == "exact: the tiny-phi3 tokenizer and chat template"
+    assert report["estimate"]["training_usd"] == 0.0 and report["estimate"]["basis"]["tokens_per_second"] > 0
+    spend = run.details["spend"]
+    assert spend["training"]["hours"] > 0 and spend["training"]["usd"] == 0.0
+    deploying = run.state_times[S.DEPLOYING]
+    assert spend["hosting"]["hours"] == pytest.approx((later - deploying).total_seconds() / 3600, abs=1e-3)
+    assert deleted[0]["data"]["spend"] == spend

@@ -168,6 +168,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'DATASET_MIN_CONVERSATIONS', value: '10' }
         { name: 'DATASET_MAX_INVALID_FRACTION', value: '0' }
         { name: 'DATASET_MAX_SEQ_LENGTH', value: '4096' }
+        { name: 'MAX_TRAINING_COST_USD', value: '0' }
+        { name: 'PRICES_API_URL', value: 'https://prices.azure.com/api/retail/prices' }
+        { name: 'VM_PRICES_USD_PER_HOUR', value: 'Standard_NC24ads_A100_v4=3.673,Standard_NC48ads_A100_v4=7.346,Standard_NC96ads_A100_v4=14.692,Standard_NC40ads_H100_v5=6.98' }
         { name: 'BASE_MODEL', value: baseModel }
         { name: 'ENDPOINT_REQUEST_TIMEOUT_S', value: '90' }
         { name: 'ENDPOINT_IDLE_MINUTES', value: '60' }

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shared.vocabulary import BASE_MODEL_TAG, DATASET_TAG, JobStatus
 
 if TYPE_CHECKING:
+    from shared.costs.estimate import Estimate
     from shared.validation import SettingsReader
 
 
@@ -99,6 +100,16 @@ Conversation = list[dict[str, str]]
 class Backend(Protocol):
     def prepared_location(self, run_id: str) -> AbstractContextManager[str]:
         """Where the backend reads a run's prepared files (`prepared/<run id>/`) while it submits."""
+        ...
+
+    def tokenizer(self) -> Any | None:
+        """The base model's tokenizer with its chat template, loaded, if this backend has one at
+        hand: token counts are then exact. None: they are estimates."""
+        ...
+
+    def estimate(self, training_tokens: int, parameters: Mapping[str, Any]) -> Estimate:
+        """The time and cost of fine-tuning on `training_tokens` with `parameters`, and of hosting
+        the result; reads only, creates nothing."""
         ...
 
     def submit(self, request: JobRequest, restart: bool = False) -> JobReport: ...

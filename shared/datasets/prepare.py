@@ -22,14 +22,18 @@ from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_ro
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
 from shared.settings import DatasetSettings
 from shared.training import PARAMETERS, ParameterError, parse_parameter, resolve_parameters
-from shared.validation import SAMPLE_PERCENT, TEST_PERCENT
+from shared.validation import SAMPLE_PERCENT, TEST_PERCENT, USD
 from shared.vocabulary import REJECTED_FILE, REPORT_FILE, TEST_FILE, TRAIN_FILE
 
 FIRST_LINES = 20
 _BUCKETS = 10_000
 _TOKEN_HISTOGRAM_SIZE = 1 << 16
 # Per-upload overrides of the dataset settings, from blob metadata (the rest are training parameters).
-DATASET_OVERRIDES = {"test_pc": ("test_percent", TEST_PERCENT), "sample_pc": ("sample_percent", SAMPLE_PERCENT)}
+DATASET_OVERRIDES = {
+    "test_pc": ("test_percent", TEST_PERCENT),
+    "sample_pc": ("sample_percent", SAMPLE_PERCENT),
+    "max_cost_usd": ("max_training_cost_usd", USD),
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,10 @@ class _Tally:
             self.first = message
 
 
-class _Histogram:
+ESTIMATED_TOKENS = "estimate: characters / 4 + 3 per message"
+
+
+class Histogram:
     """Exact percentiles of token counts in constant memory (counts above the cap share a bucket)."""
 
     def __init__(self) -> None:
@@ -93,6 +100,23 @@ class _Histogram:
             if seen >= rank:
                 return min(value, self.max)
         return self.max
+
+
+def token_statistics(method: str, tokens: Histogram, over_max_seq_length: int) -> dict[str, Any]:
+    """Per-conversation token counts: how they were counted, percentiles, total, and how many
+    conversations are longer than max_seq_length (training truncates them)."""
+    return {
+        "method": method,
+        "p50": tokens.percentile(50),
+        "p95": tokens.percentile(95),
+        "max": tokens.max,
+        "total": tokens.total,
+        "over_max_seq_length": over_max_seq_length,
+    }
+
+
+def training_tokens(per_epoch: int, epochs: float) -> dict[str, Any]:
+    return {"per_epoch": per_epoch, "epochs": epochs, "total": round(per_epoch * epochs)}
 
 
 def bucket(prompt_id: str, salt: bytes) -> int:
@@ -136,7 +160,7 @@ class _Preparer:
         self.split = {"train": 0, "test": 0}
         self.train_tokens = 0
         self.turns = self.characters = self.max_turns = self.max_characters = 0
-        self.tokens = _Histogram()
+        self.tokens = Histogram()
         self.seen_ids: set[int] = set()
         self.seen_conversations: set[int] = set()
         self.smallest_train: tuple[int, bytes, int] | None = None  # (bucket, line, tokens)
@@ -334,6 +358,7 @@ def _report(
 ) -> dict[str, Any]:
     valid = p.rows - p.invalid
     epochs = p.parameters["num_train_epochs"]
+    over_length = p.warnings["over_max_seq_length"].count if "over_max_seq_length" in p.warnings else 0
     return {
         "status": "accepted" if accepted else "rejected",
         "reason": reason,
@@ -364,18 +389,8 @@ def _report(
                 "mean": round(p.characters / usable, 1) if usable else 0,
                 "max": p.max_characters,
             },
-            "estimated_tokens": {
-                "method": "characters / 4 + 3 per message",
-                "p50": p.tokens.percentile(50),
-                "p95": p.tokens.percentile(95),
-                "max": p.tokens.max,
-                "total": p.tokens.total,
-            },
-            "estimated_training_tokens": {
-                "train_tokens": p.train_tokens,
-                "epochs": epochs,
-                "total": p.train_tokens * epochs,
-            },
+            "tokens": token_statistics(ESTIMATED_TOKENS, p.tokens, over_length),
+            "training_tokens": training_tokens(p.train_tokens, epochs),
         },
         "outputs": {
             "train": TRAIN_FILE if accepted else None,
@@ -383,6 +398,22 @@ def _report(
             "rejected_rows": REJECTED_FILE if p.invalid else None,
         },
     }
+
+
+def rewrite_report(preparation: Preparation) -> Preparation:
+    """Write the report again after later steps added to it."""
+    (preparation.out_dir / REPORT_FILE).write_text(json.dumps(preparation.report, indent=2) + "\n")
+    return preparation
+
+
+def refuse(preparation: Preparation, reason: str) -> Preparation:
+    """Reject a prepared upload for a reason found after its data passed (the budget): no
+    training files, the report saying why."""
+    for name in (TRAIN_FILE, TEST_FILE):
+        (preparation.out_dir / name).unlink(missing_ok=True)
+    report = {**preparation.report, "status": "rejected", "reason": reason,
+              "outputs": {**preparation.report["outputs"], "train": None, "test": None}}  # fmt: skip
+    return rewrite_report(replace(preparation, accepted=False, reason=reason, report=report))
 
 
 def report_summary(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -393,7 +424,9 @@ def report_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "split": {key: report["split"][key] for key in ("train", "test")},
         "errors": {category: tally["count"] for category, tally in report["errors"].items()},
         "warnings": {category: tally["count"] for category, tally in report["warnings"].items()},
-        "estimated_training_tokens": report["statistics"]["estimated_training_tokens"]["total"],
+        "training_tokens": report["statistics"]["training_tokens"]["total"],
+        "tokens_counted": report["statistics"]["tokens"]["method"],
+        **({"estimate": report["estimate"]} if "estimate" in report else {}),
         "sha256": report["input"]["sha256"],
         "training_overrides": report["training_overrides"],
     }

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -17,6 +17,7 @@ from functools import cached_property, partial, wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from shared.backends import smoke
+from shared.backends.azureml import quota
 from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
 from shared.backends.azureml.registry_model import Purpose, RegistryModel
 from shared.backends.azureml.settings import DISCOVER_BASE_MODEL, AzureMLWorkspace, prepared_uri, workspace_settings
@@ -33,6 +34,8 @@ from shared.backends.interface import (
     model_description,
     model_name_for,
 )
+from shared.costs.estimate import Estimate, Hosting, gpu_training, idle_teardown_hours
+from shared.costs.prices import price_book
 from shared.vocabulary import (
     BASE_MODEL_TAG,
     DATASET_TAG,
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "chat"  # 3-32 characters, like endpoint names
+DEPLOYMENT_INSTANCES = 1
 # NC v1 (K80) sizes, and NCv3 (V100) sizes retired on 2025-09-30.
 RETIRED_VM_SIZES = frozenset(
     {"standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r",
@@ -322,13 +326,9 @@ class AzureMLBackend:
         names = ", ".join(sorted(size.name for size in sizes if size.gpus))
         raise PreflightError(f"VM size {vm_size} is not in the workspace's list of sizes (GPU sizes: {names})")
 
-    def plan(self, parameters: dict[str, Any]) -> Plan:
-        """Every check before a submission: the base model, the cluster, both VM sizes against
-        the model's allow-lists (the deployment's too: better refused before hours of training),
-        the parameters against the component's inputs."""
+    def _cluster(self) -> Any:
         from azure.core.exceptions import ResourceNotFoundError
 
-        model = self.base_model()
         cluster = self.workspace_settings.compute_cluster
         try:
             compute = self.workspace.compute.get(cluster)
@@ -338,12 +338,66 @@ class AzureMLBackend:
             raise PreflightError(f"compute {cluster} is not an Azure ML compute cluster (AmlCompute)")
         if _text(compute.provisioning_state).lower() == "failed":
             raise PreflightError(f"compute cluster {cluster} is in a failed provisioning state: recreate it")
+        return compute
+
+    @cached_property
+    def region(self) -> str:
+        return str(self.workspace.workspaces.get(self.workspace_settings.workspace_name).location)
+
+    def check_quota(self, purpose: str, vm_size: str, vcpus_needed: Callable[[int], int]) -> str | None:
+        """Refuse (PreflightError) when the VM family's free vCPU quota in the workspace's region
+        is short of `vcpus_needed(vCPUs of one node)`; a note when the service does not say."""
+        sizes = list(self.workspace.compute.list_sizes(location=self.region))
+        facts = quota.size_facts(sizes, vm_size)
+        if facts is None:
+            return f"the quota for {vm_size} was not checked: the workspace's VM size list gives no family for it"
+        vcpus, family = facts
+        usages = quota.dedicated_usages(list(self.workspace.compute.list_usage(location=self.region)), family)
+        if not usages:
+            return f"the quota for {family} was not checked: the usage API reports none in {self.region}"
+        refused = quota.refusal(purpose, vm_size, vcpus_needed(vcpus), family, self.region, usages)
+        if refused:
+            raise PreflightError(refused)
+        return None
+
+    def tokenizer(self) -> None:
+        """None: the app in Azure has no tokenizer library (it never trains), so its token counts
+        are estimates; `prepare --tokenizer` counts exactly on a machine that has the tokenizer."""
+        return None
+
+    @_service_errors("estimating the cost")
+    def estimate(self, training_tokens: int, parameters: Mapping[str, Any]) -> Estimate:
+        model = self.base_model()
+        vm_size = self._cluster().size or ""
+        gpus = self.gpus_per_node(vm_size)
+        return self.estimate_on(training_tokens, parameters, model.name, vm_size, gpus, self.region)
+
+    def estimate_on(self, training_tokens: int, parameters: Mapping[str, Any], model_name: str, vm_size: str,
+                    gpus: int, region: str | None) -> Estimate:  # fmt: skip
+        """The estimate from facts given (the dry run's): no call to the workspace. Without a
+        region, prices come from the settings' table."""
+        book = price_book(self.settings.prices)
+        instance_type = self.workspace_settings.instance_type
+        hosting = Hosting(instance_type, DEPLOYMENT_INSTANCES, book.hourly(instance_type, region),
+                          idle_teardown_hours(self.settings))  # fmt: skip
+        lora = bool(parameters.get("apply_lora", True))
+        return gpu_training(training_tokens, model_name, vm_size, gpus, lora, book.hourly(vm_size, region), hosting)
+
+    def plan(self, parameters: dict[str, Any]) -> Plan:
+        """Every check before a submission: the base model, the cluster, both VM sizes against
+        the model's allow-lists (the deployment's too: better refused before hours of training),
+        the cluster's vCPU quota, the parameters against the component's inputs."""
+        model = self.base_model()
+        cluster = self.workspace_settings.compute_cluster
+        compute = self._cluster()
         vm_size = compute.size or ""
         notes = [
             check_vm_size(model, vm_size, "finetune"),
             check_vm_size(model, self.workspace_settings.instance_type, "inference"),
         ]
         gpus = self.gpus_per_node(vm_size)
+        if not (compute.min_instances or 0):  # a cluster that holds nodes already needs no new quota
+            notes.append(self.check_quota("the fine-tune", vm_size, lambda vcpus: vcpus))
         try:
             merged, warnings = merge_parameters(model.model_specific_defaults(), parameters)
         except ComponentInputError as error:
@@ -513,6 +567,10 @@ class AzureMLBackend:
             base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
             if base_name:
                 check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
+            need = partial(quota.deployment_need, instance_type, instances=DEPLOYMENT_INSTANCES)
+            note = self.check_quota("the endpoint's deployment", instance_type, need)
+            if note:
+                log.warning("%s", note)
             self.workspace.online_endpoints.begin_create_or_update(
                 ManagedOnlineEndpoint(
                     name=endpoint,
@@ -534,7 +592,7 @@ class AzureMLBackend:
                     endpoint_name=endpoint,
                     model=f"azureml:{model.name}:{model.version}",
                     instance_type=instance_type,
-                    instance_count=1,
+                    instance_count=DEPLOYMENT_INSTANCES,
                     liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
                     request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
                     tags={MANAGED_BY_TAG: MANAGED_BY},

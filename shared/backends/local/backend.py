@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +25,8 @@ from shared.backends.interface import (
 )
 from shared.backends.local import endpoints, jobs, registry
 from shared.backends.local.settings import local_settings
+from shared.costs.estimate import Estimate, Hosting, idle_teardown_hours, measured_training
+from shared.costs.prices import HourlyPrice
 from shared.storage import blob_service
 from shared.training import PARAMETERS
 from shared.vocabulary import (
@@ -67,6 +69,24 @@ class LocalBackend:
     @property
     def base_model(self) -> str:
         return self.settings.base_model
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        from shared.backends.local.trainer import resolve_base_model
+
+        return AutoTokenizer.from_pretrained(resolve_base_model(self.base_model, self.data_dir / "models"))
+
+    def estimate(self, training_tokens: int, parameters: Mapping[str, Any]) -> Estimate:
+        """Wall time on this machine, from a measured calibration; nothing is billed."""
+        from shared.backends.local.calibrate import training_rate
+        from shared.backends.local.trainer import resolve_base_model
+
+        base = resolve_base_model(self.base_model, self.data_dir / "models")
+        rate, device = training_rate(self.data_dir, base, dict(parameters))
+        free = HourlyPrice("this machine", 0.0, "the local backend runs on this machine: nothing is billed")
+        hosting = Hosting("this machine", 1, free, idle_teardown_hours(self.settings))
+        return measured_training(training_tokens, rate, device, hosting)
 
     def submit(self, request: JobRequest, restart: bool = False) -> JobReport:
         unknown = set(request.parameters) - set(PARAMETERS)
