@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 
 from shared import lifecycle
 from shared.backends.interface import Backend, BackendError, Conversation, DeployState, ModelRef, TransientBackendError
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 S = RunState
 DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING)
 GIVE_UP_AFTER = timedelta(hours=24)  # a step that keeps hitting transient errors fails after this
+# Longer than the longest step (locally: the model loading, then a smoke test in each request
+# shape at up to 200 s each); a driver that dies leaves a claim that lapses after this.
+CLAIM_TTL = timedelta(minutes=15)
 METRICS_SUMMARY = ("train_loss", "eval_loss", "perplexity", "tokens_per_second", "steps")
 
 
@@ -87,39 +92,66 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
             lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, run, endpoint=run.endpoint_name, scoringUri=url,
                               model=f"{model.name}:{model.version}")  # fmt: skip
         else:
-            run = ledger.advance(run, S.DEPLOY_FAILED, "deployment failed", reason=progress.message or "no message",
-                                 details=details)  # fmt: skip
-            lifecycle.publish(settings, lifecycle.JOB_FAILED, run, stage="deployment")
+            _fail(settings, ledger, backend, run, "deployment failed", progress.message or "no message", details)
         return False
     return False
 
 
+def _fail(settings: Settings, ledger: Ledger, backend: Backend, run: Run, message: str, reason: str,
+          details: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Record the failure first, then remove the run's endpoint so nothing bills: a handler that
+    lost the race (the ledger moved past the state it read) records nothing and removes nothing."""
+    failed = ledger.advance(run, S.DEPLOY_FAILED, message, reason=reason, details=details)
+    removed = _remove_endpoint(backend, failed)
+    if removed:
+        failed = ledger.note(run.run_id, removed)
+    lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="deployment")
+
+
 def drive_run(settings: Settings, ledger: Ledger, run_id: str, backend: Backend | None = None) -> Run:
-    """Move a completed run as far towards `deployed` as it can go now."""
+    """Move a completed run as far towards `deployed` as it can go now. One handler drives a run
+    at a time (a claim in the ledger, renewed at each step, lapsing if its holder dies): a
+    duplicate event or a janitor tick that finds the run claimed returns at once, with no side
+    effects."""
     backend = backend or get_backend(settings)
-    for _ in range(50):  # bounded: each pass either moves the run, loses a race, or stops
-        run = ledger.get(run_id)
-        if run.state not in DRIVEN_STATES:
-            return run
-        try:
-            if not _step(settings, ledger, backend, run):
-                return ledger.get(run_id)
-        except (RunChanged, IllegalTransition):
-            continue  # another handler moved it: look again
-        except BackendError as error:
-            # Throttled, a concurrent handler's change, the service unavailable: the run stays
-            # where it is and the janitor's next tick drives it on, for a day at most.
-            entered = run.state_times.get(run.state)
-            if isinstance(error, TransientBackendError) and entered and datetime.now(UTC) - entered < GIVE_UP_AFTER:
-                log.warning("run %s, %s step: %s; trying again on the next janitor tick", run_id, run.state, error)
-                return ledger.get(run_id)
-            reason = f"{error}{_remove_endpoint(backend, run)}"
+    holder = uuid.uuid4().hex
+    try:
+        for _ in range(50):  # bounded: each pass either moves the run, loses a race, or stops
+            run = ledger.get(run_id)
+            if run.state not in DRIVEN_STATES:
+                return run
             try:
-                failed = ledger.advance(run, S.DEPLOY_FAILED, f"{run.state} step failed", reason=reason)
-                lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="deployment")
-            except (RunChanged, IllegalTransition):
+                claimed = ledger.claim(run, holder, CLAIM_TTL)
+            except RunChanged:
                 continue
+            if claimed is None:
+                log.info("run %s is being driven by another handler until %s", run_id, run.driver_until)
+                return run
+            if not _drive_one_step(settings, ledger, backend, claimed):
+                return ledger.get(run_id)
+    finally:
+        ledger.release(run_id, holder)
     return ledger.get(run_id)
+
+
+def _drive_one_step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
+    """One step under the run's claim; False when there is nothing more to do now."""
+    try:
+        return _step(settings, ledger, backend, run)
+    except (RunChanged, IllegalTransition):
+        return True  # moved meanwhile: look again
+    except BackendError as error:
+        # Throttled, a concurrent handler's change, the service unavailable: the run stays
+        # where it is and the janitor's next tick drives it on, for a day at most.
+        entered = run.state_times.get(run.state)
+        if isinstance(error, TransientBackendError) and entered and datetime.now(UTC) - entered < GIVE_UP_AFTER:
+            log.warning("run %s, %s step: %s; trying again on the next janitor tick", run.run_id, run.state, error)
+            return False
+        try:
+            _fail(settings, ledger, backend, run, f"{run.state} step failed", str(error))
+        except (RunChanged, IllegalTransition):
+            return True
+        return False
 
 
 def _remove_endpoint(backend: Backend, run: Run) -> str:
@@ -127,6 +159,6 @@ def _remove_endpoint(backend: Backend, run: Run) -> str:
     if not run.endpoint_name:
         return ""
     try:
-        return f"; endpoint {run.endpoint_name} deleted" if backend.delete_endpoint(run.endpoint_name) else ""
+        return f"endpoint {run.endpoint_name} deleted" if backend.delete_endpoint(run.endpoint_name) else ""
     except BackendError as error:
-        return f"; endpoint {run.endpoint_name} could not be deleted ({error}): the janitor retries when it is idle"
+        return f"endpoint {run.endpoint_name} could not be deleted ({error}): the janitor retries when it is idle"

@@ -14,8 +14,9 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,14 @@ class Upload:
         return f"{slug or 'upload'}-{digest[:12]}"
 
 
+# What `Upload.run_id` makes: a slug of the blob's name, then 12 hex digits.
+_RUN_ID = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*-[0-9a-f]{12}")
+
+
+def is_run_id(text: str) -> bool:
+    return len(text) <= 40 and _RUN_ID.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
     at: datetime
@@ -148,6 +157,8 @@ class Run:
     details: Mapping[str, Any] = field(default_factory=dict)
     history_length: int = 0
     etag: str = ""
+    driver: str | None = None  # who drives its deployment now (see `claim`), until `driver_until`
+    driver_until: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The run as users see it (status route, CLI): no ETag, times in ISO 8601."""
@@ -199,6 +210,8 @@ def _run_from_entity(entity: TableEntity) -> Run:
         details=json.loads(entity.get("Details") or "{}"),
         history_length=int(entity.get("HistoryLength", 0)),
         etag=str(entity.metadata["etag"]),
+        driver=entity.get("Driver") or None,
+        driver_until=entity.get("DriverUntil") or None,
         **{attr: entity.get(column) or None for attr, column in _FACT_COLUMNS.items()},
     )
 
@@ -243,8 +256,11 @@ class Ledger:
         return self.get(run_id), True
 
     def find(self, run_id: str) -> Run | None:
+        """The run, or None: also for anything that cannot be a run id (never sent to storage)."""
         from azure.core.exceptions import ResourceNotFoundError
 
+        if not is_run_id(run_id):
+            return None
         try:
             return _run_from_entity(self._table.get_entity(run_id, RUN_ROW))
         except ResourceNotFoundError:
@@ -329,6 +345,40 @@ class Ledger:
         history_message = f"{message}: {reason}" if reason else message
         self._write(run, changes, _history_row(run.run_id, run.history_length, now, target, history_message))
         return self.get(run.run_id)
+
+    def claim(self, run: Run, holder: str, ttl: timedelta) -> Run | None:
+        """Make `holder` the one driver of the run (as read) for `ttl`, or renew its claim. None
+        when another holder's claim is live: that one drives, this one stays out. A crashed
+        driver's claim lapses. Raises RunChanged when the run changed since it was read."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError
+        from azure.data.tables import UpdateMode
+
+        now = _now()
+        if run.driver and run.driver != holder and run.driver_until and run.driver_until > now:
+            return None
+        changes = {"PartitionKey": run.run_id, "RowKey": RUN_ROW, "Driver": holder, "DriverUntil": now + ttl}
+        try:
+            self._table.update_entity(changes, mode=UpdateMode.MERGE, etag=run.etag,
+                                      match_condition=MatchConditions.IfNotModified)  # fmt: skip
+        except ResourceModifiedError:
+            raise RunChanged(run.run_id) from None
+        return self.get(run.run_id)
+
+    def release(self, run_id: str, holder: str) -> None:
+        """End `holder`'s claim, if it is still its own (best effort: a claim also lapses)."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import HttpResponseError
+        from azure.data.tables import UpdateMode
+
+        run = self.find(run_id)
+        if run is None or run.driver != holder:
+            return
+        changes = {"PartitionKey": run_id, "RowKey": RUN_ROW, "Driver": "", "DriverUntil": _now()}
+        # Changed meanwhile (by another holder after a lapse): then the claim simply lapses.
+        with suppress(HttpResponseError):
+            self._table.update_entity(changes, mode=UpdateMode.MERGE, etag=run.etag,
+                                      match_condition=MatchConditions.IfNotModified)  # fmt: skip
 
     def note(self, run_id: str, message: str, *, attempts: int = 10) -> Run:
         """Append `message` to a run's history without changing its state."""

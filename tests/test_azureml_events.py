@@ -166,8 +166,30 @@ def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_end
     failed = drive_run(settings, ledger, run.run_id, backend)
     assert failed.state == RunState.DEPLOY_FAILED
     assert "400 BadRequest: traffic must add up to 100" in (failed.reason or "")
-    assert f"endpoint {endpoint} deleted" in (failed.reason or "")
+    # Recorded first, then removed: a handler that lost the race would have removed nothing.
+    history = [entry.message for entry in ledger.history(run.run_id)]
+    assert history[-2].startswith("deploying step failed") and history[-1] == f"endpoint {endpoint} deleted"
     assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$")
+
+
+def test_a_deployment_failing_every_smoke_shape_is_recorded_then_its_endpoint_removed(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
+) -> None:
+    settings, backend, run = setup
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
+    endpoint = ledger.get(run.run_id).endpoint_name or ""
+    held_out = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    prepared = container(settings.storage, PREPARED_CONTAINER)
+    prepared.upload_blob(f"{run.run_id}/{TEST_FILE}", json.dumps(held_out).encode() + b"\n", overwrite=True)
+    fake.endpoints[endpoint]["properties"]["provisioningState"] = "Succeeded"
+    drive_run(settings, ledger, run.run_id, backend)
+    fake.deployments[(endpoint, DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
+    fake.fail_next("POST", "/score", 424, {"message": "upstream model error"})
+    fake.fail_next("POST", "/score", 502, {"message": "Liveness probe failed"})
+    failed = drive_run(settings, ledger, run.run_id, backend)
+    assert failed.state == RunState.DEPLOY_FAILED and "every request shape" in (failed.reason or "")
+    assert [entry.message for entry in ledger.history(run.run_id)][-1] == f"endpoint {endpoint} deleted"
+    assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$") and not fake.sent("DELETE", "/deployments/")
 
 
 def test_a_service_busy_for_longer_than_a_day_fails_the_run(

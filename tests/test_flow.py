@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -103,17 +105,36 @@ def test_200_concurrent_deliveries_of_one_upload_make_one_run_and_one_job(settin
     assert [path.parent.name for path in _job_dirs(settings)] == [run.job_name]
 
 
-def test_200_concurrent_completed_events_register_and_deploy_once(settings: Settings, ledger: Ledger) -> None:
+def test_200_concurrent_completed_events_register_and_deploy_once(
+    settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
+) -> None:
     from mlflow.tracking import MlflowClient
+
+    from shared.backends.local import endpoints as local_endpoints
 
     name = _upload(settings)
     deliver_upload(name)
     (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
     assert _wait_job(settings, run.job_name or "") == "Completed"
     handler = job_events.build().get_user_function()
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda _: handler(_completed_event(run.job_name or "")), range(200)))
+    # On a machine kept busy, so that a smoke test waits behind the model: once, duplicates
+    # re-ran it and one of them deleted the live endpoint.
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda _: handler(_completed_event(run.job_name or "")), range(200)))
+    finally:
+        for burner in burners:
+            burner.kill()
     run = ledger.get(run.run_id)
+    data_dir = local_settings(settings).data_dir
+    server_log = local_endpoints.log_path(data_dir, run.endpoint_name or "").read_text()
+    assert server_log.count('"POST /score HTTP/1.1"') == 1  # one smoke test, in the first shape
+    deployed = [e for e in lifecycle_events if e["eventType"] == "FineTune.ModelDeployed"]
+    assert len(deployed) == 1
+    status, _ = local_endpoints.invoke(data_dir, run.endpoint_name or "", {"input_data": {"input_string": [
+        {"role": "user", "content": "still there?"}], "parameters": {"max_new_tokens": 4}}})  # fmt: skip
+    assert status == 200  # the endpoint the ledger calls deployed is live
     assert run.state == S.DEPLOYED, run.reason
     states = _states(ledger, run)
     assert states == [S.RECEIVED, S.PREPARED, S.SUBMITTED, S.COMPLETED, S.REGISTERED, S.DEPLOYING, S.DEPLOYED]

@@ -174,7 +174,7 @@ def check_vm_size(model: RegistryModel, vm_size: str, purpose: Purpose) -> str |
 
 
 class DeploymentStep(StrEnum):
-    CLEAN_UP = "clean up"  # the deployment failed: delete it (it bills) and report its logs
+    CLEAN_UP = "clean up"  # the deployment failed: report its logs (the flow then removes the endpoint)
     WAIT = "wait"  # Azure is still creating it
     SMOKE_TEST = "smoke test"  # it succeeded and takes no traffic yet
     SERVING = "serving"  # it takes all the traffic already (smoke-tested by an earlier call)
@@ -606,15 +606,15 @@ class AzureMLBackend:
     ) -> DeployProgress:
         """Move a deployment one step on, never waiting. Once it has succeeded, smoke-test it at 0%
         traffic (only the `azureml-model-deployment` header reaches it) in each documented request
-        shape until one is answered, then route all traffic to it. The deployment is deleted (it
-        bills) only when it failed itself or every request shape failed."""
+        shape until one is answered, then route all traffic to it. It has failed only when it
+        failed itself or every request shape failed; the flow then records that and removes the
+        endpoint (it bills), never this call."""
         self.deploy(model, endpoint, tags)
         step = next_deployment_step(
             self.deployment_state(endpoint), lambda: self.workspace.online_endpoints.get(endpoint).traffic or {}
         )
         if step == DeploymentStep.CLEAN_UP:
             message = self._deployment_logs(endpoint)
-            self.delete_deployment(endpoint)
             return DeployProgress(DeployState.FAILED, f"deployment {DEPLOYMENT} of {endpoint} failed: {message}")
         if step == DeploymentStep.WAIT:
             return DeployProgress(DeployState.DEPLOYING)
@@ -622,7 +622,6 @@ class AzureMLBackend:
             return DeployProgress(DeployState.DEPLOYED)
         attempts = smoke.run(partial(self._score, endpoint, DEPLOYMENT), conversation())
         if not attempts[-1].answered:
-            self.delete_deployment(endpoint)
             return DeployProgress(DeployState.FAILED, smoke.failure(endpoint, attempts), attempts)
         self.set_traffic(endpoint, 100)
         return DeployProgress(DeployState.DEPLOYED, None, attempts)
@@ -646,9 +645,6 @@ class AzureMLBackend:
         found = self.workspace.online_endpoints.get(endpoint)
         found.traffic = {DEPLOYMENT: percent}
         self.workspace.online_endpoints.begin_create_or_update(found)
-
-    def delete_deployment(self, endpoint: str) -> None:
-        self.workspace.online_deployments.begin_delete(DEPLOYMENT, endpoint_name=endpoint)
 
     @_service_errors("reading an endpoint")
     def endpoint(self, name: str) -> Endpoint:

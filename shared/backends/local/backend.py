@@ -153,19 +153,17 @@ class LocalBackend:
     def continue_deployment(
         self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
     ) -> DeployProgress:
-        """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failed
-        endpoint is removed, as a failed Azure ML deployment is."""
+        """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failure is
+        reported, not cleaned up: the flow removes the endpoint once it has recorded it."""
         self.deploy(model, endpoint, tags)
         try:
             ready = self.wait_ready(endpoint)
         except BackendError as error:
-            self.delete_endpoint(endpoint)
             return DeployProgress(DeployState.FAILED, str(error))
         if ready.last_request_at is not None:  # smoke-tested already: a passed test leaves its mark
             return DeployProgress(DeployState.DEPLOYED)
         attempts = smoke.run(partial(self._score, endpoint), conversation())
         if not attempts[-1].answered:
-            self.delete_endpoint(endpoint)
             return DeployProgress(DeployState.FAILED, smoke.failure(endpoint, attempts), attempts)
         return DeployProgress(DeployState.DEPLOYED, None, attempts)
 

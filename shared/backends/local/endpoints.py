@@ -134,9 +134,8 @@ def deploy(
             _remove(data_dir, name)
         shutil.rmtree(directory, ignore_errors=True)  # a deployer that died before endpoint.json
         directory.mkdir()
-        keys = directory / "keys.json"
-        keys.touch(mode=0o600)
-        keys.write_text(json.dumps({name: secrets.token_urlsafe(32) for name in ("primary_key", "secondary_key")}))
+        keys = {name: secrets.token_urlsafe(32) for name in ("primary_key", "secondary_key")}
+        write_json(directory / "keys.json", keys, private=True)
         shared = served_model.is_adapter(model_path)
         server_id = f"base-{served_model.base_identity(model_path)}" if shared else f"model-{name}"
         spec = {

@@ -179,7 +179,7 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
         except JobError:
             shutil.rmtree(directory)
             raise
-    write_json(directory / "job.json", asdict(spec))
+    write_json(directory / "job.json", asdict(spec), private=True)  # it holds the topic's key
     write_state(directory, JobRecord(spec.job_name, JobStatus.QUEUED, started_at=_now()))
     pid = spawn("shared.backends.local.trainer", directory, "trainer.log")
     state = JobRecord(spec.job_name, JobStatus.RUNNING, pid=pid, started_at=_now())

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,13 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    staged = path.with_name(path.name + ".tmp")
-    staged.write_text(json.dumps(payload, indent=2))
+def write_json(path: Path, payload: dict[str, Any], private: bool = False) -> None:
+    """Readers see the old file or the new one, never half of one. `private`: a file holding a
+    secret, readable by its owner only from the moment it exists."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(json.dumps(payload, indent=2))
     os.replace(staged, path)
 
 
