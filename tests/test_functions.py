@@ -238,6 +238,12 @@ def test_status_lists_recent_runs_and_shows_one_with_its_history(app_settings: S
     ("params", "run_id", "status", "says"),
     [
         ({}, "no-such-run", 404, "no run with id 'no-such-run'"),
+        # Ids that cannot be run ids never reach storage (a `/` once came back as a storage 500).
+        ({}, "chats%2F0123456789ab", 404, "no run with id"),
+        ({}, "chats/0123456789ab", 404, "no run with id"),
+        ({}, "it's-0123456789ab", 404, "no run with id"),
+        ({}, "a" * 300 + "-0123456789ab", 404, "no run with id"),
+        ({}, "chats-0123456789ab\u0000", 404, "no run with id"),
         ({"state": "sleeping"}, None, 400, "state='sleeping': expected one of received"),
         ({"limit": "0"}, None, 400, "limit='0': expected a whole number from 1 to 200"),
         ({"limit": "ten"}, None, 400, "limit='ten'"),

@@ -254,9 +254,13 @@ def test_the_endpoint_refuses_bad_requests_clearly(
     assert says in reply["error"]["message"] and "Traceback" not in reply["error"]["message"]
 
 
-def test_keys_are_private_and_never_logged(backend: LocalBackend, endpoint: str) -> None:
+def test_keys_are_private_and_never_logged(backend: LocalBackend, endpoint: str, trained: str) -> None:
     directory = backend.data_dir / "endpoints" / endpoint
     assert (directory / "keys.json").stat().st_mode & 0o777 == 0o600
+    # The job's spec holds the topic key its trainer publishes with: the owner's alone, too.
+    assert (backend.data_dir / "jobs" / trained / "job.json").stat().st_mode & 0o777 == 0o600
+    holding = [path for path in backend.data_dir.rglob("*") if path.is_file() and b"topic-key" in path.read_bytes()]
+    assert holding and all(path.stat().st_mode & 0o777 == 0o600 for path in holding), holding
     keys = backend.keys(endpoint)
     assert keys["primary_key"] != keys["secondary_key"] and len(keys["primary_key"]) >= 32
     log = endpoints.log_path(backend.data_dir, endpoint).read_text()

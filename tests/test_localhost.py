@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -122,6 +123,68 @@ def test_posted_job_events_reach_the_job_events_function(host: LocalHost, caplog
     )
     with pytest.raises(HttpResponseError, match="Unauthorized"):
         EventGridPublisherClient(host.topic.endpoint, AzureKeyCredential("wrong")).send([failed])
+
+
+def _raw_post(endpoint: str, head: str, body: bytes = b"", half: bool = False) -> str:
+    """Send a request as written (headers and all), return the status line; fail if none comes."""
+    port = int(endpoint.split(":")[2].split("/", maxsplit=1)[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+        connection.sendall(head.encode() + b"\r\n" + (body[: len(body) // 2] if half else body))
+        reply = connection.recv(4096).decode(errors="replace")
+    return reply.split("\r\n", 1)[0]
+
+
+MALFORMED_EVENTS = [
+    ('{"id": 7, "subject": "s", "eventType": "X", "eventTime": "2026-11-25T10:00:00Z"}', "400", "id must be a string"),
+    ('{"id": "a", "subject": "s", "eventType": ["X"], "eventTime": "2026-11-25T10:00:00Z"}', "400", "eventType"),
+    ('{"id": "a", "subject": "s", "eventType": "X", "eventTime": 17}', "400", "eventTime must be a string"),
+    ('{"id": "a", "subject": "s", "eventType": "X", "eventTime": "yesterday"}', "400", "not an ISO 8601 time"),
+    ('{"id": "a", "subject": {"x": 1}, "eventType": "X", "eventTime": "2026-11-25T10:00:00Z"}', "400", "subject"),
+    ('{"id": "a", "eventType": "X", "eventTime": "2026-11-25T10:00:00Z"}', "400", "has no subject"),
+    ("7", "400", "is not a JSON object"),
+]
+
+
+def test_malformed_posts_are_answered_and_a_good_event_still_gets_through(host: LocalHost) -> None:
+    endpoint, key = host.topic.endpoint, host.topic_key
+    for event, status, says in MALFORMED_EVENTS:
+        body = f"[{event}]".encode()
+        request = f"POST /api/events HTTP/1.1\r\nHost: x\r\naeg-sas-key: {key}\r\nContent-Length: {len(body)}\r\n"
+        reply = urllib.request.Request(endpoint, body, {"aeg-sas-key": key}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(reply, timeout=20)
+        assert str(refused.value.code) == status and says in json.loads(refused.value.read())["error"], event
+        assert _raw_post(endpoint, request, body).startswith(f"HTTP/1.0 {status}")
+    head = f"POST /api/events HTTP/1.1\r\nHost: x\r\naeg-sas-key: {key}\r\n"
+    assert " 400 " in _raw_post(endpoint, head + "Content-Length: 4\r\n", b"\xff\xfe[]")  # not UTF-8
+    assert " 411 " in _raw_post(endpoint, head + "Content-Length: -5\r\n", b"[]")
+    assert " 411 " in _raw_post(endpoint, head + "Content-Length: many\r\n", b"[]")
+    assert " 411 " in _raw_post(endpoint, head, b"[]")
+    assert " 413 " in _raw_post(endpoint, head + "Content-Length: 99999999\r\n", b"[]")
+    assert " 401 " in _raw_post(endpoint, "POST /api/events HTTP/1.1\r\nContent-Length: 2\r\n", b"[]")
+    started = time.monotonic()  # half a body, then silence: cut off after the topic's timeout
+    assert " 408 " in _raw_post(endpoint, head + "Content-Length: 40\r\n", b"[" * 40, half=True)
+    assert time.monotonic() - started < 20
+    # An event that reaches the queue however odd goes to the dead letters; the worker lives on.
+    host._events.put({"id": {"not": "a string"}, "eventType": 5, "eventTime": 12, "data": None})
+    dead = blob_service(host.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
+    deadline = time.monotonic() + 30
+    while not list(dead.list_blobs(name_starts_with="undeliverable/")):
+        assert time.monotonic() < deadline, "the odd event was not dead-lettered"
+        time.sleep(0.2)
+    ledger = open_ledger(host.settings)
+    run, _ = ledger.receive(Upload(DATASETS_CONTAINER, "after-bad.jsonl", uuid.uuid4().hex), "received")
+    run = ledger.advance(ledger.advance(run, RunState.PREPARED, "prepared"), RunState.SUBMITTED, "submitted",
+                         job_name=f"ft-{run.run_id}")  # fmt: skip
+    for _ in range(8):  # more than the host has delivery workers
+        host._events.put({"id": uuid.uuid4().hex, "eventType": 5, "eventTime": "soon", "subject": None})
+    good = EventGridEvent(subject=f"experiments/x/runs/{run.job_name}", event_type=RUN_STATUS_CHANGED,
+                          data={"runId": run.job_name, "runStatus": "Failed", "runType": "azureml.PipelineRun",
+                                "error": "delivered after the bad ones"}, data_version="2")  # fmt: skip
+    EventGridPublisherClient(endpoint, AzureKeyCredential(key)).send([good])
+    while ledger.get(run.run_id).state != RunState.FAILED:
+        assert time.monotonic() < deadline, "the good event was not delivered after the bad ones"
+        time.sleep(0.2)
 
 
 def test_a_failing_delivery_is_retried_then_dead_lettered(host: LocalHost) -> None:

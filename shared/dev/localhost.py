@@ -338,17 +338,21 @@ class LocalHost:
                 raw = self._events.get(timeout=0.2)
             except Empty:
                 continue
-            event = func.EventGridEvent(
-                id=raw.get("id", str(uuid.uuid4())),
-                data=raw.get("data") or {},
-                topic=raw.get("topic", LOCAL_TOPIC),
-                subject=raw.get("subject", ""),
-                event_type=raw.get("eventType", ""),
-                event_time=_event_time(raw.get("eventTime")),
-                data_version=raw.get("dataVersion", ""),
-            )
-            for trigger in grid_functions:
-                self._deliver(trigger, event, raw)
+            try:  # one bad event must never stop the worker: it goes to the dead-letter container
+                event = func.EventGridEvent(
+                    id=str(raw.get("id") or uuid.uuid4()),
+                    data=raw.get("data") or {},
+                    topic=str(raw.get("topic", LOCAL_TOPIC)),
+                    subject=str(raw.get("subject", "")),
+                    event_type=str(raw.get("eventType", "")),
+                    event_time=_event_time(raw.get("eventTime")),
+                    data_version=str(raw.get("dataVersion", "")),
+                )
+                for trigger in grid_functions:
+                    self._deliver(trigger, event, raw)
+            except Exception as failure:
+                log.exception("an event could not be delivered")
+                self._dead_letter(f"undeliverable/{uuid.uuid4().hex}.json", {"event": raw, "error": str(failure)})
 
     def _deliver(self, trigger: Trigger, event: Any, raw: dict[str, Any]) -> None:
         for attempt in range(1, self.delivery_attempts + 1):
@@ -365,8 +369,12 @@ class LocalHost:
                     return
 
     def _dead_letter(self, name: str, payload: dict[str, Any]) -> None:
-        container = blob_service(self.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
-        container.upload_blob(name, json.dumps(payload, indent=2, default=str).encode(), overwrite=True)
+        try:
+            container = blob_service(self.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
+            container.upload_blob(name, json.dumps(payload, indent=2, default=str).encode(), overwrite=True)
+        except Exception:  # storage out of reach: the log is then the only record, and the host goes on
+            log.exception("could not dead-letter %s: %s", name, json.dumps(payload, default=str)[:2000])
+            return
         log.error("dead-lettered %s/%s", DEAD_LETTER_CONTAINER, name)
 
 
@@ -375,29 +383,30 @@ def run_host(start_azurite: bool) -> int:
     from shared.dev.azurite import HOST_STORE
     from shared.dev.azurite import start_azurite as launch
 
-    load_local_settings()
-    log.setLevel(logging.INFO)  # one line per function call, whatever the CLI's level
-    azurite = None
-    if start_azurite:
-        azurite = launch(location=HOST_STORE)
-        os.environ[STORAGE_SETTING] = azurite.connection_string
-        print(f"Azurite: {azurite.connection_string}", flush=True)
-    host = LocalHost().start()
-    api = host.serve_http()
-    print(f"host running; runs at {api}runs; Ctrl-C stops", flush=True)
-    print(f"Event Grid topic {host.topic.endpoint} (aeg-sas-key {host.topic_key})", flush=True)
-
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops what the host started, as Ctrl-C does
 
+    # Before anything starts: a SIGTERM at any moment stops what was started so far.
     signal.signal(signal.SIGTERM, stop)
+    load_local_settings()
+    log.setLevel(logging.INFO)  # one line per function call, whatever the CLI's level
+    azurite, host = None, None
     try:
+        if start_azurite:
+            azurite = launch(location=HOST_STORE)
+            os.environ[STORAGE_SETTING] = azurite.connection_string
+            print(f"Azurite: {azurite.connection_string}", flush=True)
+        host = LocalHost().start()
+        api = host.serve_http()
+        print(f"host running; runs at {api}runs; Ctrl-C stops", flush=True)
+        print(f"Event Grid topic {host.topic.endpoint} (aeg-sas-key {host.topic_key})", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        host.stop()
+        if host:
+            host.stop()
         if azurite:
             azurite.stop()
     return 0
