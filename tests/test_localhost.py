@@ -125,6 +125,48 @@ def test_posted_job_events_reach_the_job_events_function(host: LocalHost, caplog
         EventGridPublisherClient(host.topic.endpoint, AzureKeyCredential("wrong")).send([failed])
 
 
+def test_a_blob_name_the_emulator_cannot_list_is_recorded_and_blocks_no_upload(host: LocalHost) -> None:
+    """Azurite answers 500 to a listing that holds a control character in a name (Azure encodes
+    it): the odd upload is recorded with the reason and skipped; uploads before and after it
+    fire as usual."""
+    datasets = container(host.settings.storage, DATASETS_CONTAINER)
+    tag = uuid.uuid4().hex[:8]
+    names = [f"odd-{tag}-a.jsonl", f"odd-{tag}-b\x01c.jsonl", f"odd-{tag}-d.jsonl"]
+    ledger = open_ledger(host.settings)
+    dead = blob_service(host.settings.storage).get_container_client(DEAD_LETTER_CONTAINER)
+    try:
+        for name in names:
+            datasets.upload_blob(name, b'{"not": "chat"}\n')
+        deadline = time.monotonic() + 90
+        while not all(ledger.by_blob(DATASETS_CONTAINER, name) for name in (names[0], names[2])):
+            assert time.monotonic() < deadline, "uploads around the odd one did not fire"
+            time.sleep(0.2)
+        letters = [json.loads(dead.download_blob(b.name).readall())
+                   for b in dead.list_blobs(name_starts_with="dataset_intake/unlistable-")]  # fmt: skip
+        assert any(letter["name_starts"] == f"odd-{tag}-b" and "control character" in letter["error"]
+                   for letter in letters)  # fmt: skip
+        later = f"odd-{tag}-e.jsonl"
+        datasets.upload_blob(later, b'{"not": "chat"}\n')
+        while not ledger.by_blob(DATASETS_CONTAINER, later):
+            assert time.monotonic() < deadline, "an upload after the odd one did not fire"
+            time.sleep(0.2)
+    finally:
+        datasets.delete_blob(names[1])  # other tests list this container
+
+
+def test_the_odd_name_is_found_from_where_listing_works_again() -> None:
+    from shared.dev.blob_listing import find_odd_name
+
+    names = sorted(["a\x01", "a.jsonl", "b\x02é.jsonl", "bz", "c.jsonl"])
+    for odd, after, start, skip in (("a\x01", "", "a", "a\t"), ("b\x02é.jsonl", "a.jsonl", "b", "b\t")):
+
+        def listable_after(marker: str, odd: str = odd) -> bool:
+            following = [name for name in names if name > marker]
+            return not following or following[0] != odd
+
+        assert find_odd_name(listable_after, after) == (start, skip)
+
+
 def _raw_post(endpoint: str, head: str, body: bytes = b"", half: bool = False) -> str:
     """Send a request as written (headers and all), return the status line; fail if none comes."""
     port = int(endpoint.split(":")[2].split("/", maxsplit=1)[0])
