@@ -236,6 +236,9 @@ async def _json_body(request: Request) -> Any:
     if length is not None and not length.isdigit():
         raise ApiError(400, "the Content-Length header must be a whole number")
     if length is not None and int(length) > MAX_BODY_BYTES:
+        if int(length) <= 8 * MAX_BODY_BYTES:  # read it, so the client hears the 413, not a broken pipe
+            async for _ in request.stream():
+                pass
         raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
     raw = bytearray()
     async for chunk in request.stream():
