@@ -108,6 +108,31 @@ def test_without_the_api_the_settings_table_prices_and_says_so(
     assert PriceBook(url, {}).hourly("Standard_NC24ads_A100_v4", "eastus") is not None
 
 
+def test_an_api_that_did_not_answer_is_not_asked_again_for_a_while() -> None:
+    asked: list[str] = []
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        book = PriceBook(f"http://127.0.0.1:{server.server_address[1]}/prices", {"Standard_NC24ads_A100_v4": 3.5})
+        for _ in range(3):
+            price = book.hourly("Standard_NC24ads_A100_v4", "eastus")
+            assert price is not None and price.source == "VM_PRICES_USD_PER_HOUR setting"
+        assert len(asked) == 1
+    finally:
+        server.shutdown()
+
+
 def test_price_settings_read_and_refuse_clearly() -> None:
     settings = load_settings({"VM_PRICES_USD_PER_HOUR": "Standard_X=1.5, Standard_Y=2", "PRICES_API_URL": "off",
                               "MAX_TRAINING_COST_USD": "25"})  # fmt: skip

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RETAIL_PRICES_URL = "https://prices.azure.com/api/retail/prices"
 API_VERSION = "2023-01-01-preview"
 CACHE_SECONDS = 24 * 3600
+RETRY_SECONDS = 300  # after the API did not answer
 MAX_PAGES = 5
 # Meters that are not the pay-as-you-go Linux price of a VM size.
 _NOT_PAY_AS_YOU_GO = ("spot", "low priority")
@@ -63,6 +64,8 @@ class PriceBook:
                 except (OSError, ValueError, KeyError, TypeError) as error:
                     log.warning("the Retail Prices API did not answer for %s in %s (%s); using the price table",
                                 vm_size, region, error)  # fmt: skip
+                    with self._lock:  # not asked again for a few minutes: each try may wait out a timeout
+                        self._cache[key] = (time.monotonic() - CACHE_SECONDS + RETRY_SECONDS, None)
                 else:
                     with self._lock:
                         self._cache[key] = (time.monotonic(), found)
