@@ -379,6 +379,23 @@ def test_an_adapter_only_model_is_served_as_its_base_plus_its_adapter(backend: L
     assert torch.equal(served, expected)
 
 
+def test_two_jobs_started_at_once_on_a_fresh_data_folder_both_complete(
+    tmp_path: Path, events: tuple[LocalTopic, list[dict[str, Any]]]
+) -> None:
+    """Neither the tiny model nor the MLflow store exists yet: both are made once, by whichever
+    job gets there first (the store's tables once raced: "duplicate column name")."""
+    data_dir = tmp_path / "fresh"
+    settings = load_settings({"LOCAL_DATA_DIR": str(data_dir)})
+    fresh = LocalBackend(replace(settings, backend_settings=LocalBackendSettings(data_dir, events[0].endpoint,
+                                                                                 "topic-key")))  # fmt: skip
+    prepared = _prepared(tmp_path, 30, seed=17)
+    for job in ("job-first-a", "job-first-b"):
+        fresh.submit(JobRequest(job, str(prepared), "sample", {**FAST, "max_steps": 2}))
+    outcomes = {job: _wait(fresh, job) for job in ("job-first-a", "job-first-b")}
+    reasons = {job: fresh.job_status(job).reason for job in outcomes}
+    assert outcomes == {"job-first-a": "Completed", "job-first-b": "Completed"}, reasons
+
+
 def test_packing_fills_rows_without_losing_or_mixing_labels() -> None:
     from shared.backends.local.trainer import Example, pack
 

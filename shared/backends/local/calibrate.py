@@ -4,13 +4,12 @@ per base model and device, kept in `<data dir>/calibration.json`."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.backends.local.processes import write_json
+from shared.backends.local.processes import file_lock, write_json
 from shared.training import resolve_parameters
 
 CALIBRATION_FILE = "calibration.json"
@@ -24,10 +23,8 @@ def training_rate(data_dir: Path, base_model: str, parameters: dict[str, Any]) -
     resolved = resolve_parameters(parameters)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     key = f"{base_model}|{device}|lora={resolved['apply_lora']}|r={resolved['lora_r']}"
-    data_dir.mkdir(parents=True, exist_ok=True)
     store = data_dir / CALIBRATION_FILE
-    with (data_dir / (CALIBRATION_FILE + ".lock")).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one measurement at a time: two would slow each other down
+    with file_lock(data_dir / (CALIBRATION_FILE + ".lock")):  # one measurement at a time: two slow each other
         known = json.loads(store.read_text()) if store.exists() else {}
         if key not in known:
             known[key] = {"tokens_per_second": _measure(base_model, device, resolved), "measured_at": time.time()}

@@ -6,7 +6,6 @@ Deploying an existing endpoint name returns it as it is."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Any
 
 from shared.backends.interface import BackendError
 from shared.backends.local import served_model
-from shared.backends.local.processes import pid_alive, spawn, write_json
+from shared.backends.local.processes import file_lock, pid_alive, spawn, write_json
 
 _ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 
@@ -73,14 +72,8 @@ def _server_pid(server_dir: Path) -> int | None:
 @contextmanager
 def _changing(data_dir: Path) -> Iterator[None]:
     """One deployer or deleter at a time, across processes: endpoints share servers."""
-    root = data_dir / "endpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(data_dir / "endpoints" / ".lock"):
+        yield
 
 
 def _read(directory: Path) -> LocalEndpoint:

@@ -1,14 +1,17 @@
-"""What local jobs and endpoints share: detached processes, files written whole, and waiting for
-a file another process is about to write."""
+"""What local jobs and endpoints share: detached processes, files written whole, locks across
+processes, and waiting for a file another process is about to write."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,18 @@ def write_json(path: Path, payload: dict[str, Any], private: bool = False) -> No
     with os.fdopen(descriptor, "w") as file:
         file.write(json.dumps(payload, indent=2))
     os.replace(staged, path)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold `path` as an exclusive lock across processes (released if the holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def wait_for(path: Path, timeout_s: float = 30) -> bool:

@@ -3,12 +3,12 @@ A job's model gets one version, however often it is registered."""
 
 from __future__ import annotations
 
-import fcntl
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.backends.interface import BackendError, model_description
+from shared.backends.local.processes import file_lock
 from shared.vocabulary import JOB_TAG
 
 if TYPE_CHECKING:
@@ -34,10 +34,8 @@ def register(
     client = _client(tracking_uri)
     from mlflow.exceptions import MlflowException
 
-    lock_dir.mkdir(parents=True, exist_ok=True)
     # MLflow numbers versions itself: the check and the create must not interleave across processes.
-    with (lock_dir / "registry.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_dir / "registry.lock"):
         try:
             client.create_registered_model(name, description="Fine-tuned chat models, one version per job.")
         except MlflowException as error:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backends.local.jobs import PROGRESS_FILE, JobRecord, JobSpec, publish_once, read_spec, write_state
-from shared.backends.local.processes import write_json
+from shared.backends.local.processes import file_lock, write_json
 from shared.backends.local.settings import TINY_PHI3
 from shared.backends.local.tiny_model import build_tiny_phi3
 from shared.training import resolve_parameters
@@ -276,7 +276,10 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
     )
 
     mlflow.set_tracking_uri(spec.tracking_uri)
-    _experiment(spec)
+    # The first touch of a new store creates its tables; two jobs starting at once on a fresh
+    # data folder raced there ("duplicate column name: step"): one at a time.
+    with file_lock(Path(spec.models_dir).parent / "mlflow.lock"):
+        _experiment(spec)
     run_file = directory / "mlflow_run_id"
     run_id = run_file.read_text().strip() if run_file.exists() else None
     resume = _last_checkpoint(checkpoints) if parameters["resume_from_checkpoint"] else None
