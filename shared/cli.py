@@ -119,8 +119,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _count_exactly(result: Preparation, source: str) -> None:
     """Token counts with `source`'s tokenizer (a folder, or a Hugging Face id in the local cache)."""
     from shared.datasets.prepare import rewrite_report
-    from shared.datasets.tokens import count_tokens
-    from shared.vocabulary import TEST_FILE, TRAIN_FILE
+    from shared.datasets.tokens import count_into_report
 
     try:
         from transformers import AutoTokenizer
@@ -128,11 +127,8 @@ def _count_exactly(result: Preparation, source: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError, ImportError) as error:
         raise CliError(f"--tokenizer {source}: cannot load it here ({' '.join(str(error).split())[:200]})") from None
+    count_into_report(result, tokenizer)
     statistics = result.report["statistics"]
-    statistics["tokens"], statistics["training_tokens"] = count_tokens(
-        result.out_dir / TRAIN_FILE, result.out_dir / TEST_FILE, tokenizer, source.rstrip("/").rsplit("/", 1)[-1],
-        result.report["settings"]["effective_max_seq_length"], statistics["training_tokens"]["epochs"],
-    )  # fmt: skip
     rewrite_report(result)
     _progress(f"{statistics['tokens']['total']} tokens ({statistics['tokens']['method']}); "
               f"{statistics['training_tokens']['total']} training tokens")  # fmt: skip

@@ -149,9 +149,9 @@ def test_a_busy_service_leaves_the_run_where_it_is_for_the_next_attempt(
     assert drive_run(settings, ledger, run.run_id, backend).state == RunState.DEPLOYING
 
 
-def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_endpoint(
-    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
-) -> None:
+def _serving_at_no_traffic(fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]) -> str:
+    """The run's job completed, its endpoint and deployment provisioned, its held-out data there:
+    the next drive smoke-tests it. Its endpoint's name."""
     settings, backend, run = setup
     _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
     endpoint = ledger.get(run.run_id).endpoint_name or ""
@@ -161,6 +161,14 @@ def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_end
     fake.endpoints[endpoint]["properties"]["provisioningState"] = "Succeeded"
     drive_run(settings, ledger, run.run_id, backend)  # creates the deployment
     fake.deployments[(endpoint, DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
+    return endpoint
+
+
+def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_endpoint(
+    fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
+) -> None:
+    settings, backend, run = setup
+    endpoint = _serving_at_no_traffic(fake, ledger, setup)
     refused = {"error": {"code": "BadRequest", "message": "traffic must add up to 100"}}
     fake.fail_next("PUT", rf"/onlineEndpoints/{endpoint}$", 400, refused)  # routing the traffic
     failed = drive_run(settings, ledger, run.run_id, backend)
@@ -176,14 +184,7 @@ def test_a_deployment_failing_every_smoke_shape_is_recorded_then_its_endpoint_re
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
 ) -> None:
     settings, backend, run = setup
-    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
-    endpoint = ledger.get(run.run_id).endpoint_name or ""
-    held_out = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    prepared = container(settings.storage, PREPARED_CONTAINER)
-    prepared.upload_blob(f"{run.run_id}/{TEST_FILE}", json.dumps(held_out).encode() + b"\n", overwrite=True)
-    fake.endpoints[endpoint]["properties"]["provisioningState"] = "Succeeded"
-    drive_run(settings, ledger, run.run_id, backend)
-    fake.deployments[(endpoint, DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
+    endpoint = _serving_at_no_traffic(fake, ledger, setup)
     fake.fail_next("POST", "/score", 424, {"message": "upstream model error"})
     fake.fail_next("POST", "/score", 502, {"message": "Liveness probe failed"})
     failed = drive_run(settings, ledger, run.run_id, backend)

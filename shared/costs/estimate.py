@@ -35,8 +35,7 @@ class Estimate:
     basis: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        rounded = {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(self).items()}
-        return rounded
+        return {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(self).items()}
 
     @property
     def summary(self) -> str:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.costs.estimate import Estimate, budget_refusal
-from shared.vocabulary import TEST_FILE, TRAIN_FILE
 
 if TYPE_CHECKING:
     from shared.backends.interface import Backend
@@ -27,7 +26,11 @@ def check_before_spending(backend: Backend, preparation: Preparation) -> Verdict
 
     report = preparation.report
     settings, parameters = report["settings"], report["training_overrides"]
-    _count_exactly(backend, preparation)
+    tokenizer = backend.tokenizer()
+    if tokenizer is not None:
+        from shared.datasets.tokens import count_into_report
+
+        count_into_report(preparation, tokenizer)
     training = report["statistics"]["training_tokens"]["total"]
     budget = float(settings.get("max_training_cost_usd") or 0)
     try:
@@ -42,21 +45,3 @@ def check_before_spending(backend: Backend, preparation: Preparation) -> Verdict
         return Verdict(None, None)
     report["estimate"] = estimate.as_dict()
     return Verdict(estimate, budget_refusal(estimate, budget))
-
-
-def _count_exactly(backend: Backend, preparation: Preparation) -> None:
-    tokenizer = backend.tokenizer()
-    if tokenizer is None:
-        return
-    from shared.datasets.tokens import count_tokens
-
-    report = preparation.report
-    statistics = report["statistics"]
-    statistics["tokens"], statistics["training_tokens"] = count_tokens(
-        preparation.out_dir / TRAIN_FILE,
-        preparation.out_dir / TEST_FILE,
-        tokenizer,
-        str(getattr(tokenizer, "name_or_path", "base model")).rstrip("/").rsplit("/", 1)[-1],
-        report["settings"]["effective_max_seq_length"],
-        statistics["training_tokens"]["epochs"],
-    )

@@ -24,7 +24,6 @@ MODEL_BILLIONS = {
 @dataclass(frozen=True)
 class VmSize:
     gpu: str  # the GPU model, a key of GPU_SPEEDUP
-    gpus: int
     # Managed online deployments reserve 20% extra quota, except on these sizes ("Skip 20%
     # reservation: Yes" in learn.microsoft.com/azure/machine-learning/reference-managed-online-endpoints-vm-sku-list).
     skips_reservation: bool
@@ -34,14 +33,14 @@ class VmSize:
 # API): learn.microsoft.com/azure/virtual-machines/sizes/gpu-accelerated/nca100v4-series,
 # .../ndasra100v4-series, .../ndma100v4-series, .../ncadsh100v5-series, .../ndh100v5-series.
 VM_SIZES = {
-    "standard_nc24ads_a100_v4": VmSize("A100", 1, True),
-    "standard_nc48ads_a100_v4": VmSize("A100", 2, True),
-    "standard_nc96ads_a100_v4": VmSize("A100", 4, True),
-    "standard_nd96asr_v4": VmSize("A100", 8, True),
-    "standard_nd96amsr_a100_v4": VmSize("A100", 8, True),
-    "standard_nc40ads_h100_v5": VmSize("H100", 1, True),
-    "standard_nc80adis_h100_v5": VmSize("H100", 2, True),
-    "standard_nd96isr_h100_v5": VmSize("H100", 8, True),
+    "standard_nc24ads_a100_v4": VmSize("A100", True),
+    "standard_nc48ads_a100_v4": VmSize("A100", True),
+    "standard_nc96ads_a100_v4": VmSize("A100", True),
+    "standard_nd96asr_v4": VmSize("A100", True),
+    "standard_nd96amsr_a100_v4": VmSize("A100", True),
+    "standard_nc40ads_h100_v5": VmSize("H100", True),
+    "standard_nc80adis_h100_v5": VmSize("H100", True),
+    "standard_nd96isr_h100_v5": VmSize("H100", True),
 }
 
 # LoRA supervised fine-tuning, training tokens per second per GPU, by model size (billions of

@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from shared.datasets.prepare import Histogram, token_statistics, training_tokens
+from shared.datasets.prepare import Histogram, Preparation, token_statistics, training_tokens
+from shared.vocabulary import TEST_FILE, TRAIN_FILE
 
 
 def count_tokens(
@@ -30,3 +31,14 @@ def count_tokens(
     return token_statistics(f"exact: the {name} tokenizer and chat template", counts, over), training_tokens(
         per_epoch, epochs
     )
+
+
+def count_into_report(preparation: Preparation, tokenizer: Any) -> None:
+    """Replace the preparation's estimated token statistics with the tokenizer's exact counts."""
+    report = preparation.report
+    statistics = report["statistics"]
+    name = str(getattr(tokenizer, "name_or_path", "") or "base model").rstrip("/").rsplit("/", 1)[-1]
+    statistics["tokens"], statistics["training_tokens"] = count_tokens(
+        preparation.out_dir / TRAIN_FILE, preparation.out_dir / TEST_FILE, tokenizer, name,
+        report["settings"]["effective_max_seq_length"], statistics["training_tokens"]["epochs"],
+    )  # fmt: skip

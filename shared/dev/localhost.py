@@ -187,7 +187,7 @@ class LocalHost:
         self._blob_pool = ThreadPoolExecutor(4, thread_name_prefix="blob-trigger")
         self._in_flight: set[tuple[str, str, str]] = set()
         self._odd_names: dict[str, dict[str, tuple[str, str]]] = {}  # per container: odd name after a marker
-        self._unlistable_told: frozenset[str] = frozenset()
+        self._unlistable_told: set[str] = set()  # told once each
         self._receipts: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
         self._http: ThreadingHTTPServer | None = None
@@ -289,13 +289,14 @@ class LocalHost:
         would list encoded): recorded once in the dead letters with the reason, and skipped."""
         blob = f"{client.container_name}/{start}"
         with self._lock:
-            told, self._unlistable_told = blob in self._unlistable_told, self._unlistable_told | {blob}
-        if not told:
-            reason = (f"a blob in {client.container_name}/ whose name starts {start!r} and then holds a character "
-                      "XML cannot carry (a control character) cannot be listed by the storage emulator; it is "
-                      "skipped: rename it")  # fmt: skip
-            self._dead_letter(f"{trigger.function_name}/unlistable-{uuid.uuid4().hex}.json",
-                              {"container": client.container_name, "name_starts": start, "error": reason})  # fmt: skip
+            if blob in self._unlistable_told:
+                return
+            self._unlistable_told.add(blob)
+        reason = (f"a blob in {client.container_name}/ whose name starts {start!r} and then holds a character "
+                  "XML cannot carry (a control character) cannot be listed by the storage emulator; it is "
+                  "skipped: rename it")  # fmt: skip
+        self._dead_letter(f"{trigger.function_name}/unlistable-{uuid.uuid4().hex}.json",
+                          {"container": client.container_name, "name_starts": start, "error": reason})  # fmt: skip
 
     def _fire_blob(self, trigger: Trigger, container: str, blob: Any, etag: str, key: Any, receipt: str) -> None:
         service = blob_service(self.settings.storage)

@@ -317,7 +317,7 @@ class AzureMLBackend:
     def gpus_per_node(self, vm_size: str) -> int:
         if self.workspace_settings.gpus_per_node:
             return self.workspace_settings.gpus_per_node
-        sizes = list(self.workspace.compute.list_sizes())
+        sizes = self.vm_sizes
         for size in sizes:
             if (size.name or "").lower() == vm_size.lower():
                 if not size.gpus:
@@ -341,14 +341,18 @@ class AzureMLBackend:
         return compute
 
     @cached_property
+    def vm_sizes(self) -> list[Any]:
+        """The VM sizes of the workspace's region (GPUs, vCPUs, quota family), read once."""
+        return list(self.workspace.compute.list_sizes(location=self.region))
+
+    @cached_property
     def region(self) -> str:
         return str(self.workspace.workspaces.get(self.workspace_settings.workspace_name).location)
 
     def check_quota(self, purpose: str, vm_size: str, vcpus_needed: Callable[[int], int]) -> str | None:
         """Refuse (PreflightError) when the VM family's free vCPU quota in the workspace's region
         is short of `vcpus_needed(vCPUs of one node)`; a note when the service does not say."""
-        sizes = list(self.workspace.compute.list_sizes(location=self.region))
-        facts = quota.size_facts(sizes, vm_size)
+        facts = quota.size_facts(self.vm_sizes, vm_size)
         if facts is None:
             return f"the quota for {vm_size} was not checked: the workspace's VM size list gives no family for it"
         vcpus, family = facts

@@ -122,8 +122,8 @@ def deploy(
         raise EndpointError(f"{model_path} is not an MLflow model folder")
     with _changing(data_dir):
         if (directory / "endpoint.json").exists():
-            if _read(directory).state != "Failed":
-                return _read(directory)
+            if (found := _read(directory)).state != "Failed":
+                return found
             _remove(data_dir, name)
         shutil.rmtree(directory, ignore_errors=True)  # a deployer that died before endpoint.json
         directory.mkdir()
