@@ -94,15 +94,13 @@ def main() -> int:
         raw = raw_generate(folders[0], args.new_tokens, args.requests)
         data = work / "data"
         try:
-            endpoints.deploy(data, "bench-0", ("bench", "0", folders[0]), {}, 90)
-            scoring_uri = endpoints.wait_ready(data, "bench-0").scoring_uri
+            scoring_uri = endpoints.serve(data, "bench-0", ("bench", "0", folders[0])).scoring_uri
             assert scoring_uri is not None
             results = measure(data, scoring_uri, args.requests, args.new_tokens)
             time.sleep(1)
             one_adapter = rss_mb(server_pid(data))
             for n in range(1, ADAPTERS):
-                endpoints.deploy(data, f"bench-{n}", ("bench", str(n), folders[n]), {}, 90)
-                endpoints.wait_ready(data, f"bench-{n}")
+                endpoints.serve(data, f"bench-{n}", ("bench", str(n), folders[n]))
             measure(data, scoring_uri, 2 * ADAPTERS, args.new_tokens, [f"bench-{n}" for n in range(ADAPTERS)])
             k_adapters = rss_mb(server_pid(data))
         finally:

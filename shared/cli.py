@@ -44,6 +44,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if response.status == 200 else 1
 
 
+def _rollback(args: argparse.Namespace) -> int:
+    from shared.status import rollback_response
+
+    with _ledger_storage() as settings:
+        response = rollback_response(settings, open_ledger(settings), args.endpoint)
+    if response.status != 200:
+        raise CliError(json.loads(response.body)["error"])
+    print(response.body)
+    return 0
+
+
 @contextmanager
 def _ledger_storage() -> Iterator[Settings]:
     """The storage the runs are in: AzureWebJobsStorage when set; otherwise the local host's or the
@@ -277,16 +288,21 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
+    import re
+
     from shared.backends.interface import ModelRef
 
     name, sep, version = args.model.rpartition(":")
     if not sep or not name or not version:
         raise CliError(f"--model {args.model!r}: expected NAME:VERSION")
+    deployment = args.deployment or re.sub(r"[^A-Za-z0-9]+", "-", f"v{version}-{name}")[:32].strip("-")
     backend = _local_backend()
-    backend.deploy(ModelRef(name, version), args.endpoint, {MANAGED_BY_TAG: MANAGED_BY})
-    _progress(f"endpoint {args.endpoint}: starting, loading {name}:{version}")
-    endpoint = backend.wait_ready(args.endpoint)
-    _emit({"endpoint": endpoint.name, "scoring_uri": endpoint.scoring_uri})
+    backend.deploy(ModelRef(name, version), args.endpoint, deployment, {MANAGED_BY_TAG: MANAGED_BY})
+    _progress(f"endpoint {args.endpoint}: starting deployment {deployment}, loading {name}:{version}")
+    backend.wait_ready(args.endpoint, deployment)
+    backend.set_traffic(args.endpoint, {deployment: 100})
+    endpoint = backend.endpoint(args.endpoint)
+    _emit({"endpoint": endpoint.name, "deployment": deployment, "scoring_uri": endpoint.scoring_uri})
     return 0
 
 
@@ -304,7 +320,7 @@ def _invoke(args: argparse.Namespace) -> int:
             body = json.loads(Path(args.file).read_text())
         except json.JSONDecodeError as error:
             raise CliError(f"{args.file}: not valid JSON: {error}") from None
-    _emit(_local_backend().invoke(args.endpoint, body))
+    _emit(_local_backend().invoke(args.endpoint, body, args.deployment))
     return 0
 
 
@@ -396,10 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--job", required=True)
     register.set_defaults(handler=_register)
 
-    deploy = commands.add_parser("deploy", help="serve a registered model at a local endpoint")
+    deploy = commands.add_parser("deploy", help="serve a registered model at a local endpoint, with all its traffic")
     deploy.add_argument("--model", required=True, metavar="NAME:VERSION")
     deploy.add_argument("--endpoint", required=True)
+    deploy.add_argument("--deployment", help="the deployment's name (default: v<VERSION>-<NAME>, shortened)")
     deploy.set_defaults(handler=_deploy)
+
+    roll_back = commands.add_parser("rollback", help="route an endpoint's traffic back to its previous deployment")
+    roll_back.add_argument("endpoint")
+    roll_back.set_defaults(handler=_rollback)
 
     keys = commands.add_parser("keys", help="an endpoint's keys (the only place they are shown)")
     keys.add_argument("endpoint")
@@ -407,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     invoke = commands.add_parser("invoke", help="send a message, or a request file, to an endpoint")
     invoke.add_argument("--endpoint", required=True)
+    invoke.add_argument("--deployment", help="this deployment, whatever the traffic split")
     body = invoke.add_mutually_exclusive_group(required=True)
     body.add_argument("--message", help="one user message, sent in Azure ML's chat shape")
     body.add_argument("--file", metavar="REQUEST.json", help="a whole request body")

@@ -1,110 +1,226 @@
-"""From a completed job to a serving endpoint: register, deploy, smoke-test, route traffic.
+"""From a completed job to the model an endpoint serves: register, deploy beside what serves now,
+evaluate, roll out, and roll back on request.
+
+Each dataset has one endpoint (named by the upload's `endpoint` metadata, or after the dataset):
+its URL and keys stay while model versions come and go as its deployments. A new version is
+deployed at 0% traffic, judged by the evaluation gate (`shared.promotion`) against the live one,
+then takes ROLLOUT_SHARE_PERCENT of the traffic for ROLLOUT_STEP_MINUTES, then all of it; the
+version it replaces stays at 0% for ROLLBACK_WINDOW_HOURS (see `rollback`), after which the
+janitor deletes it. A refused or failed version is deleted and leaves the live one untouched.
 
 Every step is idempotent on the backend (the same job gives the same model version, the same run
-the same endpoint) and recorded by a conditional ledger transition, so any number of handlers
-(duplicate events, the janitor's timer) can drive the same run concurrently: each step happens
-once, and a handler that loses a race re-reads the run and carries on from where it now is."""
+the same deployment) and recorded by a conditional ledger transition; one handler drives a run at
+a time (a claim on the run) and one run changes an endpoint's traffic at a time (a hold on the
+endpoint, from its evaluation to the end of its rollout), so duplicate events and janitor ticks
+can drive the same runs concurrently."""
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import re
 import uuid
-from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
-from shared import lifecycle
-from shared.backends.interface import Backend, BackendError, Conversation, DeployState, ModelRef, TransientBackendError
+from shared import lifecycle, promotion
+from shared.backends.interface import Backend, BackendError, DeployState, TransientBackendError
 from shared.backends.registry import get_backend
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
+from shared.promotion import model_of
 from shared.settings import Settings
-from shared.storage import blob_service
-from shared.vocabulary import (
-    MANAGED_BY,
-    MANAGED_BY_TAG,
-    PREPARED_CONTAINER,
-    RUN_ID_TAG,
-    TEST_FILE,
-)
+from shared.vocabulary import MANAGED_BY, MANAGED_BY_TAG, RUN_ID_TAG
 
 log = logging.getLogger(__name__)
 S = RunState
-DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING)
+DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING, S.ROLLING_OUT)
+# Runs whose deployment exists on their endpoint (serving, or kept at 0% for a rollback).
+HOSTED_STATES = (S.ROLLING_OUT, S.DEPLOYED, S.SUPERSEDED, S.ROLLED_BACK)
 GIVE_UP_AFTER = timedelta(hours=24)  # a step that keeps hitting transient errors fails after this
-# Longer than the longest step (locally: the model loading, then a smoke test in each request
-# shape at up to 200 s each); a driver that dies leaves a claim that lapses after this.
+# Longer than the longest step (locally: the model loading, then the gate's losses and held-out
+# requests); a driver that dies leaves a claim that lapses after this.
 CLAIM_TTL = timedelta(minutes=15)
 METRICS_SUMMARY = ("train_loss", "eval_loss", "perplexity", "tokens_per_second", "steps")
 
 
-def endpoint_name_for(run_id: str) -> str:
-    """A valid endpoint name (3-32 characters, a letter first) that is unique per upload."""
-    slug, _, digest = run_id.rpartition("-")
-    short = re.sub(r"-+", "-", slug[:14]).strip("-")
-    return f"ft-{short}-{digest}" if short else f"ft-{digest}"
+class RollbackError(ValueError):
+    """A rollback that cannot be done; the message says why."""
 
 
-def smoke_conversation(settings: Settings, run: Run) -> Conversation:
-    """A held-out conversation (the first of test_sft.jsonl), cut before its last assistant turn
-    so the model has something to answer."""
-    blob = blob_service(settings.storage).get_blob_client(PREPARED_CONTAINER, f"{run.run_id}/{TEST_FILE}")
-    head = blob.download_blob(offset=0, length=1024 * 1024).readall()
-    messages: Conversation = json.loads(head.split(b"\n", 1)[0])["messages"]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    return messages[: last_user + 1]
+def endpoint_name_for(settings: Settings, run: Run) -> str:
+    """The endpoint the upload names, else one per dataset: the blob's name (without extensions)
+    and a digest of it and of this app's storage account, as endpoint names are unique per Azure
+    region, not per workspace. Every upload of `datasets/support-bot.jsonl` shares one."""
+    chosen = (run.details.get("report") or {}).get("endpoint")
+    if chosen:
+        return str(chosen)
+    folder, _, file = run.upload.blob_name.rpartition("/")
+    dataset = f"{run.upload.container}/{folder}/{file.split('.', 1)[0]}"
+    digest = hashlib.sha256(f"{settings.storage.description}|{dataset}".encode()).hexdigest()[:8]
+    slug = re.sub(r"-+", "-", run.run_id.rsplit("-", 1)[0][:20]).strip("-")
+    return f"ft-{slug}-{digest}" if slug else f"ft-{digest}"
+
+
+def deployment_name_for(run: Run) -> str:
+    """One deployment per run, named after it (the run id's digest)."""
+    return f"run-{run.run_id.rsplit('-', 1)[-1]}"
+
+
+def _tags(run: Run) -> dict[str, str]:
+    return {MANAGED_BY_TAG: MANAGED_BY, RUN_ID_TAG: run.run_id}
 
 
 def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
     """Take the run one step on; False when there is nothing more to do now."""
     if run.state == S.COMPLETED:
         model = backend.register(run.job_name or "")
-        metrics = backend.job_metrics(run.job_name or "")
+        try:
+            metrics = backend.job_metrics(run.job_name or "")
+        except BackendError as error:  # the model is there; only the evaluation gate misses the loss
+            metrics, unread = {}, {"metrics_unavailable": str(error)}
+        else:
+            unread = {}
         summary = {key: metrics.get(key) for key in METRICS_SUMMARY}
-        details = {"metrics": summary, "loss_curve": metrics.get("loss_curve")} if metrics else None
+        details = {"metrics": summary, "loss_curve": metrics.get("loss_curve")} if metrics else unread or None
         ledger.advance(run, S.REGISTERED, f"registered model {model.name}:{model.version}",
                        model_name=model.name, model_version=model.version, details=details)  # fmt: skip
         return True
-    model = ModelRef(run.model_name or "", run.model_version or "")
-    tags = {MANAGED_BY_TAG: MANAGED_BY, RUN_ID_TAG: run.run_id}
+    model = model_of(run)
     if run.state == S.REGISTERED:
-        endpoint = endpoint_name_for(run.run_id)
-        backend.deploy(model, endpoint, tags)
-        ledger.advance(run, S.DEPLOYING, f"deploying {model.name}:{model.version} to endpoint {endpoint}",
-                       endpoint_name=endpoint)  # fmt: skip
+        endpoint, deployment = endpoint_name_for(settings, run), deployment_name_for(run)
+        backend.deploy(model, endpoint, deployment, _tags(run))
+        message = f"deploying {model.name}:{model.version} as deployment {deployment} of endpoint {endpoint}, at 0%"
+        ledger.advance(run, S.DEPLOYING, message, endpoint_name=endpoint, deployment_name=deployment)
         return True
+    endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
     if run.state == S.DEPLOYING:
-        progress = backend.continue_deployment(
-            model, run.endpoint_name or "", tags, partial(smoke_conversation, settings, run)
-        )
+        progress = backend.continue_deployment(model, endpoint, deployment, _tags(run))
         if progress.state == DeployState.DEPLOYING:
             return False  # Azure is still at it; the janitor's timer comes back
-        details = {"smoke_test": [asdict(attempt) for attempt in progress.smoke_test]} if progress.smoke_test else None
-        if progress.state == DeployState.DEPLOYED:
-            url = backend.endpoint(run.endpoint_name or "").scoring_uri
-            tried = ", ".join(f"{attempt.shape}: {attempt.status}" for attempt in progress.smoke_test)
-            message = (
-                f"smoke test passed ({tried}); serving" if tried else "serving (smoke-tested by an earlier attempt)"
-            )
-            run = ledger.advance(run, S.DEPLOYED, message, endpoint_url=url or "", details=details)
-            lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, run, endpoint=run.endpoint_name, scoringUri=url,
-                              model=f"{model.name}:{model.version}")  # fmt: skip
-        else:
-            _fail(settings, ledger, backend, run, "deployment failed", progress.message or "no message", details)
+        if progress.state == DeployState.FAILED:
+            _fail(settings, ledger, backend, run, "deployment failed", progress.message or "no message")
+            return False
+        holder = ledger.hold_endpoint(endpoint, run.run_id, lambda other: _rollout_ended(ledger, other))
+        if holder:
+            log.info("run %s waits: run %s is changing endpoint %s", run.run_id, holder, endpoint)
+            return False  # the janitor's timer comes back
+        return _judge(settings, ledger, backend, run)
+    if run.state == S.ROLLING_OUT:
+        rollout = run.details.get("rollout") or {}
+        if datetime.now(UTC) < datetime.fromisoformat(rollout["until"]):
+            return False
+        _promote(settings, ledger, backend, run, ledger.find(rollout.get("live_run") or ""))
         return False
     return False
 
 
+def _rollout_ended(ledger: Ledger, holder: str) -> bool:
+    run = ledger.find(holder)
+    return run is None or run.state not in (S.DEPLOYING, S.ROLLING_OUT)
+
+
+def live_run(ledger: Ledger, endpoint: str, other_than: str = "") -> Run | None:
+    """The run whose deployment serves `endpoint` now, as the ledger has it."""
+    return next((r for r in ledger.by_endpoint(endpoint) if r.state == S.DEPLOYED and r.run_id != other_than), None)
+
+
+def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
+    """The evaluation gate, then the first traffic: all of it when nothing else serves (or no
+    share is set), else the configured share beside the live deployment."""
+    endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
+    live = live_run(ledger, endpoint, other_than=run.run_id)
+    verdict = promotion.evaluate(settings, backend, run, live, live.deployment_name if live else None)
+    gate = {"gate": {"passed": verdict.passed, "reason": verdict.reason, **verdict.numbers}}
+    if not verdict.passed:
+        refused = ledger.advance(run, S.REFUSED, "refused by the evaluation gate", reason=verdict.reason, details=gate)
+        removed = _remove_deployment(ledger, backend, refused)
+        if removed:
+            refused = ledger.note(run.run_id, removed)
+        ledger.free_endpoint(endpoint, run.run_id)
+        serving = f"{live.deployment_name} still serves" if live else "nothing was serving"
+        lifecycle.publish(settings, lifecycle.MODEL_REFUSED, refused, endpoint=endpoint, deployment=deployment,
+                          gate=gate["gate"], serving=serving)  # fmt: skip
+        return False
+    share, minutes = settings.rollout.share_percent, settings.rollout.step_minutes
+    if live is None or not share or not minutes:
+        _promote(settings, ledger, backend, run, live, f"{verdict.reason}; ", gate)
+        return False
+    backend.set_traffic(endpoint, {deployment: share, live.deployment_name or "": 100 - share})
+    until = datetime.now(UTC) + timedelta(minutes=minutes)
+    rollout = {"share": share, "live_run": live.run_id, "live_deployment": live.deployment_name,
+               "until": until.isoformat()}  # fmt: skip
+    ledger.advance(run, S.ROLLING_OUT, f"{verdict.reason}; {share}% of the traffic until {until:%Y-%m-%d %H:%M} "
+                   f"UTC, {100 - share}% on {live.deployment_name}", details={**gate, "rollout": rollout})  # fmt: skip
+    return False
+
+
+def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, previous: Run | None, why: str = "",
+             details: dict[str, Any] | None = None) -> Run:  # fmt: skip
+    """All the traffic to `run`'s deployment; the one it replaces is kept at 0% for a rollback."""
+    endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
+    backend.set_traffic(endpoint, {deployment: 100})
+    window = settings.rollout.rollback_window_hours
+    if previous is not None and previous.state == S.DEPLOYED:
+        ledger.advance(previous, S.SUPERSEDED, f"replaced by {deployment} ({run.model_name}:{run.model_version}); "
+                       f"kept at 0% traffic for a rollback for {window:g} h")  # fmt: skip
+    url = backend.endpoint(endpoint).scoring_uri or ""
+    replaced = f", in place of {previous.deployment_name}" if previous else ""
+    deployed = ledger.advance(run, S.DEPLOYED, f"{why}serving all the traffic of endpoint {endpoint}{replaced}",
+                              endpoint_url=url, details=details)  # fmt: skip
+    ledger.free_endpoint(endpoint, run.run_id)
+    lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, deployed, endpoint=endpoint, deployment=deployment,
+                      scoringUri=url, model=f"{run.model_name}:{run.model_version}",
+                      replaced=previous.deployment_name if previous else None)  # fmt: skip
+    return deployed
+
+
+def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend | None = None) -> Run:
+    """Route `endpoint`'s traffic back to the deployment it served before, while that is kept:
+    during a rollout, to the one being replaced; otherwise to the most recently replaced one.
+    Returns the run now serving."""
+    backend = backend or get_backend(settings)
+    runs = ledger.by_endpoint(endpoint)
+    if not runs:
+        raise RollbackError(f"endpoint {endpoint!r}: no model was ever deployed to it by this app")
+    rolling = next((r for r in runs if r.state == S.ROLLING_OUT), None)
+    current = rolling or live_run(ledger, endpoint)
+    if current is None:
+        raise RollbackError(f"endpoint {endpoint!r}: nothing serves there now")
+    if rolling is not None:
+        target = ledger.find((rolling.details.get("rollout") or {}).get("live_run") or "")
+    else:
+        replaced = [r for r in runs if r.state == S.SUPERSEDED]
+        target = max(replaced, key=lambda r: r.state_times[S.SUPERSEDED], default=None)
+    if target is None or not target.deployment_name:
+        window = settings.rollout.rollback_window_hours
+        raise RollbackError(f"endpoint {endpoint!r}: no earlier deployment is kept to roll back to "
+                            f"(replaced ones are kept for {window:g} h)")  # fmt: skip
+    backend.set_traffic(endpoint, {target.deployment_name: 100})
+    window = settings.rollout.rollback_window_hours
+    rolled_back = ledger.advance(current, S.ROLLED_BACK, f"rolled back: {target.deployment_name} serves again; "
+                                 f"kept at 0% traffic for {window:g} h")  # fmt: skip
+    if target.state == S.SUPERSEDED:
+        target = ledger.advance(target, S.DEPLOYED, f"serving all the traffic again: {current.deployment_name} "
+                                "was rolled back")  # fmt: skip
+    else:
+        target = ledger.note(target.run_id, f"serving all the traffic again: the rollout of {current.deployment_name} "
+                             "was rolled back")  # fmt: skip
+    ledger.free_endpoint(endpoint, current.run_id)
+    lifecycle.publish(settings, lifecycle.MODEL_ROLLED_BACK, rolled_back, endpoint=endpoint,
+                      deployment=current.deployment_name, serving=target.deployment_name)  # fmt: skip
+    return target
+
+
 def _fail(settings: Settings, ledger: Ledger, backend: Backend, run: Run, message: str, reason: str,
           details: dict[str, Any] | None = None) -> None:  # fmt: skip
-    """Record the failure first, then remove the run's endpoint so nothing bills: a handler that
-    lost the race (the ledger moved past the state it read) records nothing and removes nothing."""
+    """Record the failure first, then delete what the run deployed so nothing bills: a handler
+    that lost the race (the ledger moved past the state it read) records nothing and removes nothing."""
     failed = ledger.advance(run, S.DEPLOY_FAILED, message, reason=reason, details=details)
-    removed = _remove_endpoint(backend, failed)
+    removed = _remove_deployment(ledger, backend, failed)
     if removed:
         failed = ledger.note(run.run_id, removed)
+    if run.endpoint_name:
+        ledger.free_endpoint(run.endpoint_name, run.run_id)
     lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="deployment")
 
 
@@ -147,18 +263,28 @@ def _drive_one_step(settings: Settings, ledger: Ledger, backend: Backend, run: R
         if isinstance(error, TransientBackendError) and entered and datetime.now(UTC) - entered < GIVE_UP_AFTER:
             log.warning("run %s, %s step: %s; trying again on the next janitor tick", run.run_id, run.state, error)
             return False
+        latest = ledger.get(run.run_id)  # the step may have noted something before it failed
+        if latest.state != run.state:
+            return True
         try:
-            _fail(settings, ledger, backend, run, f"{run.state} step failed", str(error))
+            _fail(settings, ledger, backend, latest, f"{run.state} step failed", str(error))
         except (RunChanged, IllegalTransition):
             return True
         return False
 
 
-def _remove_endpoint(backend: Backend, run: Run) -> str:
-    """Whatever a failed deployment left must not bill: its endpoint (one per run) goes too."""
-    if not run.endpoint_name:
+def _remove_deployment(ledger: Ledger, backend: Backend, run: Run) -> str:
+    """Whatever a refused or failed deployment left must not bill: its deployment goes, and its
+    endpoint too when no other run's deployment is on it (the endpoint was made for this one)."""
+    endpoint, deployment = run.endpoint_name, run.deployment_name
+    if not endpoint or not deployment:
         return ""
+    others = [
+        r for r in ledger.by_endpoint(endpoint) if r.run_id != run.run_id and r.state in (*HOSTED_STATES, S.DEPLOYING)
+    ]
     try:
-        return f"endpoint {run.endpoint_name} deleted" if backend.delete_endpoint(run.endpoint_name) else ""
+        if not others:
+            return f"endpoint {endpoint} deleted" if backend.delete_endpoint(endpoint) else ""
+        return f"deployment {deployment} deleted" if backend.delete_deployment(endpoint, deployment) else ""
     except BackendError as error:
-        return f"endpoint {run.endpoint_name} could not be deleted ({error}): the janitor retries when it is idle"
+        return f"deployment {deployment} of endpoint {endpoint} could not be deleted ({error}): the janitor retries"

@@ -88,7 +88,7 @@ def handle_job_event(
     backend: Backend | None = None,
 ) -> str:
     """Act on a job status event: a finished pipeline job this app submitted moves its run on
-    (Completed: register, deploy, smoke test; Failed/Canceled: record why). Everything else,
+    (Completed: register, deploy, evaluate, route traffic; Failed/Canceled: record why). Everything else,
     duplicates and late events included, changes nothing. Returns what was done, for the log."""
     event = parse_job_event(event_type, data)
     if event is None:

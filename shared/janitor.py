@@ -1,10 +1,12 @@
-"""The janitor: on a timer, moves on deployments still provisioning, and tears down managed
-endpoints nobody has used for a while, so nothing keeps billing.
+"""The janitor: on a timer, moves on deployments still provisioning or rolling out, deletes
+deployments replaced longer ago than the rollback window, and tears down managed endpoints nobody
+has used for a while, so nothing keeps billing.
 
 An endpoint is deleted when this app manages it (tag `managed-by`), it is not tagged `keep`, it
-is older than ENDPOINT_MIN_AGE_MINUTES and has had no request for ENDPOINT_IDLE_MINUTES. Its run
-moves to `torn_down` first (a conditional transition), so of two overlapping sweeps only one
-deletes it."""
+is older than ENDPOINT_MIN_AGE_MINUTES and has had no request for ENDPOINT_IDLE_MINUTES; a
+replaced deployment, ROLLBACK_WINDOW_HOURS after it was replaced, unless its endpoint is tagged
+`keep`. Their runs move to `torn_down` first (conditional transitions), so of two overlapping
+sweeps only one deletes each."""
 
 from __future__ import annotations
 
@@ -17,11 +19,11 @@ from shared import lifecycle
 from shared.backends.interface import Backend, BackendError, Endpoint
 from shared.backends.registry import get_backend
 from shared.costs.spend import SPEND, hosting_spend
-from shared.deployment import DRIVEN_STATES, drive_run
+from shared.deployment import DRIVEN_STATES, HOSTED_STATES, drive_run
 from shared.events import finish_job
-from shared.ledger import IllegalTransition, Ledger, RunChanged, RunState
+from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import JanitorSettings, Settings
-from shared.vocabulary import KEEP_TAG, MANAGED_BY, MANAGED_BY_TAG, RUN_ID_TAG
+from shared.vocabulary import KEEP_TAG, MANAGED_BY, MANAGED_BY_TAG
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,16 @@ def _time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _kept(tags: dict[str, str]) -> bool:
+    return KEEP_TAG in tags and tags[KEEP_TAG].lower() != "false"
+
+
 def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
     """Whether an endpoint goes, with the evidence either way."""
     name = endpoint.name
     if endpoint.tags.get(MANAGED_BY_TAG) != MANAGED_BY:
         return Verdict(name, False, "not managed by this app")
-    if KEEP_TAG in endpoint.tags and endpoint.tags[KEEP_TAG].lower() != "false":
+    if _kept(endpoint.tags):
         return Verdict(name, False, "tagged keep")
     created = _time(endpoint.created_at)
     if created is None or now - created < timedelta(minutes=rules.min_age_minutes):
@@ -75,6 +81,49 @@ def _poll_jobs(settings: Settings, ledger: Ledger, backend: Backend) -> dict[str
     return finished
 
 
+def _tear_down(ledger: Ledger, runs: list[Run], message: str, now: datetime) -> list[Run] | None:
+    """Record the runs torn down, the one serving first (with its hosting spend): None when a
+    concurrent sweep moved it first, and so deletes what they had."""
+    done = []
+    for run in sorted(runs, key=lambda run: run.state != RunState.DEPLOYED):
+        spend = hosting_spend(run, now) if run.state == RunState.DEPLOYED else None
+        try:
+            done.append(ledger.advance(run, RunState.TORN_DOWN, message, details=spend))
+        except (RunChanged, IllegalTransition):
+            if not done:
+                return None
+    return done
+
+
+def _delete_replaced(settings: Settings, ledger: Ledger, backend: Backend, endpoints: list[Endpoint], now: datetime,
+                     would_delete: list[str], errors: list[str]) -> list[str]:  # fmt: skip
+    """Delete the deployments replaced (or rolled back) longer ago than the rollback window."""
+    window = timedelta(hours=settings.rollout.rollback_window_hours)
+    tags = {endpoint.name: endpoint.tags for endpoint in endpoints}
+    deleted = []
+    for state in (RunState.SUPERSEDED, RunState.ROLLED_BACK):
+        for run in ledger.by_state(state):
+            endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
+            if now - run.state_times[state] < window or _kept(tags.get(endpoint, {})):
+                continue
+            message = f"deployment {deployment} of endpoint {endpoint} deleted: {state} more than {window} ago"
+            if settings.janitor.dry_run:
+                would_delete.append(message)
+                continue
+            if _tear_down(ledger, [run], message, now) is None:
+                continue
+            try:
+                backend.delete_deployment(endpoint, deployment)
+            except BackendError as error:
+                log.warning("janitor could not delete deployment %s of %s: %s", deployment, endpoint, error)
+                errors.append(str(error))
+                continue
+            deleted.append(f"{endpoint}/{deployment}")
+            lifecycle.publish(settings, lifecycle.DEPLOYMENT_DELETED, ledger.get(run.run_id), endpoint=endpoint,
+                              deployment=deployment)  # fmt: skip
+    return deleted
+
+
 def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | None = None) -> dict[str, Any]:
     """One janitor pass; returns what it did, for the log."""
     if past_due:
@@ -86,12 +135,16 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
     advanced = {run.run_id: str(drive_run(settings, ledger, run.run_id, backend).state)
                 for state in DRIVEN_STATES for run in ledger.by_state(state)}  # fmt: skip
     now = now or datetime.now(UTC)
-    deleted, would_delete, kept, errors = [], [], {}, []
+    deleted: list[str] = []
+    would_delete: list[str] = []
+    kept: dict[str, str] = {}
+    errors: list[str] = []
     try:
         endpoints = backend.list_endpoints()
     except BackendError as error:  # no idle evidence, no deletion: the next tick tries again
         log.warning("janitor could not list endpoints: %s", error)
         endpoints, errors = [], [str(error)]
+    deployments_deleted = _delete_replaced(settings, ledger, backend, endpoints, now, would_delete, errors)
     for endpoint in endpoints:
         verdict = judge(endpoint, settings.janitor, now)
         if not verdict.delete:
@@ -100,16 +153,14 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
         if settings.janitor.dry_run:
             would_delete.append(f"{verdict.endpoint}: {verdict.evidence}")
             continue
-        run = ledger.find(endpoint.tags.get(RUN_ID_TAG, ""))
-        if run is not None:
-            if run.state == RunState.DEPLOYING:
-                kept[verdict.endpoint] = "still deploying"
-                continue
-            try:
-                run = ledger.advance(run, RunState.TORN_DOWN, f"endpoint {endpoint.name} deleted: {verdict.evidence}",
-                                     details=hosting_spend(run, now))  # fmt: skip
-            except (RunChanged, IllegalTransition):
-                continue  # another sweep claimed it first and deletes it
+        runs = ledger.by_endpoint(endpoint.name)
+        if any(run.state in (RunState.REGISTERED, RunState.DEPLOYING, RunState.ROLLING_OUT) for run in runs):
+            kept[verdict.endpoint] = "a deployment is being made or rolled out"
+            continue
+        hosted = [run for run in runs if run.state in HOSTED_STATES]
+        torn_down = _tear_down(ledger, hosted, f"endpoint {endpoint.name} deleted: {verdict.evidence}", now)
+        if torn_down is None or (not hosted and any(run.state == RunState.TORN_DOWN for run in runs)):
+            continue  # another sweep claimed it first and deletes it
         try:
             gone = backend.delete_endpoint(endpoint.name)
         except BackendError as error:
@@ -118,7 +169,7 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
             continue
         if gone:
             deleted.append(verdict.endpoint)
-            if run is not None:
+            for run in torn_down:
                 lifecycle.publish(settings, lifecycle.ENDPOINT_DELETED, run, endpoint=endpoint.name,
                                   evidence=verdict.evidence, spend=run.details.get(SPEND))  # fmt: skip
     return {
@@ -127,6 +178,7 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
         "jobs_finished": finished,
         "advanced": advanced,
         "deleted": deleted,
+        "deployments_deleted": deployments_deleted,
         "would_delete": would_delete,
         "kept": kept,
         "errors": errors,

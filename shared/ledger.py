@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,7 +41,11 @@ class RunState(StrEnum):
     COMPLETED = "completed"
     REGISTERED = "registered"
     DEPLOYING = "deploying"
+    ROLLING_OUT = "rolling_out"
     DEPLOYED = "deployed"
+    REFUSED = "refused"
+    SUPERSEDED = "superseded"
+    ROLLED_BACK = "rolled_back"
     DEPLOY_FAILED = "deploy_failed"
     TORN_DOWN = "torn_down"
 
@@ -53,8 +57,10 @@ class RunState(StrEnum):
 
 S = RunState
 # A job may report Completed, Failed or Canceled without ever reporting Running, and preparation
-# or submission can fail before a job exists; a failed deployment may leave an endpoint behind
-# for the janitor to tear down.
+# or submission can fail before a job exists. A deployment that passes the evaluation gate rolls
+# out (or, with nothing else on its endpoint, serves at once); a newer one supersedes it, a
+# rollback brings it back, and it is torn down when its endpoint or its deployment is deleted. A
+# refused or failed deployment may leave something behind for the janitor to tear down.
 TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     S.RECEIVED: frozenset({S.PREPARED, S.REJECTED, S.FAILED}),
     S.PREPARED: frozenset({S.SUBMITTED, S.FAILED}),
@@ -62,15 +68,19 @@ TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELED}),
     S.COMPLETED: frozenset({S.REGISTERED, S.DEPLOY_FAILED}),
     S.REGISTERED: frozenset({S.DEPLOYING, S.DEPLOY_FAILED}),
-    S.DEPLOYING: frozenset({S.DEPLOYED, S.DEPLOY_FAILED}),
-    S.DEPLOYED: frozenset({S.TORN_DOWN}),
+    S.DEPLOYING: frozenset({S.ROLLING_OUT, S.DEPLOYED, S.REFUSED, S.DEPLOY_FAILED}),
+    S.ROLLING_OUT: frozenset({S.DEPLOYED, S.ROLLED_BACK, S.DEPLOY_FAILED, S.TORN_DOWN}),
+    S.DEPLOYED: frozenset({S.SUPERSEDED, S.ROLLED_BACK, S.TORN_DOWN}),
+    S.SUPERSEDED: frozenset({S.DEPLOYED, S.TORN_DOWN}),
+    S.ROLLED_BACK: frozenset({S.TORN_DOWN}),
+    S.REFUSED: frozenset({S.TORN_DOWN}),
     S.DEPLOY_FAILED: frozenset({S.TORN_DOWN}),
     S.REJECTED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELED: frozenset(),
     S.TORN_DOWN: frozenset(),
 }
-FAILURE_STATES = frozenset({S.REJECTED, S.FAILED, S.CANCELED, S.DEPLOY_FAILED})
+FAILURE_STATES = frozenset({S.REJECTED, S.FAILED, S.CANCELED, S.REFUSED, S.DEPLOY_FAILED})
 
 # Facts a transition may record, by attribute name and table column.
 _FACT_COLUMNS = {
@@ -78,8 +88,10 @@ _FACT_COLUMNS = {
     "model_name": "ModelName",
     "model_version": "ModelVersion",
     "endpoint_name": "EndpointName",
+    "deployment_name": "DeploymentName",
     "endpoint_url": "EndpointUrl",
 }
+_ROLLOUT_ROW = "rollout"
 
 
 class LedgerError(Exception):
@@ -153,6 +165,7 @@ class Run:
     model_name: str | None = None
     model_version: str | None = None
     endpoint_name: str | None = None
+    deployment_name: str | None = None
     endpoint_url: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     history_length: int = 0
@@ -178,9 +191,23 @@ class Run:
             "model_name": self.model_name,
             "model_version": self.model_version,
             "endpoint_name": self.endpoint_name,
+            "deployment_name": self.deployment_name,
             "endpoint_url": self.endpoint_url,
             "details": dict(self.details),
         }
+
+
+def _unchanged_since(entity: TableEntity) -> dict[str, Any]:
+    """A merge that fails if `entity` changed since it was read."""
+    from azure.core import MatchConditions
+    from azure.data.tables import UpdateMode
+
+    return {"mode": UpdateMode.MERGE, "etag": entity.metadata["etag"], "match_condition": MatchConditions.IfNotModified}
+
+
+def _endpoint_partition(endpoint: str) -> str:
+    """Where an endpoint's own row lives: ':' is in no run id, so no run's partition is this."""
+    return f"endpoint:{endpoint}"
 
 
 def _now() -> datetime:
@@ -284,6 +311,11 @@ class Ledger:
         matches = list(self._runs("RowKey eq @row and JobName eq @job", {"job": job_name}))
         return matches[0] if matches else None
 
+    def by_endpoint(self, endpoint: str) -> list[Run]:
+        """Every run deployed (or being deployed) to this endpoint, newest first."""
+        runs = self._runs("RowKey eq @row and EndpointName eq @endpoint", {"endpoint": endpoint})
+        return sorted(runs, key=lambda run: run.created_at, reverse=True)
+
     def by_blob(self, container: str, blob_name: str) -> list[Run]:
         """Every run made from uploads of this blob, newest first."""
         runs = self._runs(
@@ -379,6 +411,40 @@ class Ledger:
         with suppress(HttpResponseError):
             self._table.update_entity(changes, mode=UpdateMode.MERGE, etag=run.etag,
                                       match_condition=MatchConditions.IfNotModified)  # fmt: skip
+
+    def hold_endpoint(self, endpoint: str, run_id: str, lapsed: Callable[[str], bool]) -> str | None:
+        """Make `run_id` the one run that changes `endpoint`'s traffic, from its evaluation until
+        its rollout ends; None when it holds it now, else the run that does. A holder for which
+        `lapsed` is true (its rollout ended, however) is replaced."""
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
+        key = {"PartitionKey": _endpoint_partition(endpoint), "RowKey": _ROLLOUT_ROW}
+        for _ in range(10):
+            try:
+                entity = self._table.get_entity(key["PartitionKey"], _ROLLOUT_ROW)
+            except ResourceNotFoundError:
+                with suppress(ResourceExistsError):
+                    self._table.create_entity({**key, "Holder": run_id})
+                    return None
+                continue
+            holder = entity.get("Holder") or ""
+            if holder == run_id:
+                return None
+            if holder and not lapsed(holder):
+                return holder
+            with suppress(ResourceModifiedError):
+                self._table.update_entity({**key, "Holder": run_id}, **_unchanged_since(entity))
+                return None
+        raise RunChanged(run_id)
+
+    def free_endpoint(self, endpoint: str, run_id: str) -> None:
+        """End `run_id`'s hold on `endpoint`, if it is still its own."""
+        from azure.core.exceptions import HttpResponseError
+
+        with suppress(HttpResponseError):
+            entity = self._table.get_entity(_endpoint_partition(endpoint), _ROLLOUT_ROW)
+            if entity.get("Holder") == run_id:
+                self._table.update_entity({**entity, "Holder": ""}, **_unchanged_since(entity))
 
     def note(self, run_id: str, message: str, *, attempts: int = 10) -> Run:
         """Append `message` to a run's history without changing its state."""

@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 DATASET_REJECTED = "FineTune.DatasetRejected"
 JOB_SUBMITTED = "FineTune.JobSubmitted"
 JOB_FAILED = "FineTune.JobFailed"
-MODEL_DEPLOYED = "FineTune.ModelDeployed"
+MODEL_DEPLOYED = "FineTune.ModelDeployed"  # it takes all of its endpoint's traffic
+MODEL_REFUSED = "FineTune.ModelRefused"  # by the evaluation gate; what served before still does
+MODEL_ROLLED_BACK = "FineTune.ModelRolledBack"
 ENDPOINT_DELETED = "FineTune.EndpointDeleted"
+DEPLOYMENT_DELETED = "FineTune.DeploymentDeleted"  # a replaced one, past the rollback window
 
 
 def publish(settings: Settings, event_type: str, run: Run, **data: Any) -> None:

@@ -62,6 +62,11 @@ CORE_SETTINGS = (
     "ENDPOINT_IDLE_MINUTES",
     "ENDPOINT_MIN_AGE_MINUTES",
     "JANITOR_DRY_RUN",
+    "PROMOTION_MAX_LOSS_INCREASE_PERCENT",
+    "GATE_CONVERSATIONS",
+    "ROLLOUT_SHARE_PERCENT",
+    "ROLLOUT_STEP_MINUTES",
+    "ROLLBACK_WINDOW_HOURS",
     "JOB_EVENTS_TOPICS",
     "LIFECYCLE_TOPIC_ENDPOINT",
     "LIFECYCLE_TOPIC_KEY",
@@ -134,6 +139,25 @@ class JanitorSettings:
 
 
 @dataclass(frozen=True)
+class RolloutSettings:
+    """How a new model version replaces the one an endpoint serves (see `shared.rollout`)."""
+
+    # The promotion rule: the new model's loss on its held-out conversations may exceed the live
+    # model's (or, for an endpoint's first model, the base model's) by at most this many percent.
+    max_loss_increase_percent: float = 1.0
+    # Held-out conversations sent to the new deployment (and to the live one) before any traffic:
+    # each must be answered with text, within the request timeout.
+    gate_conversations: int = 5
+    # The share of requests the new deployment takes first, for `step_minutes`, before all of them;
+    # 0: all at once.
+    share_percent: int = 10
+    step_minutes: float = 15.0
+    # How long a replaced deployment is kept at 0% traffic, ready for a rollback, before the
+    # janitor deletes it.
+    rollback_window_hours: float = 24.0
+
+
+@dataclass(frozen=True)
 class Settings:
     storage: StorageConnection
     ml_backend: str  # one of shared.backends.registry.BACKENDS
@@ -148,6 +172,7 @@ class Settings:
     lifecycle_topic_key: str | None  # None: publish with the app's identity (EventGrid Data Sender)
     backend_settings: Any  # the configured backend's own section (its package's settings module)
     prices: PriceSettings = PriceSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
 
 _PRICE_TABLE = Rule(
@@ -249,6 +274,29 @@ def _prices(reader: SettingsReader) -> PriceSettings:
     return PriceSettings(url, table)
 
 
+def _rollout(reader: SettingsReader) -> RolloutSettings:
+    defaults = RolloutSettings()
+    return RolloutSettings(
+        max_loss_increase_percent=reader.parsed(
+            "PROMOTION_MAX_LOSS_INCREASE_PERCENT",
+            defaults.max_loss_increase_percent,
+            Rule("a number of percent, at least 0", checked(float, lambda number: number >= 0)),
+        ),
+        gate_conversations=reader.parsed("GATE_CONVERSATIONS", defaults.gate_conversations, POSITIVE_INT),
+        share_percent=reader.parsed(
+            "ROLLOUT_SHARE_PERCENT",
+            defaults.share_percent,
+            Rule("a whole number of percent from 0 to 99", checked(int, lambda number: 0 <= number <= 99)),
+        ),
+        step_minutes=reader.parsed("ROLLOUT_STEP_MINUTES", defaults.step_minutes, _MINUTES),
+        rollback_window_hours=reader.parsed(
+            "ROLLBACK_WINDOW_HOURS",
+            defaults.rollback_window_hours,
+            Rule("a number of hours, at least 0", checked(float, lambda number: number >= 0)),
+        ),
+    )
+
+
 def read_settings(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]:
     """The settings, and the reader that read them: its errors, and every name it looked at."""
     reader = SettingsReader(environ)
@@ -287,6 +335,7 @@ def read_settings(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]
         lifecycle_topic_key=reader.raw("LIFECYCLE_TOPIC_KEY"),
         backend_settings=section,
         prices=_prices(reader),
+        rollout=_rollout(reader),
     )
     return settings, reader
 

@@ -1,13 +1,16 @@
-"""Run status as JSON, for the HTTP route and the command line."""
+"""Run status, and rollbacks, as JSON: for the HTTP routes and the command line."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.ledger import Ledger, RunState
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 MAX_LIMIT = 200
 
@@ -47,3 +50,20 @@ def runs_response(ledger: Ledger, run_id: str | None, query: Mapping[str, str]) 
     except ValueError:
         return _json(400, {"error": f"limit={query.get('limit')!r}: expected a whole number from 1 to {MAX_LIMIT}"})
     return _json(200, {"runs": [run.to_json() for run in ledger.recent(limit=limit, state=state)]})
+
+
+def rollback_response(settings: Settings, ledger: Ledger, endpoint: str) -> StatusResponse:
+    """`POST /api/endpoints/{endpoint}/rollback`: the run serving after the rollback (200), or why
+    there is nothing to roll back (404 for an endpoint this app never deployed to, else 409)."""
+    from shared.backends.interface import BackendError
+    from shared.deployment import RollbackError, rollback
+
+    if not ledger.by_endpoint(endpoint):
+        return _json(404, {"error": f"endpoint {endpoint!r}: no model was ever deployed to it by this app"})
+    try:
+        serving = rollback(settings, ledger, endpoint)
+    except RollbackError as error:
+        return _json(409, {"error": str(error)})
+    except BackendError as error:
+        return _json(502, {"error": f"endpoint {endpoint!r}: the backend refused the traffic change: {error}"})
+    return _json(200, {"endpoint": endpoint, "serving": serving.to_json()})

@@ -74,6 +74,17 @@ def price_table(value: str) -> dict[str, float]:
     return table
 
 
+def resource_name(value: str) -> str:
+    """An Azure ML endpoint or deployment name (the local backend keeps the same rule)."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]", value):
+        raise ValueError(value)
+    return value
+
+
+RESOURCE_NAME = Rule(
+    "3-32 characters: a letter first, then letters, digits and hyphens, ending with a letter or digit",
+    resource_name,
+)
 POSITIVE_INT = Rule("a whole number, at least 1", checked(int, lambda number: number >= 1))
 TEST_PERCENT = Rule("a percentage above 0 and below 100", checked(float, lambda number: 0 < number < 100))
 USD = Rule("an amount in US dollars, at least 0 (0: no limit)", checked(float, lambda number: number >= 0))

@@ -1,6 +1,10 @@
 """A fake Azure ML at the HTTP transport level: the real azure-ai-ml SDK runs against it, and every
 request it sends is recorded for the tests to assert. Responses have the shapes the service
-returns (only the fields the SDK reads); state (jobs, models, endpoints) lives in dictionaries."""
+returns (only the fields the SDK reads); state (jobs, models, endpoints and their deployments)
+lives in dictionaries. An endpoint hosts several deployments and splits its traffic between them
+as its `properties.traffic` says (azure-rest-api-specs, machinelearningservices stable 2025-09-01,
+mfe.json: OnlineEndpoint.traffic, "Traffic values need to sum to 100"); what the service refuses
+beyond that is our assumption, noted where it is made."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import base64
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from azure.core.pipeline.transport import HttpResponse, HttpTransport
+from azure.core.utils import CaseInsensitiveDict
 
 SUB, RG, WS = "00000000-0000-0000-0000-000000000001", "rg-ml", "mlw-test"
 # App settings for the Azure ML backend against this fake.
@@ -29,6 +35,15 @@ WORKSPACE_ENV = {
 ARM = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
 VM_SIZES = rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/vmSizes"
 USAGES = rf"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/[^/]+/usages"
+OPERATION_RESULTS = (
+    f"/subscriptions/{SUB}/providers/Microsoft.MachineLearningServices/locations/eastus/mfeOperationResults"
+)
+DEPLOYMENT_HEADER = "azureml-model-deployment"
+# The workspace's MLflow tracking URI as ARM answers it (Workspace.properties.mlFlowTrackingUri),
+# and the MLflow REST API under it (mlflow.org/docs/latest/rest-api.html).
+MLFLOW_TRACKING_URI = f"azureml://eastus.api.azureml.ms/mlflow/v1.0{ARM}"
+MLFLOW_API = f"/mlflow/v1.0{ARM}/api/2.0/mlflow"
+PIPELINE_COMPONENT = "chat_completion_pipeline"
 REGISTRY_HOST = "https://eastus.api.azureml.ms/"
 REGISTRY_PATH = (
     "/mferp/managementfrontend/subscriptions/reg-sub/resourceGroups/reg-rg"
@@ -77,7 +92,8 @@ class _Response(HttpResponse):
         self.status_code = status
         self.reason = "OK" if status < 400 else "Error"
         self._body = json.dumps(body).encode() if body is not None else b""
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        # Case-insensitive, as HTTP headers are: the SDK's pollers look for "location".
+        self.headers = CaseInsensitiveDict({"Content-Type": "application/json", **(headers or {})})
         self.content_type = "application/json"
 
     # Both response APIs: the legacy transport one and azure.core.rest's, which parts of the SDK use.
@@ -174,6 +190,28 @@ PHI3_RETIRED_METADATA: dict[str, Any] = {
 
 
 @dataclass
+class MlflowRun:
+    """A run of Azure ML's MLflow tracking: a job's, or one of its pipeline's steps'."""
+
+    run_id: str
+    experiment_id: str
+    tags: dict[str, str]
+    logged: list[dict[str, Any]] = field(default_factory=list)  # every value: key, value, timestamp, step
+
+    def body(self) -> dict[str, Any]:
+        """As MLflow's runs/get and runs/search answer: only the latest value of each metric."""
+        latest: dict[str, dict[str, Any]] = {}
+        for metric in sorted(self.logged, key=lambda metric: (metric["timestamp"], metric["step"])):
+            latest[metric["key"]] = metric
+        return {
+            "info": {"run_id": self.run_id, "run_uuid": self.run_id, "experiment_id": self.experiment_id,
+                     "run_name": self.tags["mlflow.runName"], "status": "FINISHED", "lifecycle_stage": "active"},
+            "data": {"metrics": list(latest.values()), "params": [],
+                     "tags": [{"key": key, "value": value} for key, value in self.tags.items()]},
+        }  # fmt: skip
+
+
+@dataclass
 class FakeAzureML(HttpTransport):
     """Routes requests by method and path; `fail_next` injects service errors."""
 
@@ -186,7 +224,11 @@ class FakeAzureML(HttpTransport):
     models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     deployments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    deployment_logs: dict[tuple[str, str], str] = field(default_factory=dict)
+    served: list[tuple[str, str]] = field(default_factory=list)  # (endpoint, deployment) per answered score
+    deletions_finish: bool = True  # False: a deletion's operation stays in progress (202) when polled
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    mlflow_runs: dict[str, MlflowRun] = field(default_factory=dict)  # by run id; a job's is its name
     # Azure ML vCPU quota by family: (in use, limit); the regional total likewise.
     quota: dict[str, tuple[int, int]] = field(default_factory=lambda: {"standardNCADSA100v4Family": (0, 96)})
     total_quota: tuple[int, int] = (0, 200)
@@ -233,11 +275,11 @@ class FakeAzureML(HttpTransport):
         for method, pattern, handler in self._routes():
             match = re.fullmatch(pattern, recorded.path)
             if method == request.method and match:
-                status, reply = handler(recorded, *match.groups())
-                return _Response(request, status, reply)
+                status, reply, *headers = handler(recorded, *match.groups())
+                return _Response(request, status, reply, *headers)
         return _Response(request, 404, _error("NotFound", f"no fake route for {request.method} {recorded.path}"))
 
-    def _routes(self) -> list[tuple[str, str, Callable[..., tuple[int, Any]]]]:
+    def _routes(self) -> list[tuple[str, str, Callable[..., tuple[Any, ...]]]]:
         return [
             ("GET", r"/registrymanagement/v1.0/registries/azureml/discovery", self._discovery),
             ("GET", REGISTRY_PATH + r"/models/([^/]+)/versions/([^/]+)", self._registry_model),
@@ -260,11 +302,15 @@ class FakeAzureML(HttpTransport):
             ("GET", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._get(lambda *k: self.deployments.get(k))),  # noqa: E501
             ("PUT", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._put_deployment),
             ("DELETE", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)", self._delete_deployment),
+            ("GET", OPERATION_RESULTS + r"/([^/]+)", self._operation_result),
+            ("POST", ARM + r"/onlineEndpoints/([^/]+)/deployments/([^/]+)/getLogs", self._deployment_logs),
             ("GET", ARM + r"/onlineEndpoints/([^/]+)/providers/microsoft.insights/metrics", self._metrics),
+            ("GET", MLFLOW_API + r"/runs/get", self._mlflow_get_run),
+            ("POST", MLFLOW_API + r"/runs/search", self._mlflow_search_runs),
             ("POST", r"/score", self._score),
         ]  # fmt: skip
 
-    # Handlers: each returns (status, JSON body).
+    # Handlers: each returns (status, JSON body) or (status, JSON body, response headers).
     @staticmethod
     def _get(lookup: Callable[..., Any]) -> Callable[..., tuple[int, Any]]:
         def handler(request: Recorded, *keys: str) -> tuple[int, Any]:
@@ -300,7 +346,10 @@ class FakeAzureML(HttpTransport):
         return 200, {"value": [{"name": n, "id": f"{REGISTRY_PATH}/models/{n}", "properties": {}} for n in names]}
 
     def _workspace(self, request: Recorded) -> tuple[int, Any]:
-        return 200, {"id": ARM, "name": WS, "location": "eastus", "properties": {}}
+        """The workspace (azure-rest-api-specs, workspaceRP.json: WorkspaceProperties, whose
+        read-only `mlFlowTrackingUri` the SDK reads as `mlflow_tracking_uri`)."""
+        properties = {"mlFlowTrackingUri": MLFLOW_TRACKING_URI}
+        return 200, {"id": ARM, "name": WS, "location": "eastus", "properties": properties}
 
     def _compute(self, request: Recorded, name: str) -> tuple[int, Any]:
         if name != "gpu-a100":
@@ -353,10 +402,45 @@ class FakeAzureML(HttpTransport):
             "services": {"Studio": {"endpoint": f"https://ml.azure.com/runs/{name}"}},
         }
         self.jobs[name] = job
+        self._job_run(name, job["properties"].get("experimentName") or "Default")
         return 201, job
 
     def set_job_status(self, name: str, status: str) -> None:
         self.jobs[name]["properties"]["status"] = status
+
+    def set_job_metrics(self, job_name: str, metrics: dict[str, list[tuple[int, float]]], *,
+                        node: str = "finetune", nested: bool = False) -> None:  # fmt: skip
+        """The run of the job's step `node` logs `metrics` ({key: [(step, value), ...]}, in the
+        order logged): a child of the job's run or, `nested`, of the run of the registry pipeline
+        component the step belongs to (which of the two the service does is not documented)."""
+        parent = self._job_run(job_name, "Default")
+        if nested:
+            parent = self._child_run(parent, PIPELINE_COMPONENT)
+        run = self._child_run(parent, node)
+        for key, points in metrics.items():
+            for step, value in points:
+                run.logged.append({"key": key, "value": value, "timestamp": self._now_ms(), "step": step})
+
+    def _now_ms(self) -> int:
+        """A strictly increasing clock: each metric is logged after the one before."""
+        logged = sum(len(run.logged) for run in self.mlflow_runs.values())
+        return 1_790_000_000_000 + 1000 * logged
+
+    def _job_run(self, job_name: str, experiment_name: str) -> MlflowRun:
+        """The job's own run, created with the job: its run id is the job's name."""
+        if job_name not in self.mlflow_runs:
+            experiment_id = str(uuid.uuid5(uuid.NAMESPACE_URL, experiment_name))
+            tags = {"mlflow.runName": job_name, "mlflow.rootRunId": job_name}
+            self.mlflow_runs[job_name] = MlflowRun(job_name, experiment_id, tags)
+        return self.mlflow_runs[job_name]
+
+    def _child_run(self, parent: MlflowRun, name: str) -> MlflowRun:
+        run_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{parent.run_id}/{name}"))
+        if run_id not in self.mlflow_runs:
+            tags = {"mlflow.runName": name, "mlflow.parentRunId": parent.run_id,
+                    "mlflow.rootRunId": parent.tags["mlflow.rootRunId"]}  # fmt: skip
+            self.mlflow_runs[run_id] = MlflowRun(run_id, parent.experiment_id, tags)
+        return self.mlflow_runs[run_id]
 
     def _put_model(self, request: Recorded, name: str, version: str) -> tuple[int, Any]:
         model = {**request.body, "id": f"{ARM}/models/{name}/versions/{version}", "name": version}
@@ -381,9 +465,24 @@ class FakeAzureML(HttpTransport):
         }
 
     def _put_endpoint(self, request: Recorded, name: str) -> tuple[int, Any]:
+        refused = self._traffic_refusal(name, request.body.get("properties", {}).get("traffic") or {})
+        if refused:
+            return 400, _error("UserError", refused)
         state = "Succeeded" if name in self.endpoints else "Creating"
         self.endpoints[name] = self._endpoint_body(name, request.body, state)
         return 201, self.endpoints[name]
+
+    def _traffic_refusal(self, endpoint: str, traffic: dict[str, int]) -> str | None:
+        """Why a traffic map is refused: it names a deployment the endpoint does not host, or its
+        percentages do not sum to 100 (the spec's rule) or to 0 (no deployment serves: the
+        troubleshooting guide's 404 for an endpoint with no positive weight implies the service
+        accepts that state)."""
+        unknown = sorted(name for name in traffic if (endpoint, name) not in self.deployments)
+        if unknown:
+            return f"Traffic rules reference deployments that do not exist in endpoint {endpoint}: {', '.join(unknown)}"
+        if sum(traffic.values()) not in (0, 100):
+            return f"Traffic values of endpoint {endpoint} must sum to 100 (or 0), not {sum(traffic.values())}"
+        return None
 
     def _list_endpoints(self, request: Recorded) -> tuple[int, Any]:
         return 200, {"value": list(self.endpoints.values())}
@@ -391,12 +490,16 @@ class FakeAzureML(HttpTransport):
     def _delete_endpoint(self, request: Recorded, name: str) -> tuple[int, Any]:
         if self.endpoints.pop(name, None) is None:
             return 404, _error("NotFound", f"endpoint {name} not found")
+        for key in [key for key in self.deployments if key[0] == name]:  # its deployments go with it
+            del self.deployments[key]
         return 202, None
 
     def _keys(self, request: Recorded, name: str) -> tuple[int, Any]:
         return 200, {"primaryKey": f"primary-{name}", "secondaryKey": f"secondary-{name}"}
 
     def _put_deployment(self, request: Recorded, endpoint: str, name: str) -> tuple[int, Any]:
+        """Creating a deployment leaves the endpoint's traffic as it is: a new one takes 0% until
+        the endpoint's traffic names it (azureml-examples, online-endpoints-safe-rollout.ipynb)."""
         self.deployments[(endpoint, name)] = {
             **request.body, "id": f"{ARM}/onlineEndpoints/{endpoint}/deployments/{name}", "name": name,
             "location": "eastus", "sku": {"name": "Default", "capacity": 1},
@@ -408,30 +511,91 @@ class FakeAzureML(HttpTransport):
     def _list_deployments(self, request: Recorded, endpoint: str) -> tuple[int, Any]:
         return 200, {"value": [d for (e, _), d in self.deployments.items() if e == endpoint]}
 
-    def _delete_deployment(self, request: Recorded, endpoint: str, name: str) -> tuple[int, Any]:
-        self.deployments.pop((endpoint, name), None)
-        return 202, None
+    def _delete_deployment(self, request: Recorded, endpoint: str, name: str) -> tuple[int, Any, dict[str, str]]:
+        """ARM's asynchronous delete (the spec's OnlineDeployments_Delete: 202 with Location,
+        final state via location); the fake deletes at once and the location answers done. A
+        deployment that takes traffic is refused: our assumption, the specs and docs do not say."""
+        if (endpoint, name) not in self.deployments:
+            return 404, _error("NotFound", f"deployment {name} not found in endpoint {endpoint}"), {}
+        share = (self.endpoints[endpoint]["properties"].get("traffic") or {}).get(name, 0)
+        if share > 0:
+            return 400, _error("UserError", f"deployment {name} takes {share}% of endpoint {endpoint}'s traffic: "
+                                            "set it to 0 before deleting it"), {}  # fmt: skip
+        del self.deployments[(endpoint, name)]
+        location = f"https://management.azure.com{OPERATION_RESULTS}/delete-{endpoint}-{name}"
+        return 202, None, {"Location": location, "Retry-After": "10"}  # the spec's least
+
+    def _operation_result(self, request: Recorded, operation: str) -> tuple[int, Any, dict[str, str]]:
+        """The location a deletion is polled at: 202 while it runs, 200 once done."""
+        return (200, None, {}) if self.deletions_finish else (202, None, {"Retry-After": "10"})
+
+    def _deployment_logs(self, request: Recorded, endpoint: str, name: str) -> tuple[int, Any]:
+        return 200, {"content": self.deployment_logs.get((endpoint, name), "")}
 
     def _metrics(self, request: Recorded, endpoint: str) -> tuple[int, Any]:
         points = self.metrics.get(endpoint, [])
         return 200, {"value": [{"name": {"value": "RequestsPerMinute"}, "timeseries": [{"data": points}]}]}
 
-    def _score(self, request: Recorded) -> tuple[int, Any]:
-        """As a serving container answers. `vllm`: the foundation-model serving container
+    def _mlflow_get_run(self, request: Recorded) -> tuple[int, Any]:
+        """runs/get?run_id=: the run, or MLflow's RESOURCE_DOES_NOT_EXIST."""
+        run_id = (request.query.get("run_id") or request.query.get("run_uuid") or [""])[0]
+        if run_id not in self.mlflow_runs:
+            return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"Run '{run_id}' not found."}
+        return 200, {"run": self.mlflow_runs[run_id].body()}
+
+    def _mlflow_search_runs(self, request: Recorded) -> tuple[int, Any]:
+        """runs/search in `experiment_ids`, with a filter of `tags.<key> = '<value>'` conditions
+        joined by AND (all this fake reads of MLflow's search syntax). Proto3 JSON leaves out an
+        empty list: no match answers {}."""
+        body = request.body or {}
+        text = body.get("filter") or ""
+        conditions = [re.fullmatch(r"\s*tags\.([\w.]+)\s*=\s*'([^']*)'\s*", part)
+                      for part in re.split(r"\s+and\s+", text, flags=re.IGNORECASE)] if text else []  # fmt: skip
+        if not all(conditions):
+            return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": f"the fake cannot read filter {text!r}"}
+        wanted = [condition.groups() for condition in conditions if condition]
+        found = [
+            run.body() for run in self.mlflow_runs.values()
+            if run.experiment_id in body.get("experiment_ids", [])
+            and all(run.tags.get(key) == value for key, value in wanted)
+        ][: int(body.get("max_results", 1000))]  # fmt: skip
+        return 200, {"runs": found} if found else {}
+
+    def _score(self, request: Recorded) -> tuple[int, Any, dict[str, str]]:
+        """The deployment named by the `azureml-model-deployment` header answers, whatever its
+        traffic; without the header, the one with the largest share (the service splits requests
+        by the shares; a fake answers the same way every time). The answer names the deployment
+        in the same header (our assumption: no source we found documents it).
+
+        As a serving container answers. `vllm`: the foundation-model serving container
         (azureml-assets foundation-model-serve, managed_inference.py) takes `input_string` as a
         list of messages and answers `{"output": ...}`. `mlflow`: the MLflow scoring of a
         fine-tuned chat model takes a list of conversations and answers pandas records."""
+        endpoint = (urlparse(request.url).hostname or "").split(".")[0]
+        if endpoint not in self.endpoints:
+            return 404, {"message": f"endpoint {endpoint} not found"}, {}
+        named = {key.lower(): value for key, value in request.headers.items()}.get(DEPLOYMENT_HEADER)
+        traffic = {n: p for n, p in (self.endpoints[endpoint]["properties"].get("traffic") or {}).items() if p > 0}
+        deployment = named or max(sorted(traffic), key=lambda n: traffic[n], default=None)
+        if deployment is None:
+            return 404, {"message": f"no deployment of endpoint {endpoint} takes traffic"}, {}
+        if (endpoint, deployment) not in self.deployments:
+            return 404, {"message": f"deployment {deployment} not found in endpoint {endpoint}"}, {}
+        self.served.append((endpoint, deployment))
+        served = {DEPLOYMENT_HEADER: deployment}
         data = (request.body or {}).get("input_data") or {}
         conversation = data.get("input_string")
         flat = isinstance(conversation, list) and all(isinstance(m, dict) and "role" in m for m in conversation)
         nested = isinstance(conversation, list) and len(conversation) == 1 and isinstance(conversation[0], list)
+        reply = f"a reply from the deployment {deployment}"
         if self.serving == "vllm" and flat:
-            return 200, {"output": "a reply from the deployment", "finish_reason": "stop", "model": "fine-tuned"}
+            return 200, {"output": reply, "finish_reason": "stop", "model": "fine-tuned"}, served
         if self.serving == "mlflow" and nested and "params" in request.body:
-            return 200, [{"0": "a reply from the deployment"}]
+            return 200, [{"0": reply}], served
         if self.serving == "vllm":
-            return 400, {"output": None, "error": {"status_code": 400, "body": "input_string must hold messages"}}
-        return 424, {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}
+            refused = {"status_code": 400, "body": "input_string must hold messages"}
+            return 400, {"output": None, "error": refused}, served
+        return 424, {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}, served
 
 
 def _vm_size(name: str, family: str, vcpus: int, gpus: int) -> dict[str, Any]:

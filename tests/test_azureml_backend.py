@@ -4,6 +4,7 @@ transport level: every assertion is about the REST requests the SDK really sends
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,10 +14,19 @@ from typing import Any
 
 import pytest
 from azure.core.exceptions import ClientAuthenticationError
+from azure.core.rest import HttpRequest
 
-from shared.backends.azureml.backend import DEPLOYMENT, AzureMLBackend, PreflightError, model_version_for
+from shared.backends.azureml.backend import AzureMLBackend, PreflightError, model_version_for
 from shared.backends.azureml.component import merge_parameters
-from shared.backends.interface import BackendError, DeployProgress, DeployState, JobReport, JobRequest, ModelRef
+from shared.backends.interface import (
+    BackendError,
+    DeployProgress,
+    DeployState,
+    JobReport,
+    JobRequest,
+    ModelRef,
+    TransientBackendError,
+)
 from shared.intake import submit_run
 from shared.ledger import Ledger, Run, RunState, Upload
 from shared.settings import load_settings
@@ -275,108 +285,207 @@ def test_registering_an_unfinished_job_is_refused(fake: FakeAzureML) -> None:
         backend.register(REQUEST.job_name)
 
 
-def _serving_deployment(fake: FakeAzureML, tags: dict[str, str] | None = None) -> tuple[AzureMLBackend, ModelRef]:
-    """A registered model whose endpoint and deployment have been created and have succeeded."""
+RUN_TAGS = {"run_id": "chats-0123456789ab"}
+SECOND = JobRequest("ft-chats-second", PREPARED, "chats", {}, {"run_id": "chats-second"})
+
+
+def _ready(fake: FakeAzureML, backend: AzureMLBackend, model: ModelRef, deployment: str) -> None:
+    """`deployment` of ep-chats created (and the endpoint first, when missing) and succeeded."""
+    backend.continue_deployment(model, "ep-chats", deployment, RUN_TAGS)
+    fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
+    backend.continue_deployment(model, "ep-chats", deployment, RUN_TAGS)
+    fake.deployments[("ep-chats", deployment)]["properties"]["provisioningState"] = "Succeeded"
+
+
+def _blue_serving(fake: FakeAzureML) -> tuple[AzureMLBackend, ModelRef]:
+    """ep-chats with its deployment blue taking all the traffic."""
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.continue_deployment(model, "ep-chats", tags or {}, lambda: CONVERSATION)
-    fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
-    backend.continue_deployment(model, "ep-chats", tags or {}, lambda: CONVERSATION)
-    fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
+    _ready(fake, backend, model, "blue")
+    backend.set_traffic("ep-chats", {"blue": 100})
     return backend, model
 
 
-def test_deployment_goes_endpoint_then_deployment_then_smoke_test_then_traffic(fake: FakeAzureML) -> None:
+def _green_beside_blue(fake: FakeAzureML) -> tuple[AzureMLBackend, ModelRef, ModelRef]:
+    """blue serving the first model, green (ready, at 0%) the second's."""
+    backend, blue = _blue_serving(fake)
+    backend.submit(SECOND)
+    fake.set_job_status(SECOND.job_name, "Completed")
+    green = backend.register(SECOND.job_name)
+    _ready(fake, backend, green, "green")
+    return backend, blue, green
+
+
+def _traffic_puts(fake: FakeAzureML) -> list[Any]:
+    return [put.body["properties"].get("traffic") for put in fake.sent("PUT", r"/onlineEndpoints/ep-chats$")]
+
+
+def test_deployment_goes_endpoint_then_deployment_then_ready_at_no_traffic(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    tags = {"run_id": "chats-0123456789ab"}
     deploying = DeployProgress(DeployState.DEPLOYING)
-    assert backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION) == deploying
+    assert backend.continue_deployment(model, "ep-chats", "blue", RUN_TAGS) == deploying
     (endpoint_put,) = fake.sent("PUT", r"/onlineEndpoints/ep-chats$")
     assert endpoint_put.body["properties"]["authMode"] == "Key"
     assert endpoint_put.body["tags"] == {"managed-by": "finetune-on-upload", "run_id": "chats-0123456789ab"}
+    assert not endpoint_put.body["properties"].get("description")  # no model serves yet
+    assert not fake.sent("PUT", "/deployments/")  # not before the endpoint has succeeded
 
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
-    assert backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION) == deploying
-    (deployment_put,) = fake.sent("PUT", f"/onlineEndpoints/ep-chats/deployments/{DEPLOYMENT}$")
+    assert backend.continue_deployment(model, "ep-chats", "blue", RUN_TAGS) == deploying
+    (deployment_put,) = fake.sent("PUT", "/onlineEndpoints/ep-chats/deployments/blue$")
     properties = deployment_put.body["properties"]
     assert properties["model"].endswith(f"/models/Phi-4-chats/versions/{model.version}")
     assert properties["instanceType"] == "Standard_NC24ads_A100_v4"
     assert deployment_put.body["sku"]["capacity"] == 1
     assert properties["livenessProbe"]["initialDelay"] == "PT10M"
     assert properties["requestSettings"]["requestTimeout"] == "PT1M30S"
-    assert not fake.sent("POST", "/score")  # nothing is sent to a deployment still provisioning
+    assert deployment_put.body["tags"] == {"managed-by": "finetune-on-upload", "run_id": "chats-0123456789ab"}
+    assert len(fake.sent("GET", "/usages")) == 2  # the submission's check and the endpoint's: not a third
 
-    fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
-    progress = backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION)
-    assert progress.state == DeployState.DEPLOYED
-    (attempt,) = progress.smoke_test
-    assert (attempt.shape, attempt.status, attempt.answered) == ("input_string as a list of messages", 200, True)
-    assert "a reply from the deployment" in attempt.excerpt
-    (score,) = fake.sent("POST", "/score")
-    assert score.headers["azureml-model-deployment"] == DEPLOYMENT
+    fake.deployments[("ep-chats", "blue")]["properties"]["provisioningState"] = "Succeeded"
+    assert backend.continue_deployment(model, "ep-chats", "blue", RUN_TAGS) == DeployProgress(DeployState.READY)
+    assert backend.continue_deployment(model, "ep-chats", "blue", RUN_TAGS) == DeployProgress(DeployState.READY)
+    assert len(fake.sent("PUT", "/deployments/")) == 1 and len(fake.sent("PUT", "/onlineEndpoints/ep-chats$")) == 1
+    assert not fake.sent("POST", "/score")  # the flow smoke-tests it, and routes the traffic
+    assert backend.endpoint("ep-chats").traffic == {"blue": 0}
+
+
+def test_a_second_deployment_is_checked_and_leaves_the_traffic_as_it_is(fake: FakeAzureML) -> None:
+    backend, blue = _blue_serving(fake)
+    usages = len(fake.sent("GET", "/usages"))
+    fake.quota = {"standardNCADSA100v4Family": (24, 24)}  # blue holds the family's whole quota
+    with pytest.raises(PreflightError, match="for the endpoint's deployment: Standard_NC24ads_A100_v4 needs 24"):
+        backend.deploy(blue, "ep-chats", "green", {"run_id": "chats-second"})
+    assert not fake.sent("PUT", "/deployments/green$")
+    fake.quota = {"standardNCADSA100v4Family": (24, 48)}
+    backend.deploy(blue, "ep-chats", "green", {"run_id": "chats-second"})
+    assert len(fake.sent("GET", "/usages")) == usages + 2  # each try checked the quota
+    (green_put,) = fake.sent("PUT", "/onlineEndpoints/ep-chats/deployments/green$")
+    assert green_put.body["tags"]["run_id"] == "chats-second"
+    assert _traffic_puts(fake) == [{}, {"blue": 100}]  # the creation, then the routing: nothing since
+    assert fake.endpoints["ep-chats"]["properties"]["traffic"] == {"blue": 100}
+    assert backend.endpoint("ep-chats").traffic == {"blue": 100, "green": 0}
+
+
+def test_traffic_moves_from_blue_to_green_and_the_description_follows_the_largest_share(fake: FakeAzureML) -> None:
+    backend, blue, green = _green_beside_blue(fake)
+    backend.set_traffic("ep-chats", {"blue": 90, "green": 10})
+    assert _traffic_puts(fake)[-1] == {"blue": 90, "green": 10}
+    assert fake.sent("PUT", r"/onlineEndpoints/ep-chats$")[-1].body["properties"]["description"] == (
+        f"Phi-4-chats:{blue.version}"
+    )
+    backend.set_traffic("ep-chats", {"green": 100, "blue": 0})
+    assert _traffic_puts(fake)[-1] == {"green": 100}  # the SDK sends no 0% entries; the PUT replaces the map
+    endpoint = backend.endpoint("ep-chats")
+    assert endpoint.traffic == {"green": 100, "blue": 0}
+    assert endpoint.model == green  # read back from the description
+    # The service answers with the model's ARM id; `azureml:name:version` is read too.
+    fake.deployments[("ep-chats", "blue")]["properties"]["model"] = "azureml:Phi-4-chats:7"
+    backend.set_traffic("ep-chats", {"blue": 100})
+    assert backend.endpoint("ep-chats").model == ModelRef("Phi-4-chats", "7")
+    backend.set_traffic("ep-chats", {"blue": 0})  # serving nothing
+    assert _traffic_puts(fake)[-1] == {}
+    assert backend.endpoint("ep-chats").model is None
+
+
+def test_score_with_the_header_reaches_the_named_deployment_whatever_the_traffic(fake: FakeAzureML) -> None:
+    backend, _, _ = _green_beside_blue(fake)
+    body = {"input_data": {"input_string": CONVERSATION}}
+    status, text = backend.score("ep-chats", "green", body)  # green takes 0%
+    assert status == 200 and "a reply from the deployment green" in text
+    score = fake.sent("POST", "/score")[-1]
+    assert score.headers["azureml-model-deployment"] == "green"
     assert score.headers["Authorization"] == "Bearer primary-ep-chats"
-    # The current serving container's shape: a flat list of messages, no `params`.
-    assert score.body == {"input_data": {"input_string": CONVERSATION, "parameters": {
-        "temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}}}  # fmt: skip
-    assert fake.sent("POST", "/onlineEndpoints/ep-chats/listKeys")
-    traffic = fake.sent("PUT", r"/onlineEndpoints/ep-chats$")[-1]
-    assert traffic.body["properties"]["traffic"] == {DEPLOYMENT: 100}
-
-    duplicate = backend.continue_deployment(model, "ep-chats", tags, lambda: CONVERSATION)  # a duplicate event
-    assert duplicate == DeployProgress(DeployState.DEPLOYED)
-    assert len(fake.sent("PUT", r"/onlineEndpoints/ep-chats$")) == 2
-    assert len(fake.sent("PUT", "/deployments/")) == 1 and len(fake.sent("POST", "/score")) == 1
+    assert score.body == body
+    status, text = backend.score("ep-chats", None, body)
+    assert status == 200 and "a reply from the deployment blue" in text
+    assert "azureml-model-deployment" not in fake.sent("POST", "/score")[-1].headers
+    assert backend.invoke("ep-chats", body, deployment="green") == {"output": "a reply from the deployment green"}
+    assert fake.served == [("ep-chats", "green"), ("ep-chats", "blue"), ("ep-chats", "green")]
+    status, text = backend.score("ep-chats", "purple", body)
+    assert status == 404 and "deployment purple not found" in text
 
 
-def test_an_mlflow_deployment_refusing_the_flat_shape_gets_the_nested_one_and_is_kept(fake: FakeAzureML) -> None:
+def test_the_fake_names_the_deployment_that_answered(fake: FakeAzureML) -> None:
+    """What a client of the endpoint (the flow's smoke test) may read besides the body."""
+    _green_beside_blue(fake)
+    body = {"input_data": {"input_string": CONVERSATION}}
+    scoring = "https://ep-chats.eastus.inference.ml.azure.com/score"
+    named = fake.send(HttpRequest("POST", scoring, headers={"azureml-model-deployment": "green"}, json=body))
+    assert named.status_code == 200 and named.headers["azureml-model-deployment"] == "green"
+    assert fake.send(HttpRequest("POST", scoring, json=body)).headers["azureml-model-deployment"] == "blue"
+
+
+def test_the_mlflow_container_refuses_the_flat_shape_and_answers_the_nested_one(fake: FakeAzureML) -> None:
     fake.serving = "mlflow"
-    backend, model = _serving_deployment(fake)
-    progress = backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
-    assert progress.state == DeployState.DEPLOYED
-    first, second = progress.smoke_test
-    assert (first.status, first.answered) == (424, False) and "unexpected error occurred in scoring" in first.excerpt
-    assert (second.shape, second.status, second.answered) == (
-        "input_string as a list of conversations, with params", 200, True)  # fmt: skip
-    flat, nested = fake.sent("POST", "/score")
-    assert flat.body["input_data"]["input_string"] == CONVERSATION and "params" not in flat.body
-    assert nested.body["input_data"]["input_string"] == [CONVERSATION] and nested.body["params"] == {}
-    assert not fake.sent("DELETE", "/deployments/")
-    assert fake.sent("PUT", r"/onlineEndpoints/ep-chats$")[-1].body["properties"]["traffic"] == {DEPLOYMENT: 100}
+    backend, _ = _blue_serving(fake)
+    status, text = backend.score("ep-chats", "blue", {"input_data": {"input_string": CONVERSATION}})
+    assert status == 424 and "unexpected error occurred in scoring" in text
+    nested = {"input_data": {"input_string": [CONVERSATION]}, "params": {}}
+    assert backend.score("ep-chats", "blue", nested) == (200, '[{"0": "a reply from the deployment blue"}]')
 
 
-def test_the_deployment_fails_only_when_every_shape_failed_and_is_left_to_the_flow(fake: FakeAzureML) -> None:
-    backend, model = _serving_deployment(fake)
-    fake.fail_next("POST", "/score", 424, {"message": "upstream model error"})
-    fake.fail_next("POST", "/score", 502, {"message": "Liveness probe failed"})
-    progress = backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
+@pytest.mark.timeout(60)  # waiting on the poller would hang here
+def test_deleting_a_deployment_starts_it_and_does_not_wait(fake: FakeAzureML) -> None:
+    backend, _, _ = _green_beside_blue(fake)
+    backend.set_traffic("ep-chats", {"green": 100})
+    fake.deletions_finish = False
+    try:
+        assert backend.delete_deployment("ep-chats", "blue") is True
+    finally:
+        fake.deletions_finish = True  # the poller's thread ends at its next poll
+    (delete,) = fake.sent("DELETE", "/deployments/")
+    assert delete.path == f"{ARM}/onlineEndpoints/ep-chats/deployments/blue"
+    assert ("ep-chats", "blue") not in fake.deployments and ("ep-chats", "green") in fake.deployments
+    assert backend.delete_deployment("ep-chats", "blue") is False
+    assert backend.endpoint("ep-chats").traffic == {"green": 100}
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda b: b.set_traffic("ep-chats", {"blue": 50, "purple": 50}),
+         "Azure ML routing traffic failed: 400 UserError: Traffic rules reference deployments that do not exist in "
+         "endpoint ep-chats: purple"),
+        (lambda b: b.set_traffic("ep-chats", {"blue": 90, "green": 20}),
+         "Azure ML routing traffic failed: 400 UserError: Traffic values of endpoint ep-chats must sum to 100 "
+         r"\(or 0\), not 110"),
+        (lambda b: b.delete_deployment("ep-chats", "blue"),
+         "Azure ML deleting a deployment failed: 400 UserError: deployment blue takes 100% of endpoint ep-chats's "
+         "traffic"),
+    ],
+)  # fmt: skip
+def test_what_the_service_refuses_is_a_backend_error_with_its_message(fake: FakeAzureML, call: Any, says: str) -> None:
+    backend, _, _ = _green_beside_blue(fake)
+    with pytest.raises(BackendError, match=says):
+        call(backend)
+    assert fake.endpoints["ep-chats"]["properties"]["traffic"] == {"blue": 100}
+    assert ("ep-chats", "blue") in fake.deployments
+
+
+def test_a_failed_deployment_reports_its_own_logs_as_the_reason(fake: FakeAzureML) -> None:
+    backend, _, green = _green_beside_blue(fake)
+    fake.deployment_logs[("ep-chats", "blue")] = "blue is fine"
+    fake.deployment_logs[("ep-chats", "green")] = "vllm: torch.OutOfMemoryError: CUDA out of memory"
+    fake.deployments[("ep-chats", "green")]["properties"]["provisioningState"] = "Failed"
+    progress = backend.continue_deployment(green, "ep-chats", "green", RUN_TAGS)
     assert progress.state == DeployState.FAILED
-    assert [attempt.status for attempt in progress.smoke_test] == [424, 502]
-    message = progress.message or ""
-    assert "smoke test of ep-chats failed with every request shape" in message
-    assert "424" in message and "upstream model error" in message and "Liveness probe failed" in message
-    assert not fake.sent("DELETE", "")  # the flow removes the endpoint once the failure is recorded
-    assert not [r for r in fake.sent("PUT", r"/onlineEndpoints/ep-chats$") if r.body["properties"].get("traffic")]
-
-
-def test_a_failed_deployment_reports_its_logs_as_the_reason(fake: FakeAzureML) -> None:
-    backend, model = _serving_deployment(fake)
-    fake.deployments[("ep-chats", DEPLOYMENT)]["properties"]["provisioningState"] = "Failed"
-    progress = backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
-    assert progress.state == DeployState.FAILED and progress.smoke_test == ()
-    assert (progress.message or "").startswith(f"deployment {DEPLOYMENT} of ep-chats failed")
-    assert not fake.sent("DELETE", "") and not fake.sent("POST", "/score")
+    assert progress.message == "deployment green of ep-chats failed: vllm: torch.OutOfMemoryError: CUDA out of memory"
+    (logs,) = fake.sent("POST", "/getLogs")
+    assert logs.path.endswith("/deployments/green/getLogs") and logs.body["tail"] == 20
+    assert not fake.sent("DELETE", "") and not fake.sent("POST", "/score")  # the flow removes it
 
 
 def test_a_quota_error_becomes_a_failure_with_the_service_text(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
+    backend.continue_deployment(model, "ep-chats", "blue", {})
     fake.endpoints["ep-chats"]["properties"]["provisioningState"] = "Succeeded"
     quota = "Not enough quota available for Standard_NC24ads_A100_v4 in SubscriptionId. Current usage/limit: 24/24."
     fake.fail_next("PUT", "/deployments/", 400, {"error": {"code": "InferencingClientCallFailed", "message": quota}})
     with pytest.raises(BackendError, match="Not enough quota available for Standard_NC24ads_A100_v4"):
-        backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
+        backend.continue_deployment(model, "ep-chats", "blue", {})
 
 
 def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzureML) -> None:
@@ -388,14 +497,20 @@ def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzu
         PreflightError,
         match=r"NC4as_T4_v3 is not allowed for Phi-4:8 \(system metadata supportedComputes.inferenceComputes\)",
     ):
-        refused.deploy(model, "ep-chats", {})
+        refused.deploy(model, "ep-chats", "blue", {})
     assert not fake.sent("PUT", "/onlineEndpoints/")
+
+
+def test_the_held_out_loss_is_left_to_the_jobs_logs(fake: FakeAzureML) -> None:
+    backend = _completed_job(fake)
+    assert backend.held_out_loss(backend.register(REQUEST.job_name), "test_sft.jsonl") is None
+    assert backend.held_out_loss(None, "test_sft.jsonl") is None
 
 
 def test_listing_reads_idle_evidence_from_metrics_and_deletion_does_not_wait(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)
-    backend.continue_deployment(model, "ep-chats", {}, lambda: CONVERSATION)
+    backend.continue_deployment(model, "ep-chats", "blue", {})
     fake.endpoints["other"] = {**fake.endpoints["ep-chats"], "name": "other", "tags": {"owner": "someone"}}
     fake.metrics["ep-chats"] = [
         {"timeStamp": "2026-11-24T10:00:00Z", "total": 3.0},
@@ -504,7 +619,7 @@ class RefusingCredential(FakeCredential):
     [
         (lambda b: b.register(REQUEST.job_name), lambda f: f.fail_next("PUT", "/models/", 403, AUTHORIZATION_FAILED),
          "Azure ML registration failed: 403 AuthorizationFailed"),
-        (lambda b: b.continue_deployment(b.register(REQUEST.job_name), "ep-chats", {}, lambda: CONVERSATION),
+        (lambda b: b.continue_deployment(b.register(REQUEST.job_name), "ep-chats", "blue", {}),
          lambda f: f.fail_next("PUT", "/onlineEndpoints/", 409, {"error": {"code": "Conflict", "message": "busy"}}),
          "Azure ML deployment failed: 409 Conflict: busy"),
         (lambda b: b.list_endpoints(), lambda f: f.fail_next("GET", "/onlineEndpoints", 403, AUTHORIZATION_FAILED),
@@ -524,3 +639,92 @@ def test_a_credential_that_cannot_get_a_token_is_a_backend_error(fake: FakeAzure
     backend = AzureMLBackend(load_settings(ENV), transport=fake, credential=RefusingCredential())
     with pytest.raises(BackendError, match="Azure ML submission failed: ManagedIdentityCredential authentication"):
         backend.submit(REQUEST)
+
+
+MLFLOW_RUNS = f"/mlflow/v1.0{ARM}/api/2.0/mlflow/runs"
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["step-under-job", "step-under-pipeline-component"])
+def test_job_metrics_are_the_latest_each_run_logged_to_mlflow(fake: FakeAzureML, nested: bool) -> None:
+    backend = _completed_job(fake)
+    fake.set_job_metrics(REQUEST.job_name, {
+        "loss": [(10, 2.1), (20, 1.6)], "eval_loss": [(10, 1.9), (20, 1.5)],
+        "train_loss": [(20, 1.8)], "epoch": [(20, 1.0)],
+    }, nested=nested)  # fmt: skip
+    metrics = backend.job_metrics(REQUEST.job_name)
+    assert metrics["eval_loss"] == 1.5 and metrics["loss"] == 1.6 and metrics["epoch"] == 1.0
+    assert metrics["train_loss"] == 1.8  # the trainer's mean over the run, not its last logged loss
+    assert metrics["perplexity"] == pytest.approx(math.exp(1.5)) and metrics["steps"] == 20
+    # The workspace's tracking URI, over https, with an Azure Resource Manager token.
+    (get,) = fake.sent("GET", f"{MLFLOW_RUNS}/get$")
+    assert get.url.startswith(f"https://eastus.api.azureml.ms{MLFLOW_RUNS}/get?")
+    assert get.query == {"run_id": [REQUEST.job_name]} and get.headers["Authorization"].startswith("Bearer ")
+    (search,) = fake.sent("POST", f"{MLFLOW_RUNS}/search$")
+    assert search.headers["Content-Type"] == "application/json"
+    assert search.body["experiment_ids"] == [fake.mlflow_runs[REQUEST.job_name].experiment_id]
+    assert search.body["filter"] == f"tags.mlflow.rootRunId = '{REQUEST.job_name}'"
+
+
+def test_the_value_logged_last_wins_whichever_run_and_step_logged_it(fake: FakeAzureML) -> None:
+    backend = _completed_job(fake)
+    fake.set_job_metrics(REQUEST.job_name, {"eval_loss": [(10, 1.9)]})
+    fake.set_job_metrics(REQUEST.job_name, {"eval_loss": [(100, 1.4)]}, node="model_evaluation")
+    fake.set_job_metrics(REQUEST.job_name, {"eval_loss": [(20, 1.5)]})  # the fine-tune run again, later
+    assert backend.job_metrics(REQUEST.job_name)["eval_loss"] == 1.5
+
+
+def test_a_job_without_an_evaluation_set_has_its_last_loss_and_no_perplexity(fake: FakeAzureML) -> None:
+    backend = _completed_job(fake)
+    fake.set_job_metrics(REQUEST.job_name, {"loss": [(5, 2.4), (10, 2.2)]})
+    fake.set_job_metrics(REQUEST.job_name, {}, node="model_import")  # a step that logs nothing
+    assert backend.job_metrics(REQUEST.job_name) == {"loss": 2.2, "train_loss": 2.2, "steps": 10}
+
+
+@pytest.mark.parametrize("root_tagged", [True, False])
+def test_a_job_whose_runs_logged_no_metrics_has_none(fake: FakeAzureML, root_tagged: bool) -> None:
+    backend = _completed_job(fake)
+    if not root_tagged:  # undocumented either way: then the search finds no run, and MLflow answers {}
+        del fake.mlflow_runs[REQUEST.job_name].tags["mlflow.rootRunId"]
+    assert backend.job_metrics(REQUEST.job_name) == {}
+    assert fake.sent("POST", f"{MLFLOW_RUNS}/search$")  # its runs were searched, and none had any
+
+
+MLFLOW_UNAVAILABLE = {"error_code": "INTERNAL_ERROR", "message": "the tracking store is unavailable"}
+
+
+@pytest.mark.parametrize(
+    ("method", "api", "status", "body", "says"),
+    [
+        ("POST", "search", 403, AUTHORIZATION_FAILED,
+         "Azure ML reading a job's metrics failed: 403 AuthorizationFailed: The client 'finetune-app'"),
+        ("GET", "get", 500, MLFLOW_UNAVAILABLE,  # MLflow's own error shape
+         "Azure ML reading a job's metrics failed: 500 the tracking store is unavailable"),
+    ],
+)  # fmt: skip
+def test_an_mlflow_error_is_a_backend_error_with_the_service_message(
+    fake: FakeAzureML, method: str, api: str, status: int, body: Any, says: str
+) -> None:
+    backend = _completed_job(fake)
+    fake.set_job_metrics(REQUEST.job_name, {"eval_loss": [(20, 1.5)]})
+    fake.fail_next(method, f"{MLFLOW_RUNS}/{api}$", status, body)
+    with pytest.raises(BackendError, match=says) as refused:
+        backend.job_metrics(REQUEST.job_name)
+    # A 5xx is worth asking again later (the client has no retry policy of its own).
+    assert isinstance(refused.value, TransientBackendError) == (status >= 500)
+
+
+def test_a_job_unknown_to_mlflow_is_a_backend_error(fake: FakeAzureML) -> None:
+    with pytest.raises(BackendError, match="404 Run 'ft-unknown' not found"):
+        _backend(fake).job_metrics("ft-unknown")
+    fake.fail_next("GET", f"{MLFLOW_RUNS}/get$", 200, {})  # an answer without the run: no traceback either
+    with pytest.raises(BackendError, match="MLflow API answered no run for job 'ft-unknown'"):
+        _backend(fake).job_metrics("ft-unknown")
+
+
+def test_a_workspace_without_a_tracking_uri_is_a_backend_error(
+    fake: FakeAzureML, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fake, "_workspace", lambda request: (200, {"id": ARM, "name": "mlw-test", "properties": {}}))
+    with pytest.raises(BackendError, match="workspace mlw-test names no MLflow tracking URI"):
+        _backend(fake).job_metrics(REQUEST.job_name)
+    assert not fake.sent("GET", "/api/2.0/mlflow/")

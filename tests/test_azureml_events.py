@@ -7,8 +7,9 @@ or as a `RunStatusChanged` to Completed, with camelCase or PascalCase keys."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,8 +17,9 @@ from azure.functions import meta
 from azure.functions.eventgrid import EventGridEventInConverter
 
 from shared import deployment
-from shared.backends.azureml.backend import DEPLOYMENT, AzureMLBackend
-from shared.deployment import drive_run
+from shared.backends.azureml.backend import AzureMLBackend
+from shared.backends.interface import ModelRef
+from shared.deployment import drive_run, rollback
 from shared.dev.azurite import Azurite
 from shared.events import handle_job_event
 from shared.intake import submit_run
@@ -80,16 +82,21 @@ def fake() -> FakeAzureML:
     return FakeAzureML()
 
 
-@pytest.fixture
-def setup(fake: FakeAzureML, ledger: Ledger, azurite: Azurite) -> tuple[Settings, AzureMLBackend, Run]:
-    settings = load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string})
-    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
-    run, _ = ledger.receive(Upload(DATASETS_CONTAINER, f"chats-{uuid.uuid4().hex[:8]}.jsonl", "0x1"), "received")
+def _submitted(settings: Settings, ledger: Ledger, backend: AzureMLBackend, blob: str, version: str) -> Run:
+    """A prepared upload of `blob` (this `version` of it), submitted to the fake service."""
+    run, _ = ledger.receive(Upload(DATASETS_CONTAINER, blob, version), "received")
     estimate = {"training_hours": 1.5, "training_usd": 5.5, "hosting_usd_per_hour": 3.673,
                 "basis": {"training_price_usd_per_hour": 3.673}}  # fmt: skip
     run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": {"sha256": "d" * 64,
                                                                                  "estimate": estimate}})  # fmt: skip
-    return settings, backend, submit_run(settings, ledger, run, backend)
+    return submit_run(settings, ledger, run, backend)
+
+
+@pytest.fixture
+def setup(fake: FakeAzureML, ledger: Ledger, azurite: Azurite) -> tuple[Settings, AzureMLBackend, Run]:
+    settings = load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string})
+    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
+    return settings, backend, _submitted(settings, ledger, backend, f"chats-{uuid.uuid4().hex[:8]}.jsonl", "0x1")
 
 
 @pytest.mark.parametrize("casing", [lambda event: event, _pascal], ids=["camelCase", "PascalCase"])
@@ -151,7 +158,7 @@ def test_a_busy_service_leaves_the_run_where_it_is_for_the_next_attempt(
 
 def _serving_at_no_traffic(fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]) -> str:
     """The run's job completed, its endpoint and deployment provisioned, its held-out data there:
-    the next drive smoke-tests it. Its endpoint's name."""
+    the next drive evaluates it. Its endpoint's name."""
     settings, backend, run = setup
     _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
     endpoint = ledger.get(run.run_id).endpoint_name or ""
@@ -160,7 +167,8 @@ def _serving_at_no_traffic(fake: FakeAzureML, ledger: Ledger, setup: tuple[Setti
     prepared.upload_blob(f"{run.run_id}/{TEST_FILE}", json.dumps(held_out).encode() + b"\n", overwrite=True)
     fake.endpoints[endpoint]["properties"]["provisioningState"] = "Succeeded"
     drive_run(settings, ledger, run.run_id, backend)  # creates the deployment
-    fake.deployments[(endpoint, DEPLOYMENT)]["properties"]["provisioningState"] = "Succeeded"
+    deployment_name = ledger.get(run.run_id).deployment_name or ""
+    fake.deployments[(endpoint, deployment_name)]["properties"]["provisioningState"] = "Succeeded"
     return endpoint
 
 
@@ -180,15 +188,16 @@ def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_end
     assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$")
 
 
-def test_a_deployment_failing_every_smoke_shape_is_recorded_then_its_endpoint_removed(
+def test_a_deployment_answering_no_held_out_conversation_is_refused_then_its_endpoint_removed(
     fake: FakeAzureML, ledger: Ledger, setup: tuple[Settings, AzureMLBackend, Run]
 ) -> None:
     settings, backend, run = setup
     endpoint = _serving_at_no_traffic(fake, ledger, setup)
     fake.fail_next("POST", "/score", 424, {"message": "upstream model error"})
     fake.fail_next("POST", "/score", 502, {"message": "Liveness probe failed"})
-    failed = drive_run(settings, ledger, run.run_id, backend)
-    assert failed.state == RunState.DEPLOY_FAILED and "every request shape" in (failed.reason or "")
+    refused = drive_run(settings, ledger, run.run_id, backend)
+    assert refused.state == RunState.REFUSED and "1 of 1 held-out conversations got no answer" in (refused.reason or "")
+    assert "502" in (refused.reason or "")  # what the last request shape got
     assert [entry.message for entry in ledger.history(run.run_id)][-1] == f"endpoint {endpoint} deleted"
     assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$") and not fake.sent("DELETE", "/deployments/")
 
@@ -203,3 +212,91 @@ def test_a_service_busy_for_longer_than_a_day_fails_the_run(
     _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, job))
     failed = ledger.get(run.run_id)
     assert failed.state == RunState.DEPLOY_FAILED and "409 Conflict: a concurrent write" in (failed.reason or "")
+
+
+def _trained_and_ready(fake: FakeAzureML, ledger: Ledger, settings: Settings, backend: AzureMLBackend, blob: str,
+                       version: str, eval_loss: float) -> Run:  # fmt: skip
+    """Another version of dataset `blob`: its job completes having logged `eval_loss`, its
+    deployment is created at 0% and provisioned; the next drive judges it."""
+    run = _submitted(settings, ledger, backend, blob, version)
+    fake.set_job_metrics(run.job_name or "", {"loss": [(10, eval_loss + 0.2)], "eval_loss": [(10, eval_loss)]})
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
+    run = ledger.get(run.run_id)
+    held_out = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    prepared = container(settings.storage, PREPARED_CONTAINER)
+    prepared.upload_blob(f"{run.run_id}/{TEST_FILE}", json.dumps(held_out).encode() + b"\n", overwrite=True)
+    endpoint = fake.endpoints[run.endpoint_name or ""]
+    endpoint["properties"]["provisioningState"] = "Succeeded"
+    drive_run(settings, ledger, run.run_id, backend)  # the deployment, on the endpoint that now exists
+    fake.deployments[(run.endpoint_name or "", run.deployment_name or "")]["properties"]["provisioningState"] = (
+        "Succeeded"
+    )
+    return run
+
+
+def _traffic_puts(fake: FakeAzureML, endpoint: str) -> list[dict[str, int]]:
+    return [request.body["properties"]["traffic"] for request in fake.sent("PUT", rf"/onlineEndpoints/{endpoint}$")
+            if request.body["properties"].get("traffic")]  # fmt: skip
+
+
+def test_retraining_through_the_service_rolls_out_refuses_worse_and_rolls_back(
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import janitor
+
+    settings = load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string, "ROLLOUT_SHARE_PERCENT": "10",
+                              "ROLLOUT_STEP_MINUTES": "0.01", "ENDPOINT_IDLE_MINUTES": "100000"})  # fmt: skip
+    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
+    blob = f"support-{uuid.uuid4().hex[:8]}.jsonl"
+
+    v1 = _trained_and_ready(fake, ledger, settings, backend, blob, "0x1", eval_loss=1.5)
+    endpoint = v1.endpoint_name or ""
+    v1 = drive_run(settings, ledger, v1.run_id, backend)
+    assert v1.state == RunState.DEPLOYED, v1.reason
+    assert v1.details["gate"]["loss"]["note"] == "no loss to compare with: the loss check was skipped"
+    assert _traffic_puts(fake, endpoint) == [{v1.deployment_name: 100}]
+    assert [served for served in fake.served if served[0] == endpoint] == [(endpoint, v1.deployment_name)]
+
+    v2 = _trained_and_ready(fake, ledger, settings, backend, blob, "0x2", eval_loss=1.2)
+    assert v2.endpoint_name == endpoint and len(fake.sent("PUT", rf"/onlineEndpoints/{endpoint}$")) == 2
+    # A second deployment of the same endpoint: created with the run's tags, at no traffic.
+    (created,) = fake.sent("PUT", rf"/onlineEndpoints/{endpoint}/deployments/{v2.deployment_name}$")
+    assert created.body["tags"]["run_id"] == v2.run_id
+    assert _traffic_puts(fake, endpoint)[-1] == {v1.deployment_name: 100}
+    v2 = drive_run(settings, ledger, v2.run_id, backend)
+    assert v2.state == RunState.ROLLING_OUT, v2.reason
+    logged = "eval_loss logged by each job, each on its own test split"
+    assert v2.details["gate"]["loss"] == {
+        "candidate": 1.2,
+        "baseline": 1.5,
+        "limit": pytest.approx(1.515),
+        "how": logged,
+    }
+    # The held-out conversation went to each deployment by name, before any traffic moved.
+    assert fake.served[-2:] == [(endpoint, v2.deployment_name), (endpoint, v1.deployment_name)]
+    assert _traffic_puts(fake, endpoint)[-1] == {v1.deployment_name: 90, v2.deployment_name: 10}
+    time.sleep(1)  # the rollout step (0.01 min) passes
+    assert drive_run(settings, ledger, v2.run_id, backend).state == RunState.DEPLOYED
+    assert _traffic_puts(fake, endpoint)[-1] == {v2.deployment_name: 100}  # the SDK sends no 0% entries
+    assert ledger.get(v1.run_id).state == RunState.SUPERSEDED
+    assert not fake.sent("DELETE", "/deployments/")
+
+    v3 = _trained_and_ready(fake, ledger, settings, backend, blob, "0x3", eval_loss=4.0)
+    v3 = drive_run(settings, ledger, v3.run_id, backend)
+    assert v3.state == RunState.REFUSED and "held-out loss 4.0000 is +233.3%" in (v3.reason or "")
+    assert _traffic_puts(fake, endpoint)[-1] == {v2.deployment_name: 100}  # the live one untouched
+    (deleted,) = fake.sent("DELETE", "/deployments/")
+    assert deleted.path.endswith(f"/onlineEndpoints/{endpoint}/deployments/{v3.deployment_name}")
+    assert not fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$")
+
+    assert rollback(settings, ledger, endpoint, backend).run_id == v1.run_id
+    assert _traffic_puts(fake, endpoint)[-1] == {v1.deployment_name: 100}
+    assert (ledger.get(v1.run_id).state, ledger.get(v2.run_id).state) == (RunState.DEPLOYED, RunState.ROLLED_BACK)
+    assert backend.endpoint(endpoint).model == ModelRef(v1.model_name or "", v1.model_version or "")
+
+    # Past the rollback window, the janitor deletes the rolled-back deployment, and only it.
+    monkeypatch.setattr(janitor, "get_backend", lambda _: backend)
+    report = janitor.sweep(settings, ledger, past_due=False, now=datetime.now(UTC) + timedelta(hours=25))
+    assert report["deployments_deleted"] == [f"{endpoint}/{v2.deployment_name}"] and report["deleted"] == []
+    assert fake.sent("DELETE", "/deployments/")[-1].path.endswith(f"/deployments/{v2.deployment_name}")
+    assert ledger.get(v2.run_id).state == RunState.TORN_DOWN

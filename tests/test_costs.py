@@ -251,10 +251,10 @@ def test_a_deployment_short_of_quota_is_refused_before_its_endpoint(fake: FakeAz
     model = _completed_job(fake).register(REQUEST.job_name)
     fake.quota = {"standardNCADSA100v4Family": (1, 24)}  # the A100 sizes skip the 20% reservation: 24 needed
     with pytest.raises(PreflightError, match="for the endpoint's deployment: Standard_NC24ads_A100_v4 needs 24 vCPUs"):
-        _azureml(fake).deploy(model, "ep-quota", {})
+        _azureml(fake).deploy(model, "ep-quota", "main", {})
     assert not fake.sent("PUT", "/onlineEndpoints/")
     fake.quota = {"standardNCADSA100v4Family": (0, 24)}
-    _azureml(fake).deploy(model, "ep-quota", {})
+    _azureml(fake).deploy(model, "ep-quota", "main", {})
     assert fake.sent("PUT", "/onlineEndpoints/ep-quota")
 
 

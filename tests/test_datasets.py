@@ -260,6 +260,8 @@ def test_report_contents(tmp_path: Path) -> None:
         ({"test_pc": "0"}, "test_pc='0': expected a percentage above 0 and below 100"),
         ({"learning_rate": "fast"}, "training parameter learning_rate='fast': expected a number above 0"),
         ({"apply_lora": "yes"}, "training parameter apply_lora='yes': expected true or false"),
+        ({"endpoint": "support\nbot"}, "endpoint='support\\nbot': an endpoint name is 3-32 characters"),
+        ({"Endpoint": "../etc"}, "Endpoint='../etc': an endpoint name is 3-32 characters"),
     ],
 )
 def test_bad_per_upload_overrides_reject_naming_the_key(tmp_path: Path, metadata: dict[str, str], says: str) -> None:
@@ -267,6 +269,12 @@ def test_bad_per_upload_overrides_reject_naming_the_key(tmp_path: Path, metadata
     assert not result.accepted
     assert says in result.reason
     assert (tmp_path / "out" / REPORT_FILE).exists()
+
+
+def test_the_endpoint_an_upload_names_is_in_its_report(tmp_path: Path) -> None:
+    result = _prepare(tmp_path, _lines(*GOOD), metadata={"endpoint": "support-bot"})
+    assert result.accepted and result.report["endpoint"] == "support-bot"
+    assert _prepare(tmp_path, _lines(*GOOD)).report["endpoint"] is None
 
 
 def test_damaged_gzip_and_parquet_are_rejected(tmp_path: Path) -> None:

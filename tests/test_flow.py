@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from functions.job_events import job_events
+from functions.status import endpoint_rollback
 from shared.backends.local.settings import LOCAL_TOPIC, local_settings
 from shared.backends.registry import get_backend
 from shared.datasets.sample import conversations
@@ -128,8 +129,10 @@ def test_200_concurrent_completed_events_register_and_deploy_once(
             burner.kill()
     run = ledger.get(run.run_id)
     data_dir = local_settings(settings).data_dir
-    server_log = local_endpoints.log_path(data_dir, run.endpoint_name or "").read_text()
-    assert server_log.count('"POST /score HTTP/1.1"') == 1  # one smoke test, in the first shape
+    server_log = local_endpoints.log_path(data_dir, run.endpoint_name or "", run.deployment_name or "").read_text()
+    # One evaluation: each held-out conversation once (up to GATE_CONVERSATIONS), in the first request shape.
+    held_out = min(run.details["report"]["split"]["test"], settings.rollout.gate_conversations)
+    assert held_out and server_log.count('"POST /score HTTP/1.1"') == held_out
     deployed = [e for e in lifecycle_events if e["eventType"] == "FineTune.ModelDeployed"]
     assert len(deployed) == 1
     status, _ = local_endpoints.invoke(data_dir, run.endpoint_name or "", {"input_data": {"input_string": [
@@ -255,8 +258,9 @@ def test_the_janitor_deletes_only_idle_managed_endpoints_once(
     managed = {"managed-by": MANAGED_BY}
     others = {"ep-fresh": managed, "ep-kept": {**managed, "keep": "true"}, "ep-unmanaged": {}, "ep-recent": managed}
     for endpoint, tags in others.items():
-        backend.deploy(model, endpoint, tags)
-        backend.wait_ready(endpoint)
+        backend.deploy(model, endpoint, "main", tags)
+        backend.wait_ready(endpoint, "main")
+        backend.set_traffic(endpoint, {"main": 100})
     _set_endpoint_time(settings, "ep-fresh", created=later - timedelta(minutes=5))
     _set_endpoint_time(settings, "ep-recent", last_request=later - timedelta(minutes=2))
 
@@ -294,3 +298,95 @@ def test_the_janitor_deletes_only_idle_managed_endpoints_once(
     deploying = run.state_times[S.DEPLOYING]
     assert spend["hosting"]["hours"] == pytest.approx((later - deploying).total_seconds() / 3600, abs=1e-3)
     assert deleted[0]["data"]["spend"] == spend
+
+
+def _train_and_finish(settings: Settings, ledger: Ledger, name: str, rows: list[dict[str, Any]],
+                      parameters: dict[str, str]) -> Run:  # fmt: skip
+    """Upload a new version of dataset `name`, train it, and deliver its job's Completed event."""
+    container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
+    container.get_blob_client(name).upload_blob(b"".join(orjson.dumps(r) + b"\n" for r in rows), overwrite=True,
+                                                metadata=parameters)  # fmt: skip
+    deliver_upload(name)
+    run = ledger.by_blob(DATASETS_CONTAINER, name)[0]
+    assert _wait_job(settings, run.job_name or "") == "Completed"
+    job_events.build().get_user_function()(_completed_event(run.job_name or ""))
+    return ledger.get(run.run_id)
+
+
+def _served_by(url: str, key: str, requests: int = 1, deployment: str | None = None) -> set[str]:
+    """Which deployments answered `requests` chat requests at the endpoint's URL."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}", **({"azureml-model-deployment": deployment} if deployment else {})}
+    body = {"input_data": {"input_string": [{"role": "user", "content": "hi"}], "parameters": {"max_new_tokens": 2}}}
+    answers = [httpx.post(url, json=body, headers=headers, timeout=60) for _ in range(requests)]
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    return {answer.headers["azureml-model-deployment"] for answer in answers}
+
+
+def test_retraining_keeps_the_url_gates_rolls_out_refuses_worse_and_rolls_back(
+    settings: Settings, ledger: Ledger, clean_env: pytest.MonkeyPatch, lifecycle_events: list[dict[str, Any]]
+) -> None:
+    for setting, value in {"ROLLOUT_SHARE_PERCENT": "50", "ROLLOUT_STEP_MINUTES": "0.05", "GATE_CONVERSATIONS": "3",
+                           "ROLLBACK_WINDOW_HOURS": "24", "ENDPOINT_IDLE_MINUTES": "100000"}.items():  # fmt: skip
+        clean_env.setenv(setting, value)
+    get_settings.cache_clear()
+    settings = get_settings()
+    backend = get_backend(settings)
+    name = f"support-bot-{uuid.uuid4().hex[:6]}.jsonl"
+    steady = {"per_device_train_batch_size": "4", "learning_rate": "0.002"}
+
+    v1 = _train_and_finish(settings, ledger, name, conversations(40, seed=1), {**steady, "max_steps": "3"})
+    assert v1.state == S.DEPLOYED, v1.reason
+    url, endpoint = v1.endpoint_url or "", v1.endpoint_name or ""
+    key = backend.keys(endpoint)["primary_key"]
+    assert v1.details["gate"]["compared_with"] == "base model" and v1.details["gate"]["passed"]
+    assert _served_by(url, key) == {v1.deployment_name}
+
+    v2 = _train_and_finish(settings, ledger, name, conversations(40, seed=2), {**steady, "max_steps": "30"})
+    assert v2.state == S.ROLLING_OUT, v2.reason
+    assert (v2.endpoint_name, backend.endpoint(endpoint).scoring_uri) == (endpoint, url)
+    assert backend.endpoint(endpoint).traffic == {v1.deployment_name: 50, v2.deployment_name: 50}
+    assert _served_by(url, key, requests=30) == {v1.deployment_name, v2.deployment_name}
+    gate = v2.details["gate"]
+    assert gate["compared_with"] == v1.deployment_name and gate["loss"]["candidate"] < gate["loss"]["baseline"]
+    time.sleep(3.5)  # the rollout step (0.05 min) passes; the janitor's tick finishes the rollout
+    sweep(settings, ledger, past_due=False)
+    v1, v2 = ledger.get(v1.run_id), ledger.get(v2.run_id)
+    assert (v1.state, v2.state) == (S.SUPERSEDED, S.DEPLOYED)
+    assert backend.endpoint(endpoint).traffic == {v1.deployment_name: 0, v2.deployment_name: 100}
+    assert _served_by(url, key, requests=5) == {v2.deployment_name}
+    assert _served_by(url, key, deployment=v1.deployment_name) == {v1.deployment_name}  # kept, at 0%
+    assert backend.keys(endpoint)["primary_key"] == key
+
+    # A learning rate that diverges: trained "successfully", worse on held-out conversations.
+    v3 = _train_and_finish(settings, ledger, name, conversations(40, seed=3), {**steady, "max_steps": "30",
+                                                                                "learning_rate": "3"})  # fmt: skip
+    assert v3.state == S.REFUSED and "held-out loss" in (v3.reason or ""), v3.reason
+    assert v3.details["gate"]["loss"]["candidate"] > v3.details["gate"]["loss"]["limit"]
+    assert backend.endpoint(endpoint).traffic == {v1.deployment_name: 0, v2.deployment_name: 100}
+    assert _served_by(url, key, requests=5) == {v2.deployment_name}
+    assert f"deployment {v3.deployment_name} deleted" in ledger.history(v3.run_id)[-1].message
+
+    request = func.HttpRequest("POST", f"/api/endpoints/{endpoint}/rollback", body=b"",
+                               route_params={"endpoint": endpoint})  # fmt: skip
+    answer = endpoint_rollback.build().get_user_function()(request)
+    assert answer.status_code == 200, answer.get_body()
+    assert json.loads(answer.get_body())["serving"]["run_id"] == v1.run_id
+    v1, v2 = ledger.get(v1.run_id), ledger.get(v2.run_id)
+    assert (v1.state, v2.state) == (S.DEPLOYED, S.ROLLED_BACK)
+    assert _served_by(url, key, requests=5) == {v1.deployment_name}
+    again = endpoint_rollback.build().get_user_function()(request)
+    assert again.status_code == 409 and "no earlier deployment" in json.loads(again.get_body())["error"]
+
+    models = [e for e in lifecycle_events if e["eventType"].startswith("FineTune.Model")]
+    assert [(e["eventType"], e["data"]["runId"]) for e in models] == [
+        ("FineTune.ModelDeployed", v1.run_id), ("FineTune.ModelDeployed", v2.run_id),
+        ("FineTune.ModelRefused", v3.run_id), ("FineTune.ModelRolledBack", v2.run_id)]  # fmt: skip
+
+    # Past the rollback window the rolled-back deployment goes; the endpoint and its URL stay.
+    report = sweep(settings, ledger, past_due=False, now=datetime.now(UTC) + timedelta(hours=25))
+    assert report["deployments_deleted"] == [f"{endpoint}/{v2.deployment_name}"]
+    assert ledger.get(v2.run_id).state == S.TORN_DOWN and ledger.get(v1.run_id).state == S.DEPLOYED
+    assert backend.endpoint(endpoint).traffic == {v1.deployment_name: 100}
+    assert _served_by(url, key) == {v1.deployment_name}

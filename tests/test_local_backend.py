@@ -184,8 +184,9 @@ def test_registering_an_unknown_job_is_refused(backend: LocalBackend) -> None:
 @pytest.fixture(scope="module")
 def endpoint(backend: LocalBackend, trained: str) -> Iterator[str]:
     model = backend.register(trained)
-    backend.deploy(model, "ep-test", {"managed-by": "finetune-on-upload"})
-    backend.wait_ready("ep-test")
+    backend.deploy(model, "ep-test", "main", {"managed-by": "finetune-on-upload"})
+    backend.wait_ready("ep-test", "main")
+    backend.set_traffic("ep-test", {"main": 100})
     yield "ep-test"
     backend.delete_endpoint("ep-test")
 
@@ -263,20 +264,25 @@ def test_keys_are_private_and_never_logged(backend: LocalBackend, endpoint: str,
     assert holding and all(path.stat().st_mode & 0o777 == 0o600 for path in holding), holding
     keys = backend.keys(endpoint)
     assert keys["primary_key"] != keys["secondary_key"] and len(keys["primary_key"]) >= 32
-    log = endpoints.log_path(backend.data_dir, endpoint).read_text()
+    log = endpoints.log_path(backend.data_dir, endpoint, "main").read_text()
+    log += (backend.data_dir / "gateway" / "gateway.log").read_text()
     assert "Bearer" not in log and keys["primary_key"] not in log and keys["secondary_key"] not in log
 
 
-def test_endpoint_names_follow_azureml_rules(backend: LocalBackend, trained: str) -> None:
+def test_endpoint_and_deployment_names_follow_azureml_rules(backend: LocalBackend, trained: str) -> None:
     model = backend.register(trained)
-    for bad in ("ab", "1abc", "a" * 33, "ends-", "has_underscore"):
+    for bad in ("ab", "1abc", "a" * 33, "ends-", "has_underscore", "new\nline", "../up"):
         with pytest.raises(BackendError, match="3-32 characters"):
-            backend.deploy(model, bad, {})
+            backend.deploy(model, bad, "main", {})
+        with pytest.raises(BackendError, match="3-32 characters"):
+            backend.deploy(model, "ep-names", bad, {})
+    assert not (backend.data_dir / "endpoints" / "ep-names").exists()
 
 
-def test_a_deleted_endpoint_is_gone_and_frees_its_port(backend: LocalBackend, trained: str) -> None:
-    backend.deploy(backend.register(trained), "ep-delete", {})
-    port = int(backend.wait_ready("ep-delete").scoring_uri.rsplit(":", 1)[1].split("/")[0])
+def test_a_deleted_endpoint_is_gone_and_frees_its_servers_port(backend: LocalBackend, trained: str) -> None:
+    backend.deploy(backend.register(trained), "ep-delete", "main", {})
+    backend.wait_ready("ep-delete", "main")
+    port = json.loads((backend.data_dir / "endpoints/ep-delete/deployments/main/ready.json").read_text())["port"]
     assert backend.delete_endpoint("ep-delete")
     assert "ep-delete" not in [e.name for e in backend.list_endpoints()]
     with socket.socket() as probe:

@@ -1,6 +1,6 @@
 """The rules, as pure functions, with no storage, service or model behind them: the janitor's idle
-rule, endpoint naming, job-event parsing, parameter merging, the deploy decision, the smoke
-test's shapes and the registry model's facts. Each runs in milliseconds."""
+rule, endpoint naming, job-event parsing, parameter merging, the smoke test's shapes and the
+registry model's facts. Each runs in milliseconds."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from shared.backends.azureml.backend import DEPLOYMENT, DeploymentStep, next_deployment_step
 from shared.backends.azureml.component import ComponentInputError, merge_parameters
 from shared.backends.azureml.registry_model import RegistryModel
 from shared.backends.interface import Endpoint
 from shared.backends.local.jobs import progress_line
-from shared.backends.smoke import REQUEST_SHAPES, failure, reply_text, run
-from shared.deployment import endpoint_name_for
+from shared.backends.smoke import REQUEST_SHAPES, SMOKE_PARAMETERS, failure, reply_text, run
+from shared.deployment import deployment_name_for, endpoint_name_for
 from shared.events import ignore_reason, parse_job_event
 from shared.janitor import judge
-from shared.settings import JanitorSettings
+from shared.ledger import Run, RunState, Upload
+from shared.settings import JanitorSettings, load_settings
 from shared.training import ParameterError, parse_parameter
 from shared.vocabulary import MANAGED_BY, RUN_COMPLETED, RUN_STATUS_CHANGED, JobStatus
 
@@ -53,11 +53,29 @@ def test_the_janitors_idle_rule(endpoint: Endpoint, deleted: bool, says: str) ->
     assert verdict.delete is deleted and says in verdict.evidence
 
 
-@pytest.mark.parametrize("run_id", ["chats-0123456789ab", "a" * 80 + "-0123456789ab", "1-digits-first-0123456789ab"])
-def test_endpoint_names_are_valid_azure_ml_names_and_unique_per_run(run_id: str) -> None:
-    name = endpoint_name_for(run_id)
+def _run(blob_name: str, version: str = "v1", **report: Any) -> Run:
+    upload = Upload("datasets", blob_name, version)
+    return Run(upload.run_id, RunState.REGISTERED, upload, NOW, NOW, {}, details={"report": report})
+
+
+@pytest.mark.parametrize(
+    "blob", ["chats.jsonl", "a" * 80 + ".jsonl", "1-digits-first.jsonl", "team/x/support bot.v2.jsonl"]
+)
+def test_endpoint_names_are_valid_azure_ml_names_one_per_dataset(blob: str) -> None:
+    settings = load_settings({})
+    name = endpoint_name_for(settings, _run(blob))
     assert re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]", name)
-    assert name.endswith("0123456789ab") and endpoint_name_for(run_id) == name
+    assert endpoint_name_for(settings, _run(blob, "v2")) == name  # a later upload of the same dataset
+    assert endpoint_name_for(settings, _run(f"other/{blob}")) != name  # another folder, another dataset
+    other_account = load_settings({"AzureWebJobsStorage": "AccountName=someoneelse;AccountKey=a2V5"})
+    assert endpoint_name_for(other_account, _run(blob)) != name  # names are unique per Azure region
+    assert endpoint_name_for(settings, _run(blob, endpoint="support-bot")) == "support-bot"
+
+
+def test_deployment_names_are_valid_and_one_per_run() -> None:
+    first, second = _run("chats.jsonl"), _run("chats.jsonl", "v2")
+    assert re.fullmatch(r"run-[0-9a-f]{12}", deployment_name_for(first))
+    assert deployment_name_for(first) != deployment_name_for(second)
 
 
 def test_job_events_in_both_key_casings_and_either_success_type() -> None:
@@ -105,24 +123,6 @@ def test_parameters_merge_ours_then_the_models_then_the_uploads() -> None:
 
 
 @pytest.mark.parametrize(
-    ("state", "traffic", "step"),
-    [
-        ("Failed", None, DeploymentStep.CLEAN_UP),
-        ("Creating", None, DeploymentStep.WAIT),
-        ("Updating", None, DeploymentStep.WAIT),
-        ("Succeeded", {}, DeploymentStep.SMOKE_TEST),
-        ("Succeeded", {DEPLOYMENT: 100}, DeploymentStep.SERVING),
-    ],
-)
-def test_the_deploy_decision(state: str, traffic: dict[str, int] | None, step: DeploymentStep) -> None:
-    def read_traffic() -> dict[str, int]:
-        assert traffic is not None, "the traffic split is read only once the deployment succeeded"
-        return traffic
-
-    assert next_deployment_step(state, read_traffic) == step
-
-
-@pytest.mark.parametrize(
     ("reply", "text"),
     [
         ({"output": "hi", "finish_reason": "stop"}, "hi"),
@@ -153,7 +153,11 @@ def test_the_smoke_test_tries_each_request_shape_until_one_is_answered() -> None
     conversation = [{"role": "user", "content": "hi"}]
     attempts = run(refuses_the_flat_shape, conversation)
     assert [(a.status, a.answered) for a in attempts] == [(400, False), (200, True)]
-    assert [body for body in sent] == [build(conversation) for _, build in REQUEST_SHAPES]
+    assert [body for body in sent] == [build(conversation, SMOKE_PARAMETERS) for _, build in REQUEST_SHAPES]
+    greedy = {"do_sample": False}
+    sent.clear()
+    run(refuses_the_flat_shape, conversation, greedy)
+    assert [body["input_data"]["parameters"] for body in sent] == [greedy, greedy]
     unreachable = run(lambda body: (None, "ConnectionError: refused"), conversation)
     assert [a.status for a in unreachable] == [None, None] and not unreachable[-1].answered
     assert "no answer ConnectionError: refused" in failure("ep", unreachable)

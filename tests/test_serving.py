@@ -48,10 +48,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def data_dir(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     data = tmp_path_factory.mktemp("serving")
-    endpoints.deploy(data, "ep-one", ("one", "1", models["one"]), {}, 60)
-    endpoints.deploy(data, "ep-two", ("two", "1", models["two"]), {}, 60)
-    endpoints.wait_ready(data, "ep-one")
-    endpoints.wait_ready(data, "ep-two")
+    endpoints.serve(data, "ep-one", ("one", "1", models["one"]), 60)
+    endpoints.serve(data, "ep-two", ("two", "1", models["two"]), 60)
     yield data
     stop_local_processes(data)
 
@@ -74,7 +72,7 @@ def test_two_adapters_share_one_process_and_answer_as_their_own_model(data_dir: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     one, two = endpoints.get(data_dir, "ep-one"), endpoints.get(data_dir, "ep-two")
-    assert one.scoring_uri == two.scoring_uri  # one server, one port: the key picks the endpoint
+    assert one.scoring_uri == two.scoring_uri  # one gateway, one port: the key picks the endpoint
     assert len(list((data_dir / "servers").iterdir())) == 1
     answers = {
         name: greedy(data_dir, name, "hello there", 12).choices[0].message.content for name in ("ep-one", "ep-two")
@@ -195,34 +193,37 @@ def test_azureml_score_route_and_deployment_header(data_dir: Path) -> None:
     assert status == 200 and reply["output"] == greedy(data_dir, "ep-one", "hello there", 12).choices[0].message.content
     url = endpoints.get(data_dir, "ep-one").scoring_uri
     key = endpoints.keys(data_dir, "ep-one")["primary_key"]
-    wrong = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}", "azureml-model-deployment": "ep-two"})  # type: ignore[arg-type]
-    assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+    named = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}", "azureml-model-deployment": "main"},  # type: ignore[arg-type]
+                       timeout=60)  # fmt: skip
+    assert named.status_code == 200 and named.headers["azureml-model-deployment"] == "main"
+    wrong = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}", "azureml-model-deployment": "blue"})  # type: ignore[arg-type]
+    assert wrong.status_code == 404 and "has no deployment 'blue'" in wrong.json()["error"]["message"]
 
 
 def test_a_client_that_goes_away_frees_its_slot(data_dir: Path) -> None:
+    """Through the gateway: the server behind it sees the client go."""
     url = endpoints.get(data_dir, "ep-one").scoring_uri.removesuffix("/score")  # type: ignore[union-attr]
     key = endpoints.keys(data_dir, "ep-one")["primary_key"]
+    port = json.loads((data_dir / "endpoints/ep-one/deployments/main/ready.json").read_text())["port"]
+    server = f"http://127.0.0.1:{port}"
     body = {"model": "ep-one", "messages": HELLO, "max_tokens": 2000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
                       timeout=60) as reply:  # fmt: skip
         lines = reply.iter_lines()
         next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
-        assert httpx.get(f"{url}/health").json()["requests_in_flight"] == 1
+        assert httpx.get(f"{server}/health").json()["requests_in_flight"] == 1
     deadline = time.monotonic() + 5
-    while httpx.get(f"{url}/health").json()["requests_in_flight"] and time.monotonic() < deadline:
+    while httpx.get(f"{server}/health").json()["requests_in_flight"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert httpx.get(f"{url}/health").json()["requests_in_flight"] == 0
+    assert httpx.get(f"{server}/health").json()["requests_in_flight"] == 0
 
 
 def test_adapters_come_and_go_and_the_last_one_takes_the_server(models: dict[str, Path], tmp_path: Path) -> None:
     try:
-        endpoints.deploy(tmp_path, "ep-first", ("one", "1", models["one"]), {}, 60)
-        endpoints.deploy(tmp_path, "ep-merged", ("merged", "1", models["merged"]), {}, 60)
-        endpoints.wait_ready(tmp_path, "ep-first")
-        endpoints.wait_ready(tmp_path, "ep-merged")
+        endpoints.serve(tmp_path, "ep-first", ("one", "1", models["one"]), 60)
+        endpoints.serve(tmp_path, "ep-merged", ("merged", "1", models["merged"]), 60)
         assert len(list((tmp_path / "servers").iterdir())) == 2  # a merged model has a process of its own
-        endpoints.deploy(tmp_path, "ep-second", ("two", "1", models["two"]), {}, 60)
-        endpoints.wait_ready(tmp_path, "ep-second", timeout_s=30)
+        endpoints.serve(tmp_path, "ep-second", ("two", "1", models["two"]), 60, timeout_s=30)
         assert len(list((tmp_path / "servers").iterdir())) == 2  # the adapter joined its base's server
         assert endpoints.delete(tmp_path, "ep-first")
         assert greedy(tmp_path, "ep-second", "hi", 4).choices[0].message.content is not None

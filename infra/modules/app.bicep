@@ -176,6 +176,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'ENDPOINT_IDLE_MINUTES', value: '60' }
         { name: 'ENDPOINT_MIN_AGE_MINUTES', value: '30' }
         { name: 'JANITOR_DRY_RUN', value: 'false' }
+        { name: 'PROMOTION_MAX_LOSS_INCREASE_PERCENT', value: '1' }
+        { name: 'GATE_CONVERSATIONS', value: '5' }
+        { name: 'ROLLOUT_SHARE_PERCENT', value: '10' }
+        { name: 'ROLLOUT_STEP_MINUTES', value: '15' }
+        { name: 'ROLLBACK_WINDOW_HOURS', value: '24' }
         { name: 'JOB_EVENTS_TOPICS', value: workspaceId }
         { name: 'LIFECYCLE_TOPIC_ENDPOINT', value: lifecycleTopic.properties.endpoint }
       ]

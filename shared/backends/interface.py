@@ -61,25 +61,29 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Endpoint:
+    """A scoring URL behind a key, hosting one or more deployments (model versions) between which
+    its traffic is split; the URL and keys stay as deployments come and go."""
+
     name: str
     state: str  # Creating, Succeeded, Failed
     scoring_uri: str | None
-    model: ModelRef | None
+    model: ModelRef | None  # what the deployment with the most traffic serves
     created_at: str
     last_request_at: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    traffic: dict[str, int] = field(default_factory=dict)  # deployment name -> percent
 
 
 class DeployState(StrEnum):
     DEPLOYING = "deploying"  # the backend is still at it; ask again later
-    DEPLOYED = "deployed"  # smoke-tested and taking traffic
-    FAILED = "failed"  # the deployment or its smoke test failed; nothing is left billing
+    READY = "ready"  # the deployment answers at 0% traffic (the deployment header reaches it)
+    FAILED = "failed"  # the deployment failed; the flow records why, then deletes it
 
 
 @dataclass(frozen=True)
 class SmokeAttempt:
-    """One request of a smoke test: the request shape, the HTTP status (None: no answer) and the
-    start of the answer."""
+    """One request to a deployment in one of the documented request shapes: the shape, the HTTP
+    status (None: no answer) and the start of the answer."""
 
     shape: str
     status: int | None
@@ -91,7 +95,6 @@ class SmokeAttempt:
 class DeployProgress:
     state: DeployState
     message: str | None = None
-    smoke_test: tuple[SmokeAttempt, ...] = ()
 
 
 Conversation = list[dict[str, str]]
@@ -120,13 +123,38 @@ class Backend(Protocol):
 
     def register(self, job_name: str) -> ModelRef: ...
 
-    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint: ...
+    def deploy(self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]) -> None:
+        """Start what is missing, returning at once: the endpoint (created with `tags` the first
+        time; its URL and keys never change afterwards), then `deployment` serving `model` at 0%
+        traffic."""
+        ...
 
     def continue_deployment(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]
     ) -> DeployProgress:
-        """Move a deployment one step on, never blocking for long; once it serves, smoke-test it
-        with the held-out `conversation` (read only then) before it takes traffic."""
+        """Move `deployment` one step on (creating what is still missing), never blocking for
+        long: DEPLOYING, READY (it answers at 0% traffic) or FAILED with the reason."""
+        ...
+
+    def set_traffic(self, endpoint: str, split: Mapping[str, int]) -> None:
+        """Route `split` (deployment -> percent, summing to 100 or, to stop serving, 0); every
+        deployment left out gets 0%."""
+        ...
+
+    def delete_deployment(self, endpoint: str, deployment: str) -> bool:
+        """Delete one deployment of an endpoint (it must take no traffic); False if there was none."""
+        ...
+
+    def score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
+        """POST `body` to the endpoint's scoring URI with its key, to `deployment` whatever the
+        traffic split when given (the `azureml-model-deployment` header): (status, body), or
+        (None, why) when no answer came."""
+        ...
+
+    def held_out_loss(self, model: ModelRef | None, test_file: str) -> float | None:
+        """The mean assistant-token loss of `model` (None: the base model) on the conversations of
+        the JSON Lines file `test_file`, when this backend can compute it; None when it cannot (the
+        flow then uses the losses the jobs logged)."""
         ...
 
     def endpoint(self, name: str) -> Endpoint: ...

@@ -21,16 +21,16 @@ SMOKE_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_ne
 EXCERPT_CHARS = 300
 
 
-def _flat(messages: Conversation) -> dict[str, Any]:
-    return {"input_data": {"input_string": messages, "parameters": SMOKE_PARAMETERS}}
+def _flat(messages: Conversation, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"input_data": {"input_string": messages, "parameters": parameters}}
 
 
-def _nested(messages: Conversation) -> dict[str, Any]:
-    return {"input_data": {"input_string": [messages], "parameters": SMOKE_PARAMETERS}, "params": {}}
+def _nested(messages: Conversation, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"input_data": {"input_string": [messages], "parameters": parameters}, "params": {}}
 
 
 # In the order they are tried: the current serving container first.
-REQUEST_SHAPES: tuple[tuple[str, Callable[[Conversation], dict[str, Any]]], ...] = (
+REQUEST_SHAPES: tuple[tuple[str, Callable[[Conversation, dict[str, Any]], dict[str, Any]]], ...] = (
     ("input_string as a list of messages", _flat),
     ("input_string as a list of conversations, with params", _nested),
 )
@@ -63,13 +63,18 @@ def excerpt(text: str) -> str:
     return flat if len(flat) <= EXCERPT_CHARS else flat[: EXCERPT_CHARS - 3] + "..."
 
 
-def run(send: Callable[[dict[str, Any]], tuple[int | None, str]], messages: Conversation) -> tuple[SmokeAttempt, ...]:
-    """Send the conversation in each request shape until one is answered with text; `send`
-    returns the HTTP status (None when no answer came) and the body. Every attempt is kept."""
+def run(
+    send: Callable[[dict[str, Any]], tuple[int | None, str]],
+    messages: Conversation,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[SmokeAttempt, ...]:
+    """Send the conversation (with the walkthrough's generation `parameters` unless others are
+    given) in each request shape until one is answered with text; `send` returns the HTTP status
+    (None when no answer came) and the body. Every attempt is kept."""
     attempts = []
     for shape, build in REQUEST_SHAPES:
-        status, body = send(build(messages))
-        answered = status is not None and 200 <= status < 300 and _answer(body) is not None
+        status, body = send(build(messages, parameters or SMOKE_PARAMETERS))
+        answered = status is not None and 200 <= status < 300 and answer(body) is not None
         attempts.append(SmokeAttempt(shape, status, excerpt(body), answered))
         if answered:
             break
@@ -81,7 +86,7 @@ def failure(endpoint: str, attempts: tuple[SmokeAttempt, ...]) -> str:
     return f"smoke test of {endpoint} failed with every request shape ({tried})"
 
 
-def _answer(body: str) -> str | None:
+def answer(body: str) -> str | None:
     try:
         return reply_text(json.loads(body))
     except ValueError:

@@ -22,7 +22,7 @@ from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_ro
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
 from shared.settings import DatasetSettings
 from shared.training import PARAMETERS, ParameterError, parse_parameter, resolve_parameters
-from shared.validation import SAMPLE_PERCENT, TEST_PERCENT, USD
+from shared.validation import RESOURCE_NAME, SAMPLE_PERCENT, TEST_PERCENT, USD
 from shared.vocabulary import REJECTED_FILE, REPORT_FILE, TEST_FILE, TRAIN_FILE
 
 FIRST_LINES = 20
@@ -34,6 +34,17 @@ DATASET_OVERRIDES = {
     "sample_pc": ("sample_percent", SAMPLE_PERCENT),
     "max_cost_usd": ("max_training_cost_usd", USD),
 }
+
+
+ENDPOINT_METADATA = "endpoint"
+
+
+def _is_resource_name(value: str) -> bool:
+    try:
+        RESOURCE_NAME.parse(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -126,13 +137,17 @@ def bucket(prompt_id: str, salt: bytes) -> int:
 
 
 def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tuple[DatasetSettings, dict[str, Any]]:
-    """Split blob metadata into dataset-setting and training-parameter overrides, checking each.
-    Raises ParameterError naming the first bad key."""
+    """Split blob metadata into dataset-setting and training-parameter overrides, checking each
+    (`endpoint`, the endpoint to serve the model at, is checked and left to the caller). Raises
+    ParameterError naming the first bad key."""
     dataset_changes: dict[str, Any] = {}
     training: dict[str, Any] = {}
     for key, value in sorted(metadata.items()):
         name = key.lower()
-        if name in DATASET_OVERRIDES:
+        if name == ENDPOINT_METADATA:
+            if not _is_resource_name(value):
+                raise ParameterError(f"{key}={value!r}: an endpoint name is {RESOURCE_NAME.expects}")
+        elif name in DATASET_OVERRIDES:
             attribute, rule = DATASET_OVERRIDES[name]
             try:
                 dataset_changes[attribute] = rule.parse(value)
@@ -141,7 +156,7 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
         elif name in PARAMETERS:
             training[name] = parse_parameter(name, value)
         else:
-            known = ", ".join([*DATASET_OVERRIDES, *PARAMETERS])
+            known = ", ".join([ENDPOINT_METADATA, *DATASET_OVERRIDES, *PARAMETERS])
             raise ParameterError(f"unknown setting {key!r}: known ones are {known}")
     return replace(settings, **dataset_changes), training
 
@@ -349,6 +364,8 @@ def prepare_dataset(
     if not preparer.invalid:
         (out_dir / REJECTED_FILE).unlink(missing_ok=True)
     report = _report(preparer, info, stream, input_format, accepted, reason, usable)
+    # Where the model is to be served, if the upload says (else one endpoint per dataset name).
+    report["endpoint"] = next((v for k, v in (metadata or {}).items() if k.lower() == ENDPOINT_METADATA), None)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return Preparation(accepted, reason, report, out_dir, preparer.first_problems)
 
@@ -429,4 +446,5 @@ def report_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         **({"estimate": report["estimate"]} if "estimate" in report else {}),
         "sha256": report["input"]["sha256"],
         "training_overrides": report["training_overrides"],
+        "endpoint": report.get("endpoint"),
     }

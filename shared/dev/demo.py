@@ -1,6 +1,6 @@
 """The end-to-end demo on the local backend, with nothing faked: Azurite for storage, the local
-host running the real function app, a real (tiny) model trained, registered, served, smoke-tested,
-chatted with, and torn down by the janitor once idle."""
+host running the real function app, a real (tiny) model trained, registered, judged on held-out
+conversations, served, chatted with, and torn down by the janitor once idle."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def _run() -> None:
                  f"metadata {UPLOAD_METADATA}")  # fmt: skip
 
         backend = get_backend(settings)
-        with _step("the upload goes through intake, training, registration, deployment and a smoke test"):
+        with _step("the upload goes through intake, training, registration, deployment and the evaluation gate"):
             deadline = time.monotonic() + 60
             while not (runs := ledger.by_blob(DATASETS_CONTAINER, sample.name)):
                 if time.monotonic() > deadline:

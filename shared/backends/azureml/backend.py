@@ -7,14 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from functools import cached_property, partial, wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from urllib.parse import urlparse
 
 from shared.backends import smoke
 from shared.backends.azureml import quota
@@ -23,7 +24,6 @@ from shared.backends.azureml.registry_model import Purpose, RegistryModel
 from shared.backends.azureml.settings import DISCOVER_BASE_MODEL, AzureMLWorkspace, prepared_uri, workspace_settings
 from shared.backends.interface import (
     BackendError,
-    Conversation,
     DeployProgress,
     DeployState,
     Endpoint,
@@ -49,12 +49,11 @@ from shared.vocabulary import (
 
 if TYPE_CHECKING:
     from azure.ai.ml import MLClient
-    from azure.ai.ml.entities import PipelineJob
+    from azure.ai.ml.entities import ManagedOnlineDeployment, PipelineJob
 
     from shared.settings import Settings
 
 log = logging.getLogger(__name__)
-DEPLOYMENT = "chat"  # 3-32 characters, like endpoint names
 DEPLOYMENT_INSTANCES = 1
 # NC v1 (K80) sizes, and NCv3 (V100) sizes retired on 2025-09-30.
 RETIRED_VM_SIZES = frozenset(
@@ -65,6 +64,14 @@ LIVENESS_INITIAL_DELAY_S = 600
 METRICS_API_VERSION = "2023-10-01"
 ENDPOINT_METRICS_NAMESPACE = "Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
 CHAT_TASK = "chat-completion"
+MANAGEMENT_SCOPE = "https://management.azure.com/.default"
+# The MLflow REST API under the workspace's tracking server (mlflow.org/docs/latest/rest-api.html).
+MLFLOW_API = "api/2.0/mlflow"
+# A pipeline job has a handful of runs (its own, its steps'): one page of a search holds them all.
+MLFLOW_MAX_RUNS = 100
+# HF Trainer's training losses: `train_loss`, the mean over the run, once at the end; `loss` at
+# each logging step. Both are logged at the trainer's global step.
+TRAINING_LOSSES = ("train_loss", "loss")
 
 
 class PreflightError(BackendError):
@@ -171,23 +178,6 @@ def check_vm_size(model: RegistryModel, vm_size: str, purpose: Purpose) -> str |
             f"{doing} VM size {vm_size} is not allowed for {model.label} ({source}): {', '.join(allowed)}"
         )
     return None
-
-
-class DeploymentStep(StrEnum):
-    CLEAN_UP = "clean up"  # the deployment failed: report its logs (the flow then removes the endpoint)
-    WAIT = "wait"  # Azure is still creating it
-    SMOKE_TEST = "smoke test"  # it succeeded and takes no traffic yet
-    SERVING = "serving"  # it takes all the traffic already (smoke-tested by an earlier call)
-
-
-def next_deployment_step(provisioning_state: str, traffic: Callable[[], dict[str, int]]) -> DeploymentStep:
-    """What to do with our deployment now; the endpoint's traffic split is read only once the
-    deployment has succeeded."""
-    if provisioning_state.lower() == "failed":
-        return DeploymentStep.CLEAN_UP
-    if provisioning_state.lower() != "succeeded":
-        return DeploymentStep.WAIT
-    return DeploymentStep.SERVING if traffic().get(DEPLOYMENT) == 100 else DeploymentStep.SMOKE_TEST
 
 
 def _version_order(version: str) -> tuple[int, ...]:
@@ -512,9 +502,52 @@ class AzureMLBackend:
         except ResourceNotFoundError:
             raise BackendError(f"no Azure ML job {job_name!r}") from None
 
+    @_service_errors("reading a job's metrics")
     def job_metrics(self, job_name: str) -> dict[str, Any]:
-        """Azure ML keeps a job's metrics in its MLflow run, shown in the studio; none are copied."""
-        return {}
+        """What the job's runs logged to MLflow (the fine-tune step's HF Trainer logs `loss`,
+        `eval_loss`, `train_loss` and the like), read over the workspace's MLflow REST API: see
+        `metrics_summary`. {} when the job's runs logged no metrics."""
+        # A job's name is its MLflow run id; its run says which experiment to search.
+        job_run = self._mlflow("GET", "runs/get", params={"run_id": job_name}).get("run") or {}
+        experiment_id = (job_run.get("info") or {}).get("experiment_id")
+        if not experiment_id:
+            raise BackendError(f"Azure ML's MLflow API answered no run for job {job_name!r}")
+        search = {
+            "experiment_ids": [experiment_id],
+            # Every run under the job, however deep: the fine-tune step is a step of the registry
+            # pipeline component, whose own run may sit in between (azureml-examples' fine-tune
+            # notebooks find their training run the same way).
+            "filter": f"tags.mlflow.rootRunId = '{job_name}'",
+            "max_results": MLFLOW_MAX_RUNS,
+        }
+        runs = self._mlflow("POST", "runs/search", json=search).get("runs") or []
+        return metrics_summary([job_run, *runs])
+
+    @cached_property
+    def _mlflow_url(self) -> str:
+        """The workspace's MLflow tracking server over https. Its tracking URI,
+        `azureml://<region>.api.azureml.ms/mlflow/v1.0/subscriptions/.../workspaces/<name>`,
+        names the host and path that azureml-mlflow sends the MLflow REST API to; it is read,
+        not built, because a workspace behind a private link has another host."""
+        name = self.workspace_settings.workspace_name
+        tracking = urlparse(self.workspace.workspaces.get(name).mlflow_tracking_uri or "")
+        if not tracking.netloc:
+            raise BackendError(f"Azure ML workspace {name} names no MLflow tracking URI")
+        return f"https://{tracking.netloc}{tracking.path.rstrip('/')}"
+
+    def _mlflow(self, method: str, api: str, **request: Any) -> dict[str, Any]:
+        """One call to the MLflow REST API with an Azure Resource Manager token (the scope
+        azureml-mlflow asks for)."""
+        from azure.core import PipelineClient
+        from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+        from azure.core.rest import HttpRequest
+
+        url = f"{self._mlflow_url}/{MLFLOW_API}/{api}"
+        policy = BearerTokenCredentialPolicy(self.credential, MANAGEMENT_SCOPE)
+        client = PipelineClient(base_url=url, per_call_policies=[policy], **self._client_options())
+        response = client.send_request(HttpRequest(method, url, **request))
+        response.raise_for_status()
+        return dict(response.json() or {})
 
     # Registration and deployment.
     @_service_errors("registration")
@@ -550,105 +583,119 @@ class AzureMLBackend:
         return ModelRef(registered.name, str(registered.version))
 
     @_service_errors("deployment")
-    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint:
-        """Start what is missing (the endpoint, then its deployment at 0% traffic) and return at
+    def deploy(self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]) -> None:
+        """Start what is missing (the endpoint, then `deployment` at 0% traffic) and return at
         once; call again (the janitor does) to move it on."""
-        from azure.ai.ml.entities import (
-            ManagedOnlineDeployment,
-            ManagedOnlineEndpoint,
-            OnlineRequestSettings,
-            ProbeSettings,
-        )
+        from azure.ai.ml.entities import ManagedOnlineEndpoint
         from azure.core.exceptions import ResourceNotFoundError
 
-        instance_type = self.workspace_settings.instance_type
         try:
             found = self.workspace.online_endpoints.get(endpoint)
         except ResourceNotFoundError:
-            # Checked at submission too, but the setting may have changed since: once, before
-            # anything is created (not on every later call that moves the deployment on).
-            registered = self.workspace.models.get(model.name, version=model.version)
-            base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
-            if base_name:
-                check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
-            need = partial(quota.deployment_need, instance_type, instances=DEPLOYMENT_INSTANCES)
-            note = self.check_quota("the endpoint's deployment", instance_type, need)
-            if note:
-                log.warning("%s", note)
+            self._check_deployment_fits(model)
             self.workspace.online_endpoints.begin_create_or_update(
-                ManagedOnlineEndpoint(
-                    name=endpoint,
-                    auth_mode="key",
-                    tags={MANAGED_BY_TAG: MANAGED_BY, **tags},
-                    description=f"{model.name}:{model.version}",
-                )
+                ManagedOnlineEndpoint(name=endpoint, auth_mode="key", tags={MANAGED_BY_TAG: MANAGED_BY, **tags})
             )
-            return self.endpoint(endpoint)
+            return
         if _text(found.provisioning_state).lower() != "succeeded":
-            return self.endpoint(endpoint)
-        try:
-            self.workspace.online_deployments.get(DEPLOYMENT, endpoint_name=endpoint)
-        except ResourceNotFoundError:
-            timeout_ms = min(self.settings.endpoint_request_timeout_s, 180) * 1000
-            self.workspace.online_deployments.begin_create_or_update(
-                ManagedOnlineDeployment(
-                    name=DEPLOYMENT,
-                    endpoint_name=endpoint,
-                    model=f"azureml:{model.name}:{model.version}",
-                    instance_type=instance_type,
-                    instance_count=DEPLOYMENT_INSTANCES,
-                    liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
-                    request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
-                    tags={MANAGED_BY_TAG: MANAGED_BY},
-                )
-            )
-        return self.endpoint(endpoint)
+            return
+        existing = {d.name for d in self.workspace.online_deployments.list(endpoint_name=endpoint)}
+        if deployment in existing:
+            return
+        if existing:  # a new version beside those already there: the endpoint's check covered its first only
+            self._check_deployment_fits(model)
+        self.workspace.online_deployments.begin_create_or_update(self._deployment(model, endpoint, deployment, tags))
+
+    def _check_deployment_fits(self, model: ModelRef) -> None:
+        """Refuse, before anything is created, a deployment VM size off the base model's
+        allow-list (checked at submission too, but the setting may have changed since) or short
+        of quota."""
+        instance_type = self.workspace_settings.instance_type
+        registered = self.workspace.models.get(model.name, version=model.version)
+        base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
+        if base_name:
+            check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
+        need = partial(quota.deployment_need, instance_type, instances=DEPLOYMENT_INSTANCES)
+        note = self.check_quota("the endpoint's deployment", instance_type, need)
+        if note:
+            log.warning("%s", note)
+
+    def _deployment(
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]
+    ) -> ManagedOnlineDeployment:
+        from azure.ai.ml.entities import ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
+
+        timeout_ms = min(self.settings.endpoint_request_timeout_s, 180) * 1000
+        return ManagedOnlineDeployment(
+            name=deployment,
+            endpoint_name=endpoint,
+            model=f"azureml:{model.name}:{model.version}",
+            instance_type=self.workspace_settings.instance_type,
+            instance_count=DEPLOYMENT_INSTANCES,
+            liveness_probe=ProbeSettings(initial_delay=LIVENESS_INITIAL_DELAY_S),
+            request_settings=OnlineRequestSettings(request_timeout_ms=timeout_ms),
+            tags={MANAGED_BY_TAG: MANAGED_BY, **tags},
+        )
 
     @_service_errors("deployment")
     def continue_deployment(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]
     ) -> DeployProgress:
-        """Move a deployment one step on, never waiting. Once it has succeeded, smoke-test it at 0%
-        traffic (only the `azureml-model-deployment` header reaches it) in each documented request
-        shape until one is answered, then route all traffic to it. It has failed only when it
-        failed itself or every request shape failed; the flow then records that and removes the
-        endpoint (it bills), never this call."""
-        self.deploy(model, endpoint, tags)
-        step = next_deployment_step(
-            self.deployment_state(endpoint), lambda: self.workspace.online_endpoints.get(endpoint).traffic or {}
-        )
-        if step == DeploymentStep.CLEAN_UP:
-            message = self._deployment_logs(endpoint)
-            return DeployProgress(DeployState.FAILED, f"deployment {DEPLOYMENT} of {endpoint} failed: {message}")
-        if step == DeploymentStep.WAIT:
-            return DeployProgress(DeployState.DEPLOYING)
-        if step == DeploymentStep.SERVING:
-            return DeployProgress(DeployState.DEPLOYED)
-        attempts = smoke.run(partial(self._score, endpoint, DEPLOYMENT), conversation())
-        if not attempts[-1].answered:
-            return DeployProgress(DeployState.FAILED, smoke.failure(endpoint, attempts), attempts)
-        self.set_traffic(endpoint, 100)
-        return DeployProgress(DeployState.DEPLOYED, None, attempts)
+        """Create what is still missing, never waiting, and say where `deployment` stands: READY
+        once it has succeeded (at 0% traffic, only the `azureml-model-deployment` header reaches
+        it), FAILED with its last log lines when it failed (the flow records that and deletes it,
+        never this call)."""
+        from azure.core.exceptions import ResourceNotFoundError
 
-    def _deployment_logs(self, endpoint: str) -> str:
+        self.deploy(model, endpoint, deployment, tags)
         try:
-            logs = self.workspace.online_deployments.get_logs(DEPLOYMENT, endpoint, lines=20)
+            found = self.workspace.online_deployments.get(deployment, endpoint_name=endpoint)
+        except ResourceNotFoundError:  # its endpoint is not ready for it yet
+            return DeployProgress(DeployState.DEPLOYING)
+        state = _text(found.provisioning_state).lower()
+        if state == "failed":
+            logs = self._deployment_logs(endpoint, deployment)
+            return DeployProgress(DeployState.FAILED, f"deployment {deployment} of {endpoint} failed: {logs}")
+        return DeployProgress(DeployState.READY if state == "succeeded" else DeployState.DEPLOYING)
+
+    def _deployment_logs(self, endpoint: str, deployment: str) -> str:
+        try:
+            logs = self.workspace.online_deployments.get_logs(deployment, endpoint, lines=20)
         except Exception as error:  # the logs are a courtesy; the failure itself is what matters
             return f"no logs ({type(error).__name__})"
         return " ".join(str(logs).split())[-500:] or "no logs"
 
-    def deployment_state(self, endpoint: str) -> str:
+    @_service_errors("routing traffic")
+    def set_traffic(self, endpoint: str, split: Mapping[str, int]) -> None:
+        """Route `split` (the service refuses one it cannot route) and name in the endpoint's
+        description the model that the largest share reaches."""
+        found = self.workspace.online_endpoints.get(endpoint)
+        # The PUT replaces the whole map, so every deployment left out gets 0% (the SDK sends no
+        # 0% entries either: the safe-rollout sample's {"blue": 0, "green": 100} goes as {"green": 100}).
+        found.traffic = dict(split)
+        serving = [name for name, percent in sorted(split.items()) if percent > 0]
+        top = max(serving, key=lambda name: split[name], default=None)
+        models = {d.name: d.model for d in self.workspace.online_deployments.list(endpoint_name=endpoint)}
+        model = _model_of(models.get(top)) if top else None
+        found.description = f"{model.name}:{model.version}" if model else ""
+        self.workspace.online_endpoints.begin_create_or_update(found)
+
+    @_service_errors("deleting a deployment")
+    def delete_deployment(self, endpoint: str, deployment: str) -> bool:
+        """Start the deletion and return (it takes minutes); the service refuses it while the
+        deployment takes traffic."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            return _text(self.workspace.online_deployments.get(DEPLOYMENT, endpoint_name=endpoint).provisioning_state)
+            self.workspace.online_deployments.begin_delete(name=deployment, endpoint_name=endpoint)
         except ResourceNotFoundError:
-            return "Missing"
+            return False
+        return True
 
-    def set_traffic(self, endpoint: str, percent: int) -> None:
-        found = self.workspace.online_endpoints.get(endpoint)
-        found.traffic = {DEPLOYMENT: percent}
-        self.workspace.online_endpoints.begin_create_or_update(found)
+    def held_out_loss(self, model: ModelRef | None, test_file: str) -> None:
+        """None: the app has no GPU at hand to compute it; the flow uses the eval_loss the
+        fine-tuning jobs logged."""
+        return None
 
     @_service_errors("reading an endpoint")
     def endpoint(self, name: str) -> Endpoint:
@@ -670,6 +717,7 @@ class AzureMLBackend:
             created_at=str((found.properties or {}).get("createdAt", "")),
             last_request_at=last_request_at,
             tags=dict(found.tags or {}),
+            traffic={name: int(percent) for name, percent in (found.traffic or {}).items()},
         )
 
     @_service_errors("reading endpoint keys")
@@ -679,7 +727,7 @@ class AzureMLBackend:
 
     @_service_errors("scoring")
     def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
-        status, text = self._score(endpoint, deployment, body)
+        status, text = self.score(endpoint, deployment, body)
         if status != 200:
             raise BackendError(f"endpoint {endpoint} answered {status or 'nothing'}: {smoke.excerpt(text)}")
         try:
@@ -689,10 +737,11 @@ class AzureMLBackend:
         answer = smoke.reply_text(reply)
         return {"output": answer if answer is not None else reply}
 
-    def _score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
+    @_service_errors("scoring")
+    def score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
         """POST to the scoring URI with our own HTTP call (`online_endpoints.invoke` takes only
-        files and leaks headers between calls in a long-lived process): (status, body), or
-        (None, why) when no answer came."""
+        files and leaks headers between calls in a long-lived process), to `deployment` whatever
+        the traffic split when given: (status, body), or (None, why) when no answer came."""
         from azure.core import PipelineClient
         from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
         from azure.core.rest import HttpRequest
@@ -754,6 +803,36 @@ class AzureMLBackend:
         except ResourceNotFoundError:
             return False
         return True
+
+
+def metrics_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The value of each metric logged last across a job's MLflow runs (MLflow answers only the
+    latest of each metric of a run), and the summary the flow reads, as the local trainer writes it:
+    `train_loss` (HF Trainer's mean over the run, else its last `loss`), `perplexity` from
+    `eval_loss`, `steps` (the step of the last training loss). {} when no run logged a metric."""
+    logged = [metric for run in runs for metric in (run.get("data") or {}).get("metrics") or []]
+    # MLflow's own server writes int64 fields (timestamp, step) as JSON numbers; proto3 JSON, as strings.
+    logged.sort(key=lambda metric: (int(metric.get("timestamp", 0)), int(metric.get("step", 0))))
+    latest = {metric["key"]: metric for metric in logged}
+    summary: dict[str, Any] = {key: float(metric["value"]) for key, metric in latest.items()}
+    losses = [latest[key] for key in TRAINING_LOSSES if key in latest]
+    if losses:
+        summary["train_loss"] = float(losses[0]["value"])
+        steps = max(int(metric.get("step", 0)) for metric in losses)
+        if steps:
+            summary["steps"] = steps
+    if "eval_loss" in summary:
+        summary["perplexity"] = math.exp(min(summary["eval_loss"], 50))
+    return summary
+
+
+def _model_of(model_id: str | None) -> ModelRef | None:
+    """The model a deployment serves, from its `model` field: `azureml:name:version` as we send
+    it, or the ARM id `.../models/<name>/versions/<version>` the service answers with."""
+    found = re.fullmatch(r"azureml:([^:/]+):([^:/]+)", model_id or "") or re.search(
+        r"/models/([^/]+)/versions/([^/]+)$", model_id or ""
+    )
+    return ModelRef(found.group(1), found.group(2)) if found else None
 
 
 def _text(value: Any) -> str:

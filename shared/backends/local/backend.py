@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.backends import smoke
 from shared.backends.interface import (
     BackendError,
-    Conversation,
     DeployProgress,
     DeployState,
     Endpoint,
@@ -24,6 +24,7 @@ from shared.backends.interface import (
     model_name_for,
 )
 from shared.backends.local import endpoints, jobs, registry
+from shared.backends.local.processes import REPO_ROOT
 from shared.backends.local.settings import local_settings
 from shared.costs.estimate import Estimate, Hosting, idle_teardown_hours, measured_training
 from shared.costs.prices import HourlyPrice
@@ -41,6 +42,9 @@ from shared.vocabulary import (
 
 if TYPE_CHECKING:
     from shared.settings import Settings
+
+
+_TRANSFORMERS_FIRST_USE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,12 @@ class LocalBackend:
         return self.settings.base_model
 
     def tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
         from shared.backends.local.trainer import resolve_base_model
+
+        # transformers resolves its names lazily, and not thread-safely: concurrent first uses
+        # (uploads handled at once) could see "cannot import name 'AutoTokenizer'".
+        with _TRANSFORMERS_FIRST_USE:
+            from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(resolve_base_model(self.base_model, self.data_dir / "models"))
 
@@ -139,49 +146,61 @@ class LocalBackend:
         )
         return ModelRef(name, version)
 
-    def deploy(self, model: ModelRef, endpoint: str, tags: dict[str, str]) -> Endpoint:
+    def deploy(self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]) -> None:
         folder = registry.model_folder(self.tracking_uri, model.name, model.version)
-        started = endpoints.deploy(
-            self.data_dir,
-            endpoint,
-            (model.name, model.version, folder),
-            tags,
-            self.settings.endpoint_request_timeout_s,
-        )
-        return _endpoint(started)
+        endpoints.deploy(self.data_dir, endpoint, deployment, (model.name, model.version, folder), tags,
+                         self.settings.endpoint_request_timeout_s)  # fmt: skip
 
     def continue_deployment(
-        self, model: ModelRef, endpoint: str, tags: dict[str, str], conversation: Callable[[], Conversation]
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]
     ) -> DeployProgress:
-        """Deploy, wait for the model to load (seconds, locally) and smoke-test it. A failure is
-        reported, not cleaned up: the flow removes the endpoint once it has recorded it."""
-        self.deploy(model, endpoint, tags)
+        """Deploy and wait for the model to load (seconds, locally). A failure is reported, not
+        cleaned up: the flow deletes the deployment once it has recorded it."""
+        self.deploy(model, endpoint, deployment, tags)
         try:
-            ready = self.wait_ready(endpoint)
+            self.wait_ready(endpoint, deployment)
         except BackendError as error:
             return DeployProgress(DeployState.FAILED, str(error))
-        if ready.last_request_at is not None:  # smoke-tested already: a passed test leaves its mark
-            return DeployProgress(DeployState.DEPLOYED)
-        attempts = smoke.run(partial(self._score, endpoint), conversation())
-        if not attempts[-1].answered:
-            return DeployProgress(DeployState.FAILED, smoke.failure(endpoint, attempts), attempts)
-        return DeployProgress(DeployState.DEPLOYED, None, attempts)
+        return DeployProgress(DeployState.READY)
 
-    def _score(self, endpoint: str, body: dict[str, Any]) -> tuple[int | None, str]:
+    def wait_ready(self, endpoint: str, deployment: str, timeout_s: float = 120) -> Endpoint:
+        endpoints.wait_ready(self.data_dir, endpoint, deployment, timeout_s)
+        return self.endpoint(endpoint)
+
+    def set_traffic(self, endpoint: str, split: Mapping[str, int]) -> None:
+        endpoints.set_traffic(self.data_dir, endpoint, split)
+
+    def delete_deployment(self, endpoint: str, deployment: str) -> bool:
+        return endpoints.delete_deployment(self.data_dir, endpoint, deployment)
+
+    def score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
         try:
-            status, reply = endpoints.invoke(self.data_dir, endpoint, body)
-        except OSError as error:  # refused, reset or timed out: no answer
+            status, reply = endpoints.invoke(self.data_dir, endpoint, body, deployment=deployment)
+        except (OSError, ValueError) as error:  # refused, reset, timed out, not JSON: no answer
             return None, f"{type(error).__name__}: {error}"
         return status, json.dumps(reply)
 
-    def wait_ready(self, endpoint: str, timeout_s: float = 120) -> Endpoint:
-        return _endpoint(endpoints.wait_ready(self.data_dir, endpoint, timeout_s))
+    def held_out_loss(self, model: ModelRef | None, test_file: str) -> float | None:
+        """Computed in a process of its own (a model loaded and dropped), on this machine."""
+        from shared.backends.local.trainer import resolve_base_model
+
+        if model is None:
+            path = resolve_base_model(self.base_model, self.data_dir / "models")
+        else:
+            path = str(registry.model_folder(self.tracking_uri, model.name, model.version))
+        done = subprocess.run([sys.executable, "-m", "shared.backends.local.evaluate", path, test_file],
+                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800, check=False)  # fmt: skip
+        if done.returncode != 0:
+            what = f"{model.name}:{model.version}" if model else f"the base model {self.base_model}"
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BackendError(f"could not compute the held-out loss of {what}: {reason}")
+        return float(json.loads(done.stdout)["loss"])
 
     def endpoint(self, name: str) -> Endpoint:
         return _endpoint(endpoints.get(self.data_dir, name))
 
     def invoke(self, endpoint: str, body: dict[str, Any], deployment: str | None = None) -> dict[str, Any]:
-        status, reply = endpoints.invoke(self.data_dir, endpoint, body)
+        status, reply = endpoints.invoke(self.data_dir, endpoint, body, deployment=deployment)
         if status != 200:
             error = reply.get("error", reply)
             message = error.get("message", error) if isinstance(error, dict) else error
@@ -199,12 +218,14 @@ class LocalBackend:
 
 
 def _endpoint(found: endpoints.LocalEndpoint) -> Endpoint:
+    serving = max(found.deployments, key=lambda d: found.traffic.get(d.name, 0), default=None)
     return Endpoint(
         name=found.name,
         state=found.state,
         scoring_uri=found.scoring_uri,
-        model=ModelRef(found.model_name, found.model_version),
+        model=ModelRef(serving.model_name, serving.model_version) if serving else None,
         created_at=found.created_at,
         last_request_at=found.last_request_at,
         tags=found.tags,
+        traffic=found.traffic,
     )

@@ -1,8 +1,15 @@
-"""Local online endpoints, each a folder `<data dir>/endpoints/<name>/` (`endpoint.json`,
-`keys.json` readable by the owner only, `ready.json` or `failed.json` from its server,
-`last_request`), served by a process in `<data dir>/servers/<id>/` (`server.json`, `server.pid`,
-`server.log`). Adapter-only models of one base share a server; any other model has its own.
-Deploying an existing endpoint name returns it as it is."""
+"""Local online endpoints, laid out as Azure ML's managed ones: an endpoint is a URL with keys and
+a traffic split over its deployments, each deployment a model version.
+
+On disk, under the data folder:
+- `endpoints/<name>/`: `endpoint.json`, `keys.json` (readable by the owner only), `traffic.json`
+  (deployment -> percent), `last_request` (written by the gateway);
+- `endpoints/<name>/deployments/<deployment>/`: `deployment.json`, `keys.json` (the key the gateway
+  uses), `ready.json` or `failed.json` from its server, `last_request`;
+- `servers/<id>/` (`server.json`, `server.pid`, `server.log`): a process holding one model;
+  adapter-only models of one base share a server, any other model has its own;
+- `gateway/` (`gateway.json`, `gateway.pid`, `gateway.log`): the one front door of every endpoint.
+Changes take a file lock; deploying what exists returns it as it is."""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +33,8 @@ from shared.backends.interface import BackendError
 from shared.backends.local import served_model
 from shared.backends.local.processes import file_lock, pid_alive, spawn, write_json
 
-_ENDPOINT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
+DEPLOYMENT_HEADER = "azureml-model-deployment"
 
 
 class EndpointError(BackendError):
@@ -34,68 +42,112 @@ class EndpointError(BackendError):
 
 
 @dataclass(frozen=True)
-class LocalEndpoint:
+class LocalDeployment:
     name: str
     state: str  # Creating, Succeeded, Failed (Azure ML's provisioning states)
-    scoring_uri: str | None
     model_name: str
     model_version: str
+    reason: str | None = None  # why it failed
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    name: str
+    state: str  # Creating (its gateway is starting), Succeeded
+    scoring_uri: str | None
     created_at: str
     last_request_at: str | None
     tags: dict[str, str] = field(default_factory=dict)
+    traffic: dict[str, int] = field(default_factory=dict)
+    deployments: tuple[LocalDeployment, ...] = ()
 
 
-def check_endpoint_name(name: str) -> str:
-    if not _ENDPOINT_NAME.match(name):
+def check_name(name: str, what: str = "endpoint") -> str:
+    if not _NAME.match(name):
         raise EndpointError(
-            f"endpoint name {name!r}: 3-32 characters, starting with a letter, of letters, digits and hyphens, "
+            f"{what} name {name!r}: 3-32 characters, starting with a letter, of letters, digits and hyphens, "
             "not ending with a hyphen"
         )
     return name
 
 
 def _directory(data_dir: Path, name: str) -> Path:
-    return data_dir / "endpoints" / check_endpoint_name(name)
+    return data_dir / "endpoints" / check_name(name)
 
 
-def _server_dir(data_dir: Path, server_id: str) -> Path:
-    return data_dir / "servers" / server_id
+def _deployment_dir(data_dir: Path, endpoint: str, deployment: str) -> Path:
+    return _directory(data_dir, endpoint) / "deployments" / check_name(deployment, "deployment")
 
 
-def _server_pid(server_dir: Path) -> int | None:
+def _pid(folder: Path, name: str) -> int | None:
     try:
-        return int((server_dir / "server.pid").read_text())
+        return int((folder / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
 @contextmanager
 def _changing(data_dir: Path) -> Iterator[None]:
-    """One deployer or deleter at a time, across processes: endpoints share servers."""
+    """One deployer or deleter at a time, across processes: endpoints share servers and a gateway."""
     with file_lock(data_dir / "endpoints" / ".lock"):
         yield
 
 
+def gateway_port(data_dir: Path) -> int | None:
+    """The port of the running gateway, None while it is not up."""
+    gateway = data_dir / "gateway"
+    started = _json(gateway / "gateway.json") or {}
+    pid = _pid(gateway, "gateway.pid")
+    return started.get("port") if pid and started.get("pid") == pid and pid_alive(pid) else None
+
+
+def _ensure_gateway(data_dir: Path) -> None:
+    gateway = data_dir / "gateway"
+    gateway.mkdir(parents=True, exist_ok=True)
+    if not pid_alive(_pid(gateway, "gateway.pid")):
+        (gateway / "gateway.pid").write_text(str(spawn("shared.backends.local.gateway", gateway, "gateway.log")))
+
+
+def _read_deployment(folder: Path) -> LocalDeployment:
+    spec = json.loads((folder / "deployment.json").read_text())
+    server = folder.parents[3] / "servers" / spec["server"]
+    failed = _json(folder / "failed.json")
+    if failed is None and not pid_alive(_pid(server, "server.pid")) and (server / "server.pid").exists():
+        failed = {"reason": f"its server stopped: {_tail(server / 'server.log')}"}
+    state = "Failed" if failed else "Succeeded" if (folder / "ready.json").exists() else "Creating"
+    return LocalDeployment(spec["name"], state, spec["model_name"], spec["model_version"],
+                           failed["reason"] if failed else None)  # fmt: skip
+
+
+def _tail(log: Path) -> str:
+    try:
+        return " ".join(log.read_text()[-600:].split())
+    except OSError:
+        return "no log"
+
+
 def _read(directory: Path) -> LocalEndpoint:
     spec = json.loads((directory / "endpoint.json").read_text())
-    server = _server_dir(directory.parent.parent, spec["server"])
-    ready = directory / "ready.json"
-    alive = pid_alive(_server_pid(server))
-    if (directory / "failed.json").exists() or (not alive and (server / "server.pid").exists()):
-        state, port = "Failed", None
-    else:
-        port = json.loads(ready.read_text())["port"] if ready.exists() and alive else None
-        state = "Succeeded" if port else "Creating"
+    port = gateway_port(directory.parent.parent)
     last = directory / "last_request"
+    deployments = tuple(_read_deployment(found.parent)
+                        for found in sorted(directory.glob("deployments/*/deployment.json")))  # fmt: skip
     return LocalEndpoint(
         name=spec["name"],
-        state=state,
+        state="Succeeded" if port else "Creating",
         scoring_uri=f"http://127.0.0.1:{port}/score" if port else None,
-        model_name=spec["model_name"],
-        model_version=spec["model_version"],
         created_at=spec["created_at"],
         last_request_at=last.read_text().strip() if last.exists() else None,
         tags=spec.get("tags", {}),
+        traffic=_json(directory / "traffic.json") or {},
+        deployments=deployments,
     )
 
 
@@ -106,32 +158,50 @@ def get(data_dir: Path, name: str) -> LocalEndpoint:
     return _read(directory)
 
 
+def deployment(data_dir: Path, endpoint: str, name: str) -> LocalDeployment:
+    folder = _deployment_dir(data_dir, endpoint, name)
+    if not (folder / "deployment.json").exists():
+        raise EndpointError(f"endpoint {endpoint} has no deployment {name!r}")
+    return _read_deployment(folder)
+
+
 def deploy(
     data_dir: Path,
+    endpoint: str,
     name: str,
     model: tuple[str, str, Path],
     tags: dict[str, str],
     request_timeout_s: int,
-) -> LocalEndpoint:
-    """Start serving `model` (name, version, MLflow model folder) at endpoint `name`; returns at once.
-    An adapter-only model joins the server that holds its base, if one runs; anything else gets a
-    server of its own."""
-    directory = _directory(data_dir, name)
+) -> None:
+    """Start deployment `name` of `endpoint` serving `model` (name, version, MLflow model folder)
+    at 0% traffic, creating the endpoint (with `tags`, its keys and no traffic) if it is new;
+    returns at once. An adapter-only model joins the server that holds its base, if one runs;
+    anything else gets a server of its own."""
+    directory, folder = _directory(data_dir, endpoint), _deployment_dir(data_dir, endpoint, name)
     model_name, model_version, model_path = model
     if not (model_path / "MLmodel").exists():
         raise EndpointError(f"{model_path} is not an MLflow model folder")
     with _changing(data_dir):
-        if (directory / "endpoint.json").exists():
-            if (found := _read(directory)).state != "Failed":
-                return found
-            _remove(data_dir, name)
-        shutil.rmtree(directory, ignore_errors=True)  # a deployer that died before endpoint.json
-        directory.mkdir()
-        keys = {name: secrets.token_urlsafe(32) for name in ("primary_key", "secondary_key")}
-        write_json(directory / "keys.json", keys, private=True)
+        if not (directory / "endpoint.json").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a deployer that died before endpoint.json
+            directory.mkdir(parents=True)
+            keys = {key: secrets.token_urlsafe(32) for key in ("primary_key", "secondary_key")}
+            write_json(directory / "keys.json", keys, private=True)
+            write_json(directory / "traffic.json", {})
+            created = datetime.now(UTC).isoformat()
+            write_json(directory / "endpoint.json", {"name": endpoint, "created_at": created, "tags": tags})
+        _ensure_gateway(data_dir)
+        if (folder / "deployment.json").exists():
+            if _read_deployment(folder).state != "Failed":
+                return
+            _remove_deployment(data_dir, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_json(folder / "keys.json", {"key": secrets.token_urlsafe(32)}, private=True)
         shared = served_model.is_adapter(model_path)
-        server_id = f"base-{served_model.base_identity(model_path)}" if shared else f"model-{name}"
+        server_id = f"base-{served_model.base_identity(model_path)}" if shared else f"model-{endpoint}-{name}"
         spec = {
+            "endpoint": endpoint,
             "name": name,
             "model_name": model_name,
             "model_version": model_version,
@@ -141,37 +211,65 @@ def deploy(
             "tags": tags,
             "server": server_id,
         }
-        write_json(directory / "endpoint.json", spec)
-        _ensure_server(_server_dir(data_dir, server_id), model_path)
-        return _read(directory)
+        write_json(folder / "deployment.json", spec)
+        _ensure_server(data_dir / "servers" / server_id, model_path)
 
 
 def _ensure_server(server: Path, model_path: Path) -> None:
-    if pid_alive(_server_pid(server)):
-        return  # it picks the new endpoint up from its folder
+    if pid_alive(_pid(server, "server.pid")):
+        return  # it picks the new deployment up from its folder
     shutil.rmtree(server, ignore_errors=True)
     server.mkdir(parents=True)
     write_json(server / "server.json", {"model_path": str(model_path)})
     (server / "server.pid").write_text(str(spawn("shared.backends.local.serve", server, "server.log")))
 
 
-def log_path(data_dir: Path, name: str) -> Path:
-    spec = json.loads((_directory(data_dir, name) / "endpoint.json").read_text())
-    return _server_dir(data_dir, spec["server"]) / "server.log"
+def log_path(data_dir: Path, endpoint: str, name: str) -> Path:
+    spec = json.loads((_deployment_dir(data_dir, endpoint, name) / "deployment.json").read_text())
+    return data_dir / "servers" / spec["server"] / "server.log"
 
 
-def wait_ready(data_dir: Path, name: str, timeout_s: float = 120) -> LocalEndpoint:
+def wait_ready(data_dir: Path, endpoint: str, name: str, timeout_s: float = 120) -> LocalDeployment:
+    """The deployment once it serves (and the gateway in front of it is up), or an EndpointError
+    saying why it does not."""
     deadline = time.monotonic() + timeout_s
-    while (endpoint := get(data_dir, name)).state == "Creating" and time.monotonic() < deadline:
+    while True:
+        found = deployment(data_dir, endpoint, name)
+        up = gateway_port(data_dir) is not None
+        if found.state == "Failed" or (found.state == "Succeeded" and up) or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    if endpoint.state != "Succeeded":
-        failed = _directory(data_dir, name) / "failed.json"
-        if failed.exists():
-            reason = json.loads(failed.read_text())["reason"]
-        else:
-            reason = log_path(data_dir, name).read_text()[-600:]
-        raise EndpointError(f"endpoint {name} is {endpoint.state}: {reason}")
-    return endpoint
+    if found.state == "Failed":
+        raise EndpointError(f"deployment {name} of endpoint {endpoint} failed: {found.reason}")
+    if found.state != "Succeeded" or not up:
+        waiting = "its model to load" if found.state != "Succeeded" else "the endpoints' gateway"
+        raise EndpointError(f"deployment {name} of endpoint {endpoint} is still waiting for {waiting} "
+                            f"after {timeout_s:.0f} s: {_tail(log_path(data_dir, endpoint, name))}")  # fmt: skip
+    return found
+
+
+def serve(data_dir: Path, endpoint: str, model: tuple[str, str, Path], request_timeout_s: int = 90,
+          deployment: str = "main", timeout_s: float = 120) -> LocalEndpoint:  # fmt: skip
+    """Deploy `model` as `deployment` of `endpoint`, wait for it, and give it all the traffic."""
+    deploy(data_dir, endpoint, deployment, model, {}, request_timeout_s)
+    wait_ready(data_dir, endpoint, deployment, timeout_s)
+    set_traffic(data_dir, endpoint, {deployment: 100})
+    return get(data_dir, endpoint)
+
+
+def set_traffic(data_dir: Path, endpoint: str, split: Mapping[str, int]) -> None:
+    """As Azure ML takes it: shares of existing deployments, summing to 100 (or all 0)."""
+    with _changing(data_dir):
+        found = get(data_dir, endpoint)
+        names = {d.name for d in found.deployments}
+        unknown = sorted(set(split) - names)
+        if unknown:
+            raise EndpointError(f"endpoint {endpoint} has no deployment {', '.join(unknown)}")
+        if any(share < 0 for share in split.values()) or sum(split.values()) not in (0, 100):
+            raise EndpointError(f"traffic of endpoint {endpoint} must add up to 100: {dict(split)}")
+        write_json(
+            _directory(data_dir, endpoint) / "traffic.json", {name: split.get(name, 0) for name in sorted(names)}
+        )
 
 
 def keys(data_dir: Path, name: str) -> dict[str, str]:
@@ -192,21 +290,21 @@ def invoke(
     route: str = "/score",
     key: str | None = None,
     timeout_s: float = 200,
+    deployment: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """POST `body` to the endpoint with its primary key (or `key`); returns (status, JSON reply)."""
+    """POST `body` to the endpoint with its primary key (or `key`), to `deployment` if given;
+    returns (status, JSON reply)."""
     endpoint = get(data_dir, name)
     if endpoint.scoring_uri is None:
         raise EndpointError(f"endpoint {name} is {endpoint.state}, not ready for requests")
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {key or keys(data_dir, name)['primary_key']}",
+    }
+    if deployment:
+        headers[DEPLOYMENT_HEADER] = deployment
     url = endpoint.scoring_uri.removesuffix("/score") + route
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {key or keys(data_dir, name)['primary_key']}",
-        },
-        method="POST",
-    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read())
@@ -214,32 +312,57 @@ def invoke(
         return error.code, json.loads(error.read() or b"{}")
 
 
-def delete(data_dir: Path, name: str) -> bool:
-    """Remove the endpoint, and its server (freeing its port) once it serves no other endpoint.
-    False if there was none."""
+def delete_deployment(data_dir: Path, endpoint: str, name: str) -> bool:
+    """Remove one deployment (refused while it takes traffic, as on Azure ML), and its server once
+    that serves nothing else. False if there was none."""
+    folder = _deployment_dir(data_dir, endpoint, name)
     with _changing(data_dir):
-        return _remove(data_dir, name)
+        if not (folder / "deployment.json").exists():
+            return False
+        traffic_file = folder.parents[1] / "traffic.json"
+        traffic = _json(traffic_file) or {}
+        if traffic.get(name, 0) > 0:
+            raise EndpointError(f"deployment {name} of endpoint {endpoint} takes traffic: route it elsewhere first")
+        write_json(traffic_file, {other: share for other, share in traffic.items() if other != name})
+        _remove_deployment(data_dir, folder)
+        return True
 
 
-def _remove(data_dir: Path, name: str) -> bool:
+def delete(data_dir: Path, name: str) -> bool:
+    """Remove the endpoint with every deployment, and servers left serving nothing. False if there
+    was none."""
     directory = _directory(data_dir, name)
-    spec_file = directory / "endpoint.json"
-    if not spec_file.exists():
-        return False
-    server_id = json.loads(spec_file.read_text())["server"]
-    shutil.rmtree(directory, ignore_errors=True)
+    with _changing(data_dir):
+        if not (directory / "endpoint.json").exists():
+            return False
+        (directory / "endpoint.json").unlink()  # first: the endpoint is gone even if the rest is cut short
+        for spec in sorted(directory.glob("deployments/*/deployment.json")):
+            _remove_deployment(data_dir, spec.parent)
+        shutil.rmtree(directory, ignore_errors=True)
+        if not any((data_dir / "endpoints").glob("*/endpoint.json")):
+            _stop(data_dir / "gateway", "gateway.pid")
+        return True
+
+
+def _remove_deployment(data_dir: Path, folder: Path) -> None:
+    server_id = json.loads((folder / "deployment.json").read_text())["server"]
+    shutil.rmtree(folder, ignore_errors=True)
     if any(json.loads(other.read_text()).get("server") == server_id
-           for other in (data_dir / "endpoints").glob("*/endpoint.json")):  # fmt: skip
-        return True  # the server drops the endpoint's adapter when it sees the folder gone
-    server = _server_dir(data_dir, server_id)
-    pid = _server_pid(server)
-    if pid_alive(pid):
-        assert pid is not None
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+           for other in (data_dir / "endpoints").glob("*/deployments/*/deployment.json")):  # fmt: skip
+        return  # the server drops the deployment's adapter when it sees the folder gone
+    server = data_dir / "servers" / server_id
+    _stop(server, "server.pid")
     shutil.rmtree(server, ignore_errors=True)
-    return True
+
+
+def _stop(folder: Path, pid_file: str) -> None:
+    pid = _pid(folder, pid_file)
+    if not pid_alive(pid):
+        return
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)

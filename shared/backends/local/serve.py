@@ -1,15 +1,17 @@
-"""A local endpoint server: `python -m shared.backends.local.serve SERVER_DIR`.
+"""A local model server: `python -m shared.backends.local.serve SERVER_DIR`.
 
-One process per model held in memory, serving every endpoint that uses it: a merged model serves
-its one endpoint; an adapter-only base serves each endpoint as a LoRA adapter on it, picked per
-request. Endpoints are folders (see `endpoints`); the server keeps in step with them, loading an
-endpoint's adapter when its folder appears and dropping it when the folder goes.
+One process per model held in memory, serving every deployment that uses it: a merged model serves
+its one deployment; an adapter-only base serves each deployment as a LoRA adapter on it, picked
+per request. Deployments are folders (see `endpoints`); the server keeps in step with them, loading
+a deployment's adapter when its folder appears and dropping it when the folder goes. Clients reach
+it through the endpoints' gateway (see `gateway`), which picks the deployment and sends that
+deployment's own key.
 
-Routes, behind each endpoint's keys like an Azure ML managed endpoint: `POST /score` (Azure ML's
-chat schema), `POST /v1/chat/completions` (OpenAI's, streaming included), `GET /v1/models`,
-`GET /health`. The key says which endpoint is meant; OpenAI's `model` field and Azure ML's
-`azureml-model-deployment` header, when sent, must name that endpoint. Keys are compared in
-constant time and never logged; every failure is JSON in OpenAI's error shape."""
+Routes, behind each deployment's key: `POST /score` (Azure ML's chat schema), `POST
+/v1/chat/completions` (OpenAI's, streaming included), `GET /v1/models`, `GET /health`. OpenAI's
+`model` field, when sent, must name the endpoint; Azure ML's `azureml-model-deployment` header,
+when sent, the deployment. Keys are compared in constant time and never logged; every failure is
+JSON in OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -30,41 +32,27 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from shared.backends.local import served_model
 from shared.backends.local.engine import BatchingEngine, Generation, Step
+from shared.backends.local.http_errors import ApiError, install_error_handlers, invalid_key
 from shared.backends.local.processes import write_json
 from shared.backends.local.scoring import BadRequest, ChatRequest, parse_openai, parse_score
 
 log = logging.getLogger("endpoint")
 MAX_BODY_BYTES = 1024 * 1024
 SYNC_INTERVAL_S = 0.25
-ALONE_EXIT_S = 30  # a server whose endpoints are all gone (its deleter died mid-way) leaves by itself
+ALONE_EXIT_S = 30  # a server whose deployments are all gone (its deleter died mid-way) leaves by itself
 DEPLOYMENT_HEADER = "azureml-model-deployment"
-
-
-class ApiError(Exception):
-    """An answer other than 200, in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, self.status, headers=headers)
 
 
 @dataclass(frozen=True)
 class Tenant:
-    """An endpoint this server serves."""
+    """A deployment this server serves."""
 
-    name: str
+    endpoint: str
+    deployment: str
     created_at: str
     directory: Path
     keys: tuple[str, ...]
@@ -73,71 +61,71 @@ class Tenant:
 
 
 class Tenants:
-    """The endpoints whose `endpoint.json` names this server, kept in step with their folders."""
+    """The deployments whose `deployment.json` names this server, kept in step with their folders."""
 
     def __init__(self, server_dir: Path, loaded: served_model.LoadedModel, engine: BatchingEngine,
                  shares_base: bool) -> None:  # fmt: skip
         self.server_id = server_dir.name
         self.root = server_dir.parent.parent / "endpoints"
         self.loaded, self.engine, self.shares_base = loaded, engine, shares_base
-        self.by_name: dict[str, Tenant] = {}
+        self.by_folder: dict[Path, Tenant] = {}
         self.port = 0
 
     def authorize(self, header: str) -> Tenant:
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "missing or invalid key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        # Compare against every key of every endpoint, always: timing says nothing about a match.
+            raise invalid_key()
+        # Compare against every key of every deployment, always: timing says nothing about a match.
         found = None
-        for tenant in list(self.by_name.values()):
+        for tenant in list(self.by_folder.values()):
             for key in tenant.keys:
                 if hmac.compare_digest(presented.encode(), key.encode()):
                     found = tenant
         if found is None:
-            raise ApiError(401, "missing or invalid key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+            raise invalid_key()
         return found
 
     def sync(self) -> None:
-        wanted: dict[str, dict[str, Any]] = {}
-        for spec_file in self.root.glob("*/endpoint.json"):
+        wanted: dict[Path, dict[str, Any]] = {}
+        for spec_file in self.root.glob("*/deployments/*/deployment.json"):
             try:
                 spec = json.loads(spec_file.read_text())
             except (OSError, ValueError):  # removed while read
                 continue
             if spec.get("server") == self.server_id:
-                wanted[spec["name"]] = spec
-        for name, tenant in list(self.by_name.items()):
-            if wanted.get(name, {}).get("created_at") != tenant.created_at:
-                self._remove(tenant)
-        for name, spec in wanted.items():
-            if name not in self.by_name and not (self.root / name / "failed.json").exists():
-                self._add(spec)
+                wanted[spec_file.parent] = spec
+        for folder, tenant in list(self.by_folder.items()):
+            if wanted.get(folder, {}).get("created_at") != tenant.created_at:
+                self._remove(folder)
+        for folder, spec in wanted.items():
+            if folder not in self.by_folder and not (folder / "failed.json").exists():
+                self._add(folder, spec)
 
-    def _add(self, spec: dict[str, Any]) -> None:
-        directory = self.root / spec["name"]
+    def _add(self, folder: Path, spec: dict[str, Any]) -> None:
+        label = f"{spec['endpoint']}/{spec['name']}"
         try:
-            keys = json.loads((directory / "keys.json").read_text())
-            adapter = spec["name"] if self.shares_base else None
+            keys = json.loads((folder / "keys.json").read_text())
+            # Adapter names become module attribute names: no '.' or '/'; '__' is in no endpoint name.
+            adapter = f"{spec['endpoint']}__{spec['name']}" if self.shares_base else None
             if adapter:
                 with self.engine.lock:
                     served_model.add_adapter(self.loaded, adapter, Path(spec["model_path"]))
                     self.engine.model = self.loaded.model
         except Exception as error:
-            log.exception("endpoint %s could not be loaded", spec["name"])
-            write_json(directory / "failed.json", {"reason": f"{type(error).__name__}: {error}"[:500]})
+            log.exception("deployment %s could not be loaded", label)
+            write_json(folder / "failed.json", {"reason": f"{type(error).__name__}: {error}"[:500]})
             return
-        self.by_name[spec["name"]] = Tenant(spec["name"], spec["created_at"], directory,
-                                            (keys["primary_key"], keys["secondary_key"]), adapter,
-                                            float(spec["request_timeout_s"]))  # fmt: skip
-        write_json(directory / "ready.json", {"port": self.port})
-        log.info("endpoint %s serves %s:%s", spec["name"], spec["model_name"], spec["model_version"])
+        self.by_folder[folder] = Tenant(spec["endpoint"], spec["name"], spec["created_at"], folder,
+                                        (keys["key"],), adapter, float(spec["request_timeout_s"]))  # fmt: skip
+        write_json(folder / "ready.json", {"port": self.port})
+        log.info("deployment %s serves %s:%s", label, spec["model_name"], spec["model_version"])
 
-    def _remove(self, tenant: Tenant) -> None:
-        del self.by_name[tenant.name]
+    def _remove(self, folder: Path) -> None:
+        tenant = self.by_folder.pop(folder)
         if tenant.adapter:
             with self.engine.lock:
                 served_model.remove_adapter(self.loaded, tenant.adapter)
-        log.info("endpoint %s removed", tenant.name)
+        log.info("deployment %s/%s removed", tenant.endpoint, tenant.deployment)
 
     def keep_in_step(self, stop: threading.Event) -> None:
         alone_since = time.monotonic()
@@ -146,10 +134,10 @@ class Tenants:
                 self.sync()
             except Exception:
                 log.exception("could not read the endpoints")
-            if self.by_name:
+            if self.by_folder:
                 alone_since = time.monotonic()
             elif time.monotonic() - alone_since > ALONE_EXIT_S:
-                log.info("no endpoint left; stopping")
+                log.info("no deployment left; stopping")
                 stop.set()
 
 
@@ -157,34 +145,17 @@ def build_app(tenants: Tenants) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     engine = tenants.engine
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return error.response()
+    install_error_handlers(app)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
         return ApiError(400, str(error), code=error.code, param=error.param).response()
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
-        code = "not_found" if error.status_code == 404 else None
-        return ApiError(error.status_code, str(message), code=code).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return ApiError(400, "the request is not valid").response()
-
-    @app.exception_handler(Exception)
-    async def failed(_: Request, error: Exception) -> JSONResponse:
-        log.exception("a request failed")
-        return ApiError(500, "the model failed to answer; see the endpoint log", "server_error").response()
-
     def tenant_for(request: Request) -> Tenant:
         return tenants.authorize(request.headers.get("authorization", ""))
 
-    def check_named(tenant: Tenant, named: str | None) -> None:
-        if named and named != tenant.name:
+    def check_model(tenant: Tenant, named: str | None) -> None:
+        if named and named != tenant.endpoint:
             raise ApiError(404, f"The model '{named}' does not exist or you do not have access to it.",
                            code="model_not_found", param="model")  # fmt: skip
 
@@ -199,13 +170,15 @@ def build_app(tenants: Tenants) -> FastAPI:
     @app.get("/v1/models/{model}")
     async def model(request: Request, model: str) -> dict[str, Any]:
         tenant = tenant_for(request)
-        check_named(tenant, model)
+        check_model(tenant, model)
         return _model_card(tenant)
 
     @app.post("/score")
     async def score(request: Request) -> Response:
         tenant = tenant_for(request)
-        check_named(tenant, request.headers.get(DEPLOYMENT_HEADER))
+        named = request.headers.get(DEPLOYMENT_HEADER)
+        if named and named != tenant.deployment:
+            raise ApiError(404, f"endpoint {tenant.endpoint} has no deployment {named!r}", code="not_found")
         chat = parse_score(await _json_body(request))
         text, _ = await _collect(_start(engine, tenants.loaded, tenant, chat), request)
         return JSONResponse({"output": text})
@@ -214,9 +187,9 @@ def build_app(tenants: Tenants) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         tenant = tenant_for(request)
         chat = parse_openai(await _json_body(request))
-        check_named(tenant, chat.model)
+        check_model(tenant, chat.model)
         steps = _start(engine, tenants.loaded, tenant, chat)
-        completion = _Completion(tenant.name)
+        completion = _Completion(tenant.endpoint)
         if chat.stream:
             return StreamingResponse(completion.stream(steps, chat.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})  # fmt: skip
@@ -228,7 +201,7 @@ def build_app(tenants: Tenants) -> FastAPI:
 
 def _model_card(tenant: Tenant) -> dict[str, Any]:
     created = int(datetime.fromisoformat(tenant.created_at).timestamp())
-    return {"id": tenant.name, "object": "model", "created": created, "owned_by": "local"}
+    return {"id": tenant.endpoint, "object": "model", "created": created, "owned_by": "local"}
 
 
 async def _json_body(request: Request) -> Any:
@@ -287,17 +260,20 @@ def _start(engine: BatchingEngine, loaded: served_model.LoadedModel, tenant: Ten
 
 
 async def _collect(steps: _Steps, request: Request) -> tuple[str, Step]:
-    """The whole answer; gives up the request's slot if the client disconnects while it waits."""
+    """The whole answer; gives up the request's slot if the client disconnects while it waits.
+    The wait for the next step is never cancelled (that would end the steps' generator): it is
+    watched, with a look at the connection every second."""
     texts = []
     iterator = aiter(steps)
     while True:
-        try:
-            step = await asyncio.wait_for(anext(iterator), timeout=1.0)
-        except TimeoutError:
+        following = asyncio.ensure_future(anext(iterator))
+        while not (await asyncio.wait({following}, timeout=1.0))[0]:
             if await request.is_disconnected():
+                following.cancel()
                 await iterator.aclose()
-                raise ApiError(499, "the client closed the request") from None
-            continue
+                raise ApiError(499, "the client closed the request")
+        try:
+            step = following.result()
         except StopAsyncIteration:
             raise ApiError(500, "the model stopped without an answer", "server_error") from None
         texts.append(step.text)

@@ -1,0 +1,174 @@
+"""The local endpoints' front door: `python -m shared.backends.local.gateway GATEWAY_DIR`.
+
+What Azure ML's endpoint ingress does for a managed online endpoint: one URL and one pair of keys
+per endpoint, whatever deployments come and go behind it. The key says which endpoint is meant;
+the `azureml-model-deployment` header picks a deployment, or else the endpoint's traffic split
+does; the request then goes, streamed both ways, to the model server holding that deployment, with
+the deployment's own key. Answers carry the header `azureml-model-deployment` naming the
+deployment that served them. One gateway serves every local endpoint; it keeps its port across
+restarts when it can, so endpoint URLs stay put, and leaves by itself once no endpoint is left."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import random
+import socket
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from shared.backends.local.http_errors import ApiError, install_error_handlers, invalid_key
+from shared.backends.local.processes import write_json
+
+log = logging.getLogger("gateway")
+DEPLOYMENT_HEADER = "azureml-model-deployment"
+ALONE_EXIT_S = 30
+FORWARDED_HEADERS = ("content-type", "accept", DEPLOYMENT_HEADER)
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str
+    deployment: str
+    port: int
+    key: str
+    folder: Path  # the endpoint's
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not there (yet), or removed while read
+        return None
+
+
+def route(endpoints_root: Path, authorization: str, deployment: str | None) -> Route:
+    """Which deployment answers a request with this key (and header): read from the endpoint
+    folders on every request, so a traffic change or a new deployment counts at once."""
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise invalid_key()
+    found = None
+    for keys_file in sorted(endpoints_root.glob("*/keys.json")):  # every key, always: timing tells nothing
+        for key in (_read(keys_file) or {}).values():
+            if hmac.compare_digest(presented.encode(), str(key).encode()):
+                found = keys_file.parent
+    if found is None:
+        raise invalid_key()
+    traffic: dict[str, int] = _read(found / "traffic.json") or {}
+    if deployment is None:
+        serving = {name: share for name, share in traffic.items() if share > 0}
+        if not serving:
+            raise ApiError(503, f"endpoint {found.name} has no deployment taking traffic", "server_error")
+        deployment = random.choices(list(serving), weights=list(serving.values()))[0]
+    folder = found / "deployments" / deployment
+    ready, key = _read(folder / "ready.json"), _read(folder / "keys.json")
+    if not (folder / "deployment.json").exists():
+        raise ApiError(404, f"endpoint {found.name} has no deployment {deployment!r}", code="not_found")
+    if not ready or not key:
+        raise ApiError(503, f"deployment {deployment} of endpoint {found.name} is not ready", "server_error")
+    return Route(found.name, deployment, int(ready["port"]), key["key"], found)
+
+
+def build_app(endpoints_root: Path) -> FastAPI:
+    import httpx
+
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_keepalive_connections=64)
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        yield
+        await client.aclose()
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ready"}
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(request: Request, path: str) -> Response:
+        chosen = route(endpoints_root, request.headers.get("authorization", ""), request.headers.get(DEPLOYMENT_HEADER))
+        (chosen.folder / "last_request").write_text(datetime.now(UTC).isoformat())
+        headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+        headers |= {"authorization": f"Bearer {chosen.key}", DEPLOYMENT_HEADER: chosen.deployment}
+        upstream = client.build_request(request.method, f"http://127.0.0.1:{chosen.port}/{path}",
+                                        headers=headers, content=request.stream())  # fmt: skip
+        try:
+            answer = await client.send(upstream, stream=True)
+        except httpx.TransportError as error:
+            raise ApiError(502, f"deployment {chosen.deployment} did not answer ({type(error).__name__})",
+                           "server_error") from None  # fmt: skip
+        kept = {name: value for name, value in answer.headers.items() if name in ("content-type", "cache-control")}
+        kept[DEPLOYMENT_HEADER] = chosen.deployment
+        return StreamingResponse(answer.aiter_raw(), answer.status_code, headers=kept,
+                                 background=BackgroundTask(answer.aclose))  # fmt: skip
+
+    return app
+
+
+def _listener(gateway_dir: Path) -> socket.socket:
+    """The port this gateway had before, if it is free: endpoint URLs outlive a restart."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    previous = (_read(gateway_dir / "gateway.json") or {}).get("port", 0)
+    try:
+        listener.bind(("127.0.0.1", previous))
+    except OSError:
+        listener.bind(("127.0.0.1", 0))
+    return listener
+
+
+def main(argv: list[str]) -> int:
+    import signal
+
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    gateway_dir = Path(argv[0]).resolve()
+    endpoints_root = gateway_dir.parent / "endpoints"
+    listener = _listener(gateway_dir)
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(build_app(endpoints_root), log_config=None, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5)  # fmt: skip
+    server = uvicorn.Server(config)
+    stop = threading.Event()
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stopping, lambda *_: stop.set())
+    web = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="http")
+    web.start()
+    while not server.started and web.is_alive():
+        time.sleep(0.05)
+    import os
+
+    write_json(gateway_dir / "gateway.json", {"port": port, "pid": os.getpid()})
+    log.info("gateway on port %s", port)
+    alone_since = time.monotonic()
+    while not stop.wait(1.0) and web.is_alive():
+        with suppress(OSError):
+            if any(endpoints_root.glob("*/endpoint.json")):
+                alone_since = time.monotonic()
+        if time.monotonic() - alone_since > ALONE_EXIT_S:
+            log.info("no endpoint left; stopping")
+            break
+    server.should_exit = True
+    web.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
