@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -288,8 +289,6 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    import re
-
     from shared.backends.interface import ModelRef
 
     name, sep, version = args.model.rpartition(":")

@@ -47,6 +47,10 @@ class RollbackError(ValueError):
     """A rollback that cannot be done; the message says why."""
 
 
+class UnknownEndpoint(RollbackError):
+    """An endpoint this app never deployed to."""
+
+
 def endpoint_name_for(settings: Settings, run: Run) -> str:
     """The endpoint the upload names, else one per dataset: the blob's name (without extensions)
     and a digest of it and of this app's storage account, as endpoint names are unique per Azure
@@ -56,7 +60,7 @@ def endpoint_name_for(settings: Settings, run: Run) -> str:
         return str(chosen)
     folder, _, file = run.upload.blob_name.rpartition("/")
     dataset = f"{run.upload.container}/{folder}/{file.split('.', 1)[0]}"
-    digest = hashlib.sha256(f"{settings.storage.description}|{dataset}".encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{settings.storage.account}|{dataset}".encode()).hexdigest()[:8]
     slug = re.sub(r"-+", "-", run.run_id.rsplit("-", 1)[0][:20]).strip("-")
     return f"ft-{slug}-{digest}" if slug else f"ft-{digest}"
 
@@ -87,10 +91,12 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
         return True
     model = model_of(run)
     if run.state == S.REGISTERED:
+        # Recorded before it is made: the janitor never takes an endpoint a deployment is coming to.
         endpoint, deployment = endpoint_name_for(settings, run), deployment_name_for(run)
-        backend.deploy(model, endpoint, deployment, _tags(run))
+        _check_ours(backend, endpoint)
         message = f"deploying {model.name}:{model.version} as deployment {deployment} of endpoint {endpoint}, at 0%"
-        ledger.advance(run, S.DEPLOYING, message, endpoint_name=endpoint, deployment_name=deployment)
+        run = ledger.advance(run, S.DEPLOYING, message, endpoint_name=endpoint, deployment_name=deployment)
+        backend.deploy(model, endpoint, deployment, _tags(run))
         return True
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
     if run.state == S.DEPLOYING:
@@ -106,12 +112,28 @@ def _step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> boo
             return False  # the janitor's timer comes back
         return _judge(settings, ledger, backend, run)
     if run.state == S.ROLLING_OUT:
+        # The split was recorded before it was set: (re)set it, so a step cut short is made good.
         rollout = run.details.get("rollout") or {}
-        if datetime.now(UTC) < datetime.fromisoformat(rollout["until"]):
+        if datetime.now(UTC) >= datetime.fromisoformat(rollout["until"]):
+            _promote(settings, ledger, backend, run, ledger.find(rollout.get("live_run") or ""))
             return False
-        _promote(settings, ledger, backend, run, ledger.find(rollout.get("live_run") or ""))
+        serving = {name: share for name, share in backend.endpoint(endpoint).traffic.items() if share}
+        if serving != {name: share for name, share in rollout["split"].items() if share}:
+            backend.set_traffic(endpoint, rollout["split"])
         return False
     return False
+
+
+def _check_ours(backend: Backend, endpoint: str) -> None:
+    """An endpoint this app did not make is never deployed to (nor, on failure, deleted)."""
+    try:
+        found = backend.endpoint(endpoint)
+    except BackendError:
+        return  # not there yet: this run makes it
+    if found.tags.get(MANAGED_BY_TAG) != MANAGED_BY:
+        tag = f"{MANAGED_BY_TAG}={MANAGED_BY}"
+        raise BackendError(f"endpoint {endpoint} exists and is not managed by this app (no tag {tag}): "
+                           "name another in the upload's 'endpoint' metadata")  # fmt: skip
 
 
 def _rollout_ended(ledger: Ledger, holder: str) -> bool:
@@ -142,31 +164,32 @@ def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bo
                           gate=gate["gate"], serving=serving)  # fmt: skip
         return False
     share, minutes = settings.rollout.share_percent, settings.rollout.step_minutes
+    now = datetime.now(UTC)
     if live is None or not share or not minutes:
-        _promote(settings, ledger, backend, run, live, f"{verdict.reason}; ", gate)
-        return False
-    backend.set_traffic(endpoint, {deployment: share, live.deployment_name or "": 100 - share})
-    until = datetime.now(UTC) + timedelta(minutes=minutes)
-    rollout = {"share": share, "live_run": live.run_id, "live_deployment": live.deployment_name,
-               "until": until.isoformat()}  # fmt: skip
-    ledger.advance(run, S.ROLLING_OUT, f"{verdict.reason}; {share}% of the traffic until {until:%Y-%m-%d %H:%M} "
-                   f"UTC, {100 - share}% on {live.deployment_name}", details={**gate, "rollout": rollout})  # fmt: skip
-    return False
+        split, until = {deployment: 100}, now
+        plan = "all the traffic at once" + ("" if live else " (nothing else serves there)")
+    else:
+        split, until = {deployment: share, live.deployment_name or "": 100 - share}, now + timedelta(minutes=minutes)
+        plan = f"{share}% of the traffic until {until:%Y-%m-%d %H:%M} UTC, {100 - share}% on {live.deployment_name}"
+    rollout = {"split": split, "live_run": live.run_id if live else None,
+               "live_deployment": live.deployment_name if live else None, "until": until.isoformat()}  # fmt: skip
+    # The plan is recorded before any traffic moves; the rolling_out step carries it out.
+    ledger.advance(run, S.ROLLING_OUT, f"{verdict.reason}; {plan}", details={**gate, "rollout": rollout})
+    return True
 
 
-def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, previous: Run | None, why: str = "",
-             details: dict[str, Any] | None = None) -> Run:  # fmt: skip
+def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, previous: Run | None) -> Run:
     """All the traffic to `run`'s deployment; the one it replaces is kept at 0% for a rollback."""
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
+    url = backend.endpoint(endpoint).scoring_uri or ""
     backend.set_traffic(endpoint, {deployment: 100})
     window = settings.rollout.rollback_window_hours
     if previous is not None and previous.state == S.DEPLOYED:
         ledger.advance(previous, S.SUPERSEDED, f"replaced by {deployment} ({run.model_name}:{run.model_version}); "
                        f"kept at 0% traffic for a rollback for {window:g} h")  # fmt: skip
-    url = backend.endpoint(endpoint).scoring_uri or ""
     replaced = f", in place of {previous.deployment_name}" if previous else ""
-    deployed = ledger.advance(run, S.DEPLOYED, f"{why}serving all the traffic of endpoint {endpoint}{replaced}",
-                              endpoint_url=url, details=details)  # fmt: skip
+    deployed = ledger.advance(run, S.DEPLOYED, f"serving all the traffic of endpoint {endpoint}{replaced}",
+                              endpoint_url=url)  # fmt: skip
     ledger.free_endpoint(endpoint, run.run_id)
     lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, deployed, endpoint=endpoint, deployment=deployment,
                       scoringUri=url, model=f"{run.model_name}:{run.model_version}",
@@ -176,36 +199,44 @@ def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, pre
 
 def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend | None = None) -> Run:
     """Route `endpoint`'s traffic back to the deployment it served before, while that is kept:
-    during a rollout, to the one being replaced; otherwise to the most recently replaced one.
-    Returns the run now serving."""
+    during a rollout, to the one being replaced; otherwise to the most recently replaced one (so a
+    second rollback goes one version further back). Returns the run now serving. Refused, changing
+    nothing, while a new version is being evaluated there or a handler is moving the serving run."""
     backend = backend or get_backend(settings)
     runs = ledger.by_endpoint(endpoint)
     if not runs:
-        raise RollbackError(f"endpoint {endpoint!r}: no model was ever deployed to it by this app")
-    rolling = next((r for r in runs if r.state == S.ROLLING_OUT), None)
-    current = rolling or live_run(ledger, endpoint)
+        raise UnknownEndpoint(f"endpoint {endpoint!r}: no model was ever deployed to it by this app")
+    current = next((r for r in runs if r.state == S.ROLLING_OUT), None) or live_run(ledger, endpoint)
     if current is None:
         raise RollbackError(f"endpoint {endpoint!r}: nothing serves there now")
-    if rolling is not None:
-        target = ledger.find((rolling.details.get("rollout") or {}).get("live_run") or "")
+    if current.state == S.ROLLING_OUT:
+        target = ledger.find((current.details.get("rollout") or {}).get("live_run") or "")
     else:
         replaced = [r for r in runs if r.state == S.SUPERSEDED]
         target = max(replaced, key=lambda r: r.state_times[S.SUPERSEDED], default=None)
+    window = settings.rollout.rollback_window_hours
     if target is None or not target.deployment_name:
-        window = settings.rollout.rollback_window_hours
         raise RollbackError(f"endpoint {endpoint!r}: no earlier deployment is kept to roll back to "
                             f"(replaced ones are kept for {window:g} h)")  # fmt: skip
-    backend.set_traffic(endpoint, {target.deployment_name: 100})
-    window = settings.rollout.rollback_window_hours
-    rolled_back = ledger.advance(current, S.ROLLED_BACK, f"rolled back: {target.deployment_name} serves again; "
-                                 f"kept at 0% traffic for {window:g} h")  # fmt: skip
-    if target.state == S.SUPERSEDED:
-        target = ledger.advance(target, S.DEPLOYED, f"serving all the traffic again: {current.deployment_name} "
-                                "was rolled back")  # fmt: skip
-    else:
-        target = ledger.note(target.run_id, f"serving all the traffic again: the rollout of {current.deployment_name} "
-                             "was rolled back")  # fmt: skip
-    ledger.free_endpoint(endpoint, current.run_id)
+    # The same two locks the flow takes: the endpoint (no evaluation under way), then the run.
+    holder = ledger.hold_endpoint(endpoint, current.run_id, lambda other: _rollout_ended(ledger, other))
+    claimed = None if holder else ledger.claim(current, f"rollback-{uuid.uuid4().hex}", CLAIM_TTL)
+    if claimed is None:
+        busy = f"run {holder} is being evaluated for it" if holder else f"run {current.run_id} is being changed"
+        raise RollbackError(f"endpoint {endpoint!r}: {busy}; roll back once that is done")
+    try:
+        backend.set_traffic(endpoint, {target.deployment_name: 100})
+        rolled_back = ledger.advance(claimed, S.ROLLED_BACK, f"rolled back: {target.deployment_name} serves again; "
+                                     f"kept at 0% traffic for {window:g} h")  # fmt: skip
+        again = f"serving all the traffic again: {current.deployment_name} was rolled back"
+        target = (
+            ledger.advance(target, S.DEPLOYED, again)
+            if target.state == S.SUPERSEDED
+            else ledger.note(target.run_id, again)
+        )
+    finally:
+        ledger.release(current.run_id, claimed.driver or "")
+        ledger.free_endpoint(endpoint, current.run_id)
     lifecycle.publish(settings, lifecycle.MODEL_ROLLED_BACK, rolled_back, endpoint=endpoint,
                       deployment=current.deployment_name, serving=target.deployment_name)  # fmt: skip
     return target
@@ -253,7 +284,13 @@ def drive_run(settings: Settings, ledger: Ledger, run_id: str, backend: Backend 
 def _drive_one_step(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
     """One step under the run's claim; False when there is nothing more to do now."""
     try:
-        return _step(settings, ledger, backend, run)
+        try:
+            return _step(settings, ledger, backend, run)
+        except (RunChanged, IllegalTransition, BackendError):
+            raise
+        except Exception as error:  # storage, a model that would not load: worth another try, not a stuck run
+            log.exception("run %s, %s step failed unexpectedly", run.run_id, run.state)
+            raise TransientBackendError(f"{type(error).__name__}: {error}") from error
     except (RunChanged, IllegalTransition):
         return True  # moved meanwhile: look again
     except BackendError as error:
@@ -274,17 +311,22 @@ def _drive_one_step(settings: Settings, ledger: Ledger, backend: Backend, run: R
 
 
 def _remove_deployment(ledger: Ledger, backend: Backend, run: Run) -> str:
-    """Whatever a refused or failed deployment left must not bill: its deployment goes, and its
-    endpoint too when no other run's deployment is on it (the endpoint was made for this one)."""
+    """Whatever a refused or failed deployment left must not bill: its deployment goes (a rollout
+    cut short first gives the live deployment all the traffic back), and its endpoint too when no
+    other run's deployment is on it (the endpoint was made for this one)."""
     endpoint, deployment = run.endpoint_name, run.deployment_name
     if not endpoint or not deployment:
         return ""
     others = [
         r for r in ledger.by_endpoint(endpoint) if r.run_id != run.run_id and r.state in (*HOSTED_STATES, S.DEPLOYING)
     ]
+    live = (run.details.get("rollout") or {}).get("live_deployment")
     try:
         if not others:
             return f"endpoint {endpoint} deleted" if backend.delete_endpoint(endpoint) else ""
+        if live:
+            backend.set_traffic(endpoint, {live: 100})
         return f"deployment {deployment} deleted" if backend.delete_deployment(endpoint, deployment) else ""
     except BackendError as error:
-        return f"deployment {deployment} of endpoint {endpoint} could not be deleted ({error}): the janitor retries"
+        return (f"deployment {deployment} of endpoint {endpoint} could not be deleted ({error}): it bills until "
+                "it is deleted by hand or its endpoint is torn down")  # fmt: skip

@@ -81,6 +81,13 @@ def _poll_jobs(settings: Settings, ledger: Ledger, backend: Backend) -> dict[str
     return finished
 
 
+def _claimed_since(runs: list[Run], created: datetime | None) -> bool:
+    """Whether a run of this endpoint was torn down since the endpoint was made: then a sweep has
+    claimed this endpoint (an endpoint made again later, for a new upload, is a new one)."""
+    return any(created is None or run.state_times[RunState.TORN_DOWN] >= created
+               for run in runs if run.state == RunState.TORN_DOWN)  # fmt: skip
+
+
 def _tear_down(ledger: Ledger, runs: list[Run], message: str, now: datetime) -> list[Run] | None:
     """Record the runs torn down, the one serving first (with its hosting spend): None when a
     concurrent sweep moved it first, and so deletes what they had."""
@@ -97,27 +104,34 @@ def _tear_down(ledger: Ledger, runs: list[Run], message: str, now: datetime) -> 
 
 def _delete_replaced(settings: Settings, ledger: Ledger, backend: Backend, endpoints: list[Endpoint], now: datetime,
                      would_delete: list[str], errors: list[str]) -> list[str]:  # fmt: skip
-    """Delete the deployments replaced (or rolled back) longer ago than the rollback window."""
+    """Delete the deployments replaced (or rolled back) longer ago than the rollback window, on
+    endpoints the listing shows (its tags say `keep` or not) and only while they take no traffic.
+    Deleted first, recorded second: a deletion that fails is tried again at the next tick."""
     window = timedelta(hours=settings.rollout.rollback_window_hours)
-    tags = {endpoint.name: endpoint.tags for endpoint in endpoints}
+    listed = {endpoint.name: endpoint for endpoint in endpoints}
     deleted = []
     for state in (RunState.SUPERSEDED, RunState.ROLLED_BACK):
         for run in ledger.by_state(state):
             endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
-            if now - run.state_times[state] < window or _kept(tags.get(endpoint, {})):
+            found = listed.get(endpoint)
+            if now - run.state_times[state] < window or found is None or _kept(found.tags):
+                continue
+            if found.traffic.get(deployment, 0) > 0:
+                log.warning("run %s is %s but deployment %s of %s takes traffic: kept", run.run_id, state,
+                            deployment, endpoint)  # fmt: skip
                 continue
             message = f"deployment {deployment} of endpoint {endpoint} deleted: {state} more than {window} ago"
             if settings.janitor.dry_run:
                 would_delete.append(message)
                 continue
-            if _tear_down(ledger, [run], message, now) is None:
-                continue
             try:
-                backend.delete_deployment(endpoint, deployment)
+                backend.delete_deployment(endpoint, deployment)  # idempotent: a second sweep finds it gone
             except BackendError as error:
                 log.warning("janitor could not delete deployment %s of %s: %s", deployment, endpoint, error)
                 errors.append(str(error))
                 continue
+            if _tear_down(ledger, [run], message, now) is None:
+                continue  # recorded by a concurrent sweep
             deleted.append(f"{endpoint}/{deployment}")
             lifecycle.publish(settings, lifecycle.DEPLOYMENT_DELETED, ledger.get(run.run_id), endpoint=endpoint,
                               deployment=deployment)  # fmt: skip
@@ -144,7 +158,9 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
     except BackendError as error:  # no idle evidence, no deletion: the next tick tries again
         log.warning("janitor could not list endpoints: %s", error)
         endpoints, errors = [], [str(error)]
-    deployments_deleted = _delete_replaced(settings, ledger, backend, endpoints, now, would_delete, errors)
+    # Without a listing there is no telling which endpoints are kept: nothing replaced goes either.
+    deployments_deleted = [] if errors else _delete_replaced(settings, ledger, backend, endpoints, now, would_delete,
+                                                             errors)  # fmt: skip
     for endpoint in endpoints:
         verdict = judge(endpoint, settings.janitor, now)
         if not verdict.delete:
@@ -154,12 +170,12 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
             would_delete.append(f"{verdict.endpoint}: {verdict.evidence}")
             continue
         runs = ledger.by_endpoint(endpoint.name)
-        if any(run.state in (RunState.REGISTERED, RunState.DEPLOYING, RunState.ROLLING_OUT) for run in runs):
+        if any(run.state in (RunState.DEPLOYING, RunState.ROLLING_OUT) for run in runs):
             kept[verdict.endpoint] = "a deployment is being made or rolled out"
             continue
         hosted = [run for run in runs if run.state in HOSTED_STATES]
         torn_down = _tear_down(ledger, hosted, f"endpoint {endpoint.name} deleted: {verdict.evidence}", now)
-        if torn_down is None or (not hosted and any(run.state == RunState.TORN_DOWN for run in runs)):
+        if torn_down is None or (not hosted and _claimed_since(runs, _time(endpoint.created_at))):
             continue  # another sweep claimed it first and deletes it
         try:
             gone = backend.delete_endpoint(endpoint.name)

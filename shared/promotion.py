@@ -127,9 +127,11 @@ def evaluate(
     rules = settings.rollout
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
     with test_conversations(settings, run, max(LOSS_CONVERSATIONS, rules.gate_conversations)) as test_file:
-        candidate_loss = backend.held_out_loss(model_of(run), str(test_file))
-        if candidate_loss is not None:
-            baseline_loss = backend.held_out_loss(model_of(live) if live else None, str(test_file))
+        computed = backend.held_out_losses([model_of(run), model_of(live) if live else None], str(test_file))
+        candidate_loss: float | None
+        baseline_loss: float | None
+        if computed is not None:
+            candidate_loss, baseline_loss = computed
             how = f"each model on the first {LOSS_CONVERSATIONS} conversations of this run's {TEST_FILE}"
         else:
             candidate_loss, baseline_loss = logged_eval_loss(run), logged_eval_loss(live) if live else None

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlparse
 
 from shared.backends.registry import BACKENDS, DEFAULT_BACKEND, plugin
 from shared.costs.prices import RETAIL_PRICES_URL
@@ -99,6 +100,17 @@ class StorageConnection:
         fields = _connection_string_fields(self.connection_string)
         return fields.get("blobendpoint") or f"account {fields.get('accountname', '?')}"
 
+    @property
+    def account(self) -> str:
+        """The storage account's name, however it is reached (key or identity, account name or
+        service URI): the same account gives the same name."""
+        if self.connection_string is None:
+            return (urlparse(self.blob_service_uri or "").hostname or "").partition(".")[0]
+        if self.connection_string.strip().lower() == DEVELOPMENT_STORAGE.lower():
+            return "devstoreaccount1"
+        fields = _connection_string_fields(self.connection_string)
+        return fields.get("accountname") or (urlparse(fields.get("blobendpoint", "")).hostname or "").partition(".")[0]
+
 
 @dataclass(frozen=True)
 class DatasetSettings:
@@ -140,7 +152,7 @@ class JanitorSettings:
 
 @dataclass(frozen=True)
 class RolloutSettings:
-    """How a new model version replaces the one an endpoint serves (see `shared.rollout`)."""
+    """How a new model version replaces the one an endpoint serves (see `shared.deployment` and `shared.promotion`)."""
 
     # The promotion rule: the new model's loss on its held-out conversations may exceed the live
     # model's (or, for an endpoint's first model, the base model's) by at most this many percent.
@@ -282,7 +294,11 @@ def _rollout(reader: SettingsReader) -> RolloutSettings:
             defaults.max_loss_increase_percent,
             Rule("a number of percent, at least 0", checked(float, lambda number: number >= 0)),
         ),
-        gate_conversations=reader.parsed("GATE_CONVERSATIONS", defaults.gate_conversations, POSITIVE_INT),
+        gate_conversations=reader.parsed(
+            "GATE_CONVERSATIONS",
+            defaults.gate_conversations,
+            Rule("a whole number from 1 to 50", checked(int, lambda number: 1 <= number <= 50)),
+        ),
         share_percent=reader.parsed(
             "ROLLOUT_SHARE_PERCENT",
             defaults.share_percent,

@@ -56,13 +56,14 @@ def rollback_response(settings: Settings, ledger: Ledger, endpoint: str) -> Stat
     """`POST /api/endpoints/{endpoint}/rollback`: the run serving after the rollback (200), or why
     there is nothing to roll back (404 for an endpoint this app never deployed to, else 409)."""
     from shared.backends.interface import BackendError
-    from shared.deployment import RollbackError, rollback
+    from shared.deployment import RollbackError, UnknownEndpoint, rollback
+    from shared.ledger import LedgerError
 
-    if not ledger.by_endpoint(endpoint):
-        return _json(404, {"error": f"endpoint {endpoint!r}: no model was ever deployed to it by this app"})
     try:
         serving = rollback(settings, ledger, endpoint)
-    except RollbackError as error:
+    except UnknownEndpoint as error:
+        return _json(404, {"error": str(error)})
+    except (RollbackError, LedgerError) as error:  # LedgerError: changed meanwhile by another handler
         return _json(409, {"error": str(error)})
     except BackendError as error:
         return _json(502, {"error": f"endpoint {endpoint!r}: the backend refused the traffic change: {error}"})

@@ -46,6 +46,17 @@ EXPECTED_BINDINGS = {
         },
         {"direction": "OUT", "type": "http", "name": "$return"},
     ],
+    "endpoint_rollback": [
+        {
+            "direction": "IN",
+            "type": "httpTrigger",
+            "name": "req",
+            "methods": ["POST"],
+            "authLevel": "FUNCTION",
+            "route": "endpoints/{endpoint}/rollback",
+        },
+        {"direction": "OUT", "type": "http", "name": "$return"},
+    ],
 }
 
 

@@ -501,12 +501,6 @@ def test_a_deployment_size_off_the_inference_allow_list_is_refused(fake: FakeAzu
     assert not fake.sent("PUT", "/onlineEndpoints/")
 
 
-def test_the_held_out_loss_is_left_to_the_jobs_logs(fake: FakeAzureML) -> None:
-    backend = _completed_job(fake)
-    assert backend.held_out_loss(backend.register(REQUEST.job_name), "test_sft.jsonl") is None
-    assert backend.held_out_loss(None, "test_sft.jsonl") is None
-
-
 def test_listing_reads_idle_evidence_from_metrics_and_deletion_does_not_wait(fake: FakeAzureML) -> None:
     backend = _completed_job(fake)
     model = backend.register(REQUEST.job_name)

@@ -19,7 +19,7 @@ from azure.functions.eventgrid import EventGridEventInConverter
 from shared import deployment
 from shared.backends.azureml.backend import AzureMLBackend
 from shared.backends.interface import ModelRef
-from shared.deployment import drive_run, rollback
+from shared.deployment import RollbackError, drive_run, rollback
 from shared.dev.azurite import Azurite
 from shared.events import handle_job_event
 from shared.intake import submit_run
@@ -82,13 +82,15 @@ def fake() -> FakeAzureML:
     return FakeAzureML()
 
 
-def _submitted(settings: Settings, ledger: Ledger, backend: AzureMLBackend, blob: str, version: str) -> Run:
-    """A prepared upload of `blob` (this `version` of it), submitted to the fake service."""
+def _submitted(settings: Settings, ledger: Ledger, backend: AzureMLBackend, blob: str, version: str,
+               endpoint: str | None = None) -> Run:  # fmt: skip
+    """A prepared upload of `blob` (this `version` of it, naming `endpoint` if given), submitted
+    to the fake service."""
     run, _ = ledger.receive(Upload(DATASETS_CONTAINER, blob, version), "received")
     estimate = {"training_hours": 1.5, "training_usd": 5.5, "hosting_usd_per_hour": 3.673,
                 "basis": {"training_price_usd_per_hour": 3.673}}  # fmt: skip
-    run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": {"sha256": "d" * 64,
-                                                                                 "estimate": estimate}})  # fmt: skip
+    report = {"sha256": "d" * 64, "estimate": estimate, "endpoint": endpoint}
+    run = ledger.advance(run, RunState.PREPARED, "prepared", details={"report": report})
     return submit_run(settings, ledger, run, backend)
 
 
@@ -184,7 +186,7 @@ def test_a_deployment_step_the_service_refuses_fails_the_run_and_removes_its_end
     assert "400 BadRequest: traffic must add up to 100" in (failed.reason or "")
     # Recorded first, then removed: a handler that lost the race would have removed nothing.
     history = [entry.message for entry in ledger.history(run.run_id)]
-    assert history[-2].startswith("deploying step failed") and history[-1] == f"endpoint {endpoint} deleted"
+    assert history[-2].startswith("rolling_out step failed") and history[-1] == f"endpoint {endpoint} deleted"
     assert fake.sent("DELETE", rf"/onlineEndpoints/{endpoint}$")
 
 
@@ -300,3 +302,93 @@ def test_retraining_through_the_service_rolls_out_refuses_worse_and_rolls_back(
     assert report["deployments_deleted"] == [f"{endpoint}/{v2.deployment_name}"] and report["deleted"] == []
     assert fake.sent("DELETE", "/deployments/")[-1].path.endswith(f"/deployments/{v2.deployment_name}")
     assert ledger.get(v2.run_id).state == RunState.TORN_DOWN
+
+
+def _settings(azurite: Azurite, **more: str) -> Settings:
+    return load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string, "ENDPOINT_IDLE_MINUTES": "100000",
+                          **more})  # fmt: skip
+
+
+def test_a_rollback_during_a_rollout_or_while_a_version_is_judged(
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite
+) -> None:
+    settings = _settings(azurite, ROLLOUT_SHARE_PERCENT="10", ROLLOUT_STEP_MINUTES="60")
+    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
+    blob = f"support-{uuid.uuid4().hex[:8]}.jsonl"
+    v1 = drive_run(settings, ledger, _trained_and_ready(fake, ledger, settings, backend, blob, "0x1", 1.5).run_id,
+                   backend)  # fmt: skip
+    endpoint = v1.endpoint_name or ""
+    v2 = drive_run(settings, ledger, _trained_and_ready(fake, ledger, settings, backend, blob, "0x2", 1.2).run_id,
+                   backend)  # fmt: skip
+    assert v2.state == RunState.ROLLING_OUT
+    # A third version waits while the second one rolls out: one run changes the traffic at a time.
+    v3 = _trained_and_ready(fake, ledger, settings, backend, blob, "0x3", 1.3)
+    assert drive_run(settings, ledger, v3.run_id, backend).state == RunState.DEPLOYING
+    assert _traffic_puts(fake, endpoint)[-1] == {v1.deployment_name: 90, v2.deployment_name: 10}
+
+    # While a version is being evaluated (here the third, as if it held the endpoint for its gate),
+    # a rollback is refused and changes nothing.
+    ledger.hold_endpoint(endpoint, v3.run_id, lambda _: True)
+    with pytest.raises(RollbackError, match=f"run {v3.run_id} is being evaluated for it"):
+        rollback(settings, ledger, endpoint, backend)
+    assert _traffic_puts(fake, endpoint)[-1] == {v1.deployment_name: 90, v2.deployment_name: 10}
+    ledger.free_endpoint(endpoint, v3.run_id)
+
+    # During the rollout: back to the version being replaced, which never stopped being deployed.
+    assert rollback(settings, ledger, endpoint, backend).run_id == v1.run_id
+    assert _traffic_puts(fake, endpoint)[-1] == {v1.deployment_name: 100}
+    assert (ledger.get(v1.run_id).state, ledger.get(v2.run_id).state) == (RunState.DEPLOYED, RunState.ROLLED_BACK)
+    again = f"serving all the traffic again: {v2.deployment_name} was rolled back"
+    assert ledger.history(v1.run_id)[-1].message == again
+
+    # Then the third goes, judged against what serves again.
+    v3 = drive_run(settings, ledger, v3.run_id, backend)
+    assert v3.state == RunState.ROLLING_OUT and v3.details["gate"]["compared_with"] == v1.deployment_name
+
+
+def test_the_janitor_keeps_replaced_deployments_of_kept_endpoints_and_when_it_cannot_tell(
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import janitor
+
+    settings = _settings(azurite, ROLLOUT_SHARE_PERCENT="0")  # all at once
+    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
+    monkeypatch.setattr(janitor, "get_backend", lambda _: backend)
+    blob = f"support-{uuid.uuid4().hex[:8]}.jsonl"
+    v1 = drive_run(settings, ledger, _trained_and_ready(fake, ledger, settings, backend, blob, "0x1", 1.5).run_id,
+                   backend)  # fmt: skip
+    v2 = drive_run(settings, ledger, _trained_and_ready(fake, ledger, settings, backend, blob, "0x2", 1.2).run_id,
+                   backend)  # fmt: skip
+    assert (ledger.get(v1.run_id).state, v2.state) == (RunState.SUPERSEDED, RunState.DEPLOYED)
+    endpoint, later = v1.endpoint_name or "", datetime.now(UTC) + timedelta(hours=25)
+
+    fake.endpoints[endpoint]["tags"]["keep"] = "true"
+    assert janitor.sweep(settings, ledger, past_due=False, now=later)["deployments_deleted"] == []
+    fake.endpoints[endpoint]["tags"].pop("keep")
+    denied = {"error": {"code": "AuthorizationFailed", "message": "no read access to the workspace"}}
+    fake.fail_next("GET", r"/onlineEndpoints$", 403, denied)
+    cannot_list = janitor.sweep(settings, ledger, past_due=False, now=later)
+    assert cannot_list["deployments_deleted"] == [] and cannot_list["errors"]
+    assert ledger.get(v1.run_id).state == RunState.SUPERSEDED and not fake.sent("DELETE", "/deployments/")
+
+    report = janitor.sweep(settings, ledger, past_due=False, now=later)
+    assert report["deployments_deleted"] == [f"{endpoint}/{v1.deployment_name}"]
+    assert fake.sent("DELETE", "/deployments/")[-1].path.endswith(f"/deployments/{v1.deployment_name}")
+    assert ledger.get(v1.run_id).state == RunState.TORN_DOWN and ledger.get(v2.run_id).state == RunState.DEPLOYED
+
+
+def test_an_endpoint_this_app_did_not_make_is_never_deployed_to_or_deleted(
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite
+) -> None:
+    from azure.ai.ml.entities import ManagedOnlineEndpoint
+
+    settings = _settings(azurite)
+    backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
+    backend.workspace.online_endpoints.begin_create_or_update(ManagedOnlineEndpoint(name="theirs", auth_mode="key"))
+    run = _submitted(settings, ledger, backend, f"support-{uuid.uuid4().hex[:8]}.jsonl", "0x1", endpoint="theirs")
+    _deliver(settings, ledger, backend, _documented(RUN_COMPLETED, _job_ends(fake, run, "Completed")))
+    failed = ledger.get(run.run_id)
+    assert failed.state == RunState.DEPLOY_FAILED and "theirs exists and is not managed by this app" in (
+        failed.reason or ""
+    )
+    assert not fake.sent("PUT", "/onlineEndpoints/theirs/deployments/") and not fake.sent("DELETE", "/theirs")

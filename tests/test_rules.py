@@ -69,6 +69,9 @@ def test_endpoint_names_are_valid_azure_ml_names_one_per_dataset(blob: str) -> N
     assert endpoint_name_for(settings, _run(f"other/{blob}")) != name  # another folder, another dataset
     other_account = load_settings({"AzureWebJobsStorage": "AccountName=someoneelse;AccountKey=a2V5"})
     assert endpoint_name_for(other_account, _run(blob)) != name  # names are unique per Azure region
+    by_key = load_settings({"AzureWebJobsStorage": "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=a2V5"})
+    by_identity = load_settings({"AzureWebJobsStorage__accountName": "acct"})
+    assert endpoint_name_for(by_key, _run(blob)) == endpoint_name_for(by_identity, _run(blob))  # same account
     assert endpoint_name_for(settings, _run(blob, endpoint="support-bot")) == "support-bot"
 
 

@@ -236,3 +236,33 @@ def test_adapters_come_and_go_and_the_last_one_takes_the_server(models: dict[str
             httpx.get(f"http://127.0.0.1:{port}/health")
     finally:
         stop_local_processes(tmp_path)
+
+
+def test_the_gateway_routes_only_within_the_keys_endpoint(data_dir: Path) -> None:
+    url = endpoints.get(data_dir, "ep-one").scoring_uri.removesuffix("/score") + "/v1/chat/completions"  # type: ignore[union-attr]
+    key = endpoints.keys(data_dir, "ep-one")["primary_key"]
+    body = {"messages": HELLO, "max_tokens": 2}
+    for elsewhere in ("../../ep-two/deployments/main", "/main", "main/..", "ep-two"):
+        answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}",
+                                                      "azureml-model-deployment": elsewhere}, timeout=60)  # fmt: skip
+        assert answer.status_code == 404 and "has no deployment" in answer.json()["error"]["message"], elsewhere
+    endpoints.set_traffic(data_dir, "ep-one", {})  # nothing takes traffic: a clear 503, not someone else's model
+    try:
+        answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert answer.status_code == 503 and "no deployment taking traffic" in answer.json()["error"]["message"]
+    finally:
+        endpoints.set_traffic(data_dir, "ep-one", {"main": 100})
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200
+
+
+def test_a_gateway_that_died_comes_back_on_its_port(data_dir: Path) -> None:
+    import os
+    import signal
+
+    before = endpoints.get(data_dir, "ep-two").scoring_uri
+    os.kill(int((data_dir / "gateway" / "gateway.pid").read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (found := endpoints.get(data_dir, "ep-two")).scoring_uri is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first look at an endpoint starts it again
+    assert found.scoring_uri == before
+    assert greedy(data_dir, "ep-two", "hi", 2).choices[0].message.content is not None

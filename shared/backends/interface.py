@@ -5,7 +5,7 @@ the first call made instead of making a second one."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -151,10 +151,10 @@ class Backend(Protocol):
         (None, why) when no answer came."""
         ...
 
-    def held_out_loss(self, model: ModelRef | None, test_file: str) -> float | None:
-        """The mean assistant-token loss of `model` (None: the base model) on the conversations of
-        the JSON Lines file `test_file`, when this backend can compute it; None when it cannot (the
-        flow then uses the losses the jobs logged)."""
+    def held_out_losses(self, models: Sequence[ModelRef | None], test_file: str) -> list[float] | None:
+        """The mean assistant-token loss of each of `models` (None: the base model) on the
+        conversations of the JSON Lines file `test_file`, when this backend can compute them;
+        None when it cannot (the flow then uses the losses the jobs logged)."""
         ...
 
     def endpoint(self, name: str) -> Endpoint: ...

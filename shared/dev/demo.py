@@ -70,9 +70,10 @@ def _follow(
     """Print the run's history as it grows until it reaches one of `until` (or fails), and the
     training's progress while its job runs."""
     from shared.backends.local.jobs import progress_line
+    from shared.ledger import FAILURE_STATES
 
     deadline = time.monotonic() + timeout_s
-    failures = {"rejected", "failed", "canceled", "deploy_failed"}
+    failures = {str(state) for state in FAILURE_STATES}
     shown, shown_at = None, 0.0
     while True:
         history = ledger.history(run_id)

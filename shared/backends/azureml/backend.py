@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -692,8 +692,8 @@ class AzureMLBackend:
             return False
         return True
 
-    def held_out_loss(self, model: ModelRef | None, test_file: str) -> None:
-        """None: the app has no GPU at hand to compute it; the flow uses the eval_loss the
+    def held_out_losses(self, models: Sequence[ModelRef | None], test_file: str) -> None:
+        """None: the app has no GPU at hand to compute them; the flow uses the eval_loss the
         fine-tuning jobs logged."""
         return None
 

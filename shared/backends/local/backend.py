@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 
 _TRANSFORMERS_FIRST_USE = threading.Lock()
+# Well inside the flow's claim on a run (15 min), so no second handler takes over a gate under way.
+EVALUATION_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -180,21 +182,22 @@ class LocalBackend:
             return None, f"{type(error).__name__}: {error}"
         return status, json.dumps(reply)
 
-    def held_out_loss(self, model: ModelRef | None, test_file: str) -> float | None:
-        """Computed in a process of its own (a model loaded and dropped), on this machine."""
+    def held_out_losses(self, models: Sequence[ModelRef | None], test_file: str) -> list[float] | None:
+        """Computed in one process of its own (each model loaded in turn), on this machine."""
         from shared.backends.local.trainer import resolve_base_model
 
-        if model is None:
-            path = resolve_base_model(self.base_model, self.data_dir / "models")
-        else:
-            path = str(registry.model_folder(self.tracking_uri, model.name, model.version))
-        done = subprocess.run([sys.executable, "-m", "shared.backends.local.evaluate", path, test_file],
-                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800, check=False)  # fmt: skip
+        paths = [str(registry.model_folder(self.tracking_uri, model.name, model.version)) if model
+                 else resolve_base_model(self.base_model, self.data_dir / "models") for model in models]  # fmt: skip
+        command = [sys.executable, "-m", "shared.backends.local.evaluate", test_file, *paths]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                                  timeout=EVALUATION_TIMEOUT_S, check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"held-out losses took longer than {EVALUATION_TIMEOUT_S} s") from None
         if done.returncode != 0:
-            what = f"{model.name}:{model.version}" if model else f"the base model {self.base_model}"
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BackendError(f"could not compute the held-out loss of {what}: {reason}")
-        return float(json.loads(done.stdout)["loss"])
+            raise BackendError(f"could not compute held-out losses: {reason}")
+        return [float(found["loss"]) for found in json.loads(done.stdout)]
 
     def endpoint(self, name: str) -> Endpoint:
         return _endpoint(endpoints.get(self.data_dir, name))

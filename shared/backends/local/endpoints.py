@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -32,8 +31,8 @@ from typing import Any
 from shared.backends.interface import BackendError
 from shared.backends.local import served_model
 from shared.backends.local.processes import file_lock, pid_alive, spawn, write_json
+from shared.validation import RESOURCE_NAME, resource_name
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 
 
@@ -63,12 +62,10 @@ class LocalEndpoint:
 
 
 def check_name(name: str, what: str = "endpoint") -> str:
-    if not _NAME.match(name):
-        raise EndpointError(
-            f"{what} name {name!r}: 3-32 characters, starting with a letter, of letters, digits and hyphens, "
-            "not ending with a hyphen"
-        )
-    return name
+    try:
+        return resource_name(name)
+    except ValueError:
+        raise EndpointError(f"{what} name {name!r}: {RESOURCE_NAME.expects}") from None
 
 
 def _directory(data_dir: Path, name: str) -> Path:
@@ -151,10 +148,19 @@ def _read(directory: Path) -> LocalEndpoint:
     )
 
 
+def _gateway_up(data_dir: Path) -> None:
+    """Endpoints outlive their gateway (a reboot, a kill): the first look at them starts it again,
+    on its last port if that is free."""
+    if gateway_port(data_dir) is None:
+        with _changing(data_dir):
+            _ensure_gateway(data_dir)
+
+
 def get(data_dir: Path, name: str) -> LocalEndpoint:
     directory = _directory(data_dir, name)
     if not (directory / "endpoint.json").exists():
         raise EndpointError(f"no endpoint {name!r}")
+    _gateway_up(data_dir)
     return _read(directory)
 
 
@@ -280,6 +286,8 @@ def keys(data_dir: Path, name: str) -> dict[str, str]:
 def list_endpoints(data_dir: Path) -> list[LocalEndpoint]:
     root = data_dir / "endpoints"
     found = sorted(root.glob("*/endpoint.json")) if root.exists() else []
+    if found:
+        _gateway_up(data_dir)
     return [_read(path.parent) for path in found]
 
 

@@ -1,6 +1,7 @@
-"""A model's loss on held-out conversations: `python -m shared.backends.local.evaluate MODEL TEST_FILE`
-prints `{"loss": ..., "tokens": ...}`. MODEL is a registered MLflow model folder or a base model
-(a Hugging Face folder). Run as its own process so the function host never loads a model.
+"""Models' losses on held-out conversations: `python -m shared.backends.local.evaluate TEST_FILE
+MODEL...` prints `[{"model": ..., "loss": ..., "tokens": ...}, ...]`, one per MODEL, each a
+registered MLflow model folder or a base model (a Hugging Face folder), loaded in turn. Run as its
+own process so the function host never loads a model.
 
 The loss is what the trainer minimises and reports as `eval_loss`: cross-entropy on assistant
 tokens only, here averaged over every such token of the file (one conversation per forward pass:
@@ -28,7 +29,7 @@ def _load(model: Path) -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model)
 
 
-def held_out_loss(model_path: Path, test_file: Path) -> dict[str, float]:
+def held_out_loss(model_path: Path, test_file: Path) -> dict[str, Any]:
     import torch
 
     model, tokenizer = _load(model_path)
@@ -45,12 +46,12 @@ def held_out_loss(model_path: Path, test_file: Path) -> dict[str, float]:
             tokens += int(scored.sum())
     if not tokens:
         raise ValueError(f"{test_file}: no assistant token to score")
-    return {"loss": total / tokens, "tokens": tokens}
+    return {"model": str(model_path), "loss": total / tokens, "tokens": tokens}
 
 
 def main(argv: list[str]) -> int:
     try:
-        print(json.dumps(held_out_loss(Path(argv[0]), Path(argv[1]))))
+        print(json.dumps([held_out_loss(Path(model), Path(argv[0])) for model in argv[1:]]))
     except Exception as error:  # one line for the caller's error message, never a traceback
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         return 1

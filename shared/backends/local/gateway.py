@@ -10,14 +10,17 @@ restarts when it can, so endpoint URLs stay put, and leaves by itself once no en
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import os
 import random
 import socket
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from shared.backends.local.http_errors import ApiError, install_error_handlers, invalid_key
 from shared.backends.local.processes import write_json
@@ -34,6 +37,8 @@ from shared.backends.local.processes import write_json
 log = logging.getLogger("gateway")
 DEPLOYMENT_HEADER = "azureml-model-deployment"
 ALONE_EXIT_S = 30
+PORT_WAIT_S = 10  # how long a new gateway waits for the last one's port before taking another
+MAX_BODY_BYTES = 8 * 1024 * 1024  # above the servers' own limit, so theirs is the one clients meet
 FORWARDED_HEADERS = ("content-type", "accept", DEPLOYMENT_HEADER)
 
 
@@ -72,10 +77,11 @@ def route(endpoints_root: Path, authorization: str, deployment: str | None) -> R
         if not serving:
             raise ApiError(503, f"endpoint {found.name} has no deployment taking traffic", "server_error")
         deployment = random.choices(list(serving), weights=list(serving.values()))[0]
+    elif deployment not in {folder.name for folder in (found / "deployments").glob("*")}:
+        # Compared with the folders there, never joined into a path: a name like '../other' reaches nothing.
+        raise ApiError(404, f"endpoint {found.name} has no deployment {deployment!r}", code="not_found")
     folder = found / "deployments" / deployment
     ready, key = _read(folder / "ready.json"), _read(folder / "keys.json")
-    if not (folder / "deployment.json").exists():
-        raise ApiError(404, f"endpoint {found.name} has no deployment {deployment!r}", code="not_found")
     if not ready or not key:
         raise ApiError(503, f"deployment {deployment} of endpoint {found.name} is not ready", "server_error")
     return Route(found.name, deployment, int(ready["port"]), key["key"], found)
@@ -84,9 +90,9 @@ def route(endpoints_root: Path, authorization: str, deployment: str | None) -> R
 def build_app(endpoints_root: Path) -> FastAPI:
     import httpx
 
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=5.0), limits=httpx.Limits(max_keepalive_connections=64)
-    )
+    # No read timeout of its own: the server behind cuts a request at its deployment's timeout.
+    limits = httpx.Limits(max_keepalive_connections=64)
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> Any:
@@ -102,23 +108,52 @@ def build_app(endpoints_root: Path) -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request, path: str) -> Response:
-        chosen = route(endpoints_root, request.headers.get("authorization", ""), request.headers.get(DEPLOYMENT_HEADER))
-        (chosen.folder / "last_request").write_text(datetime.now(UTC).isoformat())
+        authorization, named = request.headers.get("authorization", ""), request.headers.get(DEPLOYMENT_HEADER)
+        chosen = await run_in_threadpool(route, endpoints_root, authorization, named)  # file reads: off the loop
+        with suppress(OSError):  # the endpoint deleted meanwhile
+            (chosen.folder / "last_request").write_text(datetime.now(UTC).isoformat())
+        body = await _body(request)
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
         headers |= {"authorization": f"Bearer {chosen.key}", DEPLOYMENT_HEADER: chosen.deployment}
-        upstream = client.build_request(request.method, f"http://127.0.0.1:{chosen.port}/{path}",
-                                        headers=headers, content=request.stream())  # fmt: skip
+        url = f"http://127.0.0.1:{chosen.port}/{path}" + (f"?{request.url.query}" if request.url.query else "")
+        upstream = client.build_request(request.method, url, headers=headers, content=body)
+        sending = asyncio.ensure_future(client.send(upstream, stream=True))
+        # A client that leaves before the answer starts frees the model's slot: the server sees the
+        # gateway's connection close (a streamed answer is closed as soon as a chunk cannot be sent).
+        while not (await asyncio.wait({sending}, timeout=1.0))[0]:
+            if await request.is_disconnected():
+                sending.cancel()
+                raise ApiError(499, "the client closed the request")
         try:
-            answer = await client.send(upstream, stream=True)
+            answer = sending.result()
         except httpx.TransportError as error:
             raise ApiError(502, f"deployment {chosen.deployment} did not answer ({type(error).__name__})",
                            "server_error") from None  # fmt: skip
         kept = {name: value for name, value in answer.headers.items() if name in ("content-type", "cache-control")}
         kept[DEPLOYMENT_HEADER] = chosen.deployment
-        return StreamingResponse(answer.aiter_raw(), answer.status_code, headers=kept,
-                                 background=BackgroundTask(answer.aclose))  # fmt: skip
+        return StreamingResponse(_relayed(answer), answer.status_code, headers=kept)
 
     return app
+
+
+async def _body(request: Request) -> bytes:
+    """The whole body, read before anything is sent on: the server answers a body too large for it
+    with a 413, and the connection can then be watched for a client that leaves."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    return bytes(body)
+
+
+async def _relayed(answer: Any) -> AsyncIterator[bytes]:
+    """The server's answer as it comes; its connection closed however the relay ends."""
+    try:
+        async for chunk in answer.aiter_raw():
+            yield chunk
+    finally:
+        await answer.aclose()
 
 
 def _listener(gateway_dir: Path) -> socket.socket:
@@ -126,11 +161,16 @@ def _listener(gateway_dir: Path) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     previous = (_read(gateway_dir / "gateway.json") or {}).get("port", 0)
-    try:
-        listener.bind(("127.0.0.1", previous))
-    except OSError:
-        listener.bind(("127.0.0.1", 0))
-    return listener
+    deadline = time.monotonic() + (PORT_WAIT_S if previous else 0)
+    while True:
+        try:
+            listener.bind(("127.0.0.1", previous))
+            return listener
+        except OSError:  # a gateway on its way out may hold it a few seconds more
+            if time.monotonic() > deadline:
+                listener.bind(("127.0.0.1", 0))
+                return listener
+            time.sleep(0.2)
 
 
 def main(argv: list[str]) -> int:
@@ -153,8 +193,6 @@ def main(argv: list[str]) -> int:
     web.start()
     while not server.started and web.is_alive():
         time.sleep(0.05)
-    import os
-
     write_json(gateway_dir / "gateway.json", {"port": port, "pid": os.getpid()})
     log.info("gateway on port %s", port)
     alone_since = time.monotonic()
@@ -164,6 +202,10 @@ def main(argv: list[str]) -> int:
                 alone_since = time.monotonic()
         if time.monotonic() - alone_since > ALONE_EXIT_S:
             log.info("no endpoint left; stopping")
+            # Out of the pid file first: a deploy from now on starts a new gateway (on this port).
+            with suppress(OSError):
+                if (gateway_dir / "gateway.pid").read_text().strip() == str(os.getpid()):
+                    (gateway_dir / "gateway.pid").unlink()
             break
     server.should_exit = True
     web.join()
