@@ -51,10 +51,21 @@ class Route:
     folder: Path  # the endpoint's
 
 
+_parsed: dict[Path, tuple[tuple[int, int], Any]] = {}
+
+
 def _read(path: Path) -> Any:
+    """The file's JSON, parsed again only when the file changed (files are replaced whole, so a
+    change is a new inode): every request reads the endpoints' files, and most read the same."""
     try:
-        return json.loads(path.read_text())
+        status = path.stat()
+        version = (status.st_ino, status.st_mtime_ns)
+        cached = _parsed.get(path)
+        if cached is None or cached[0] != version:
+            _parsed[path] = cached = (version, json.loads(path.read_text()))
+        return cached[1]
     except (OSError, ValueError):  # not there (yet), or removed while read
+        _parsed.pop(path, None)
         return None
 
 
@@ -183,7 +194,8 @@ def main(argv: list[str]) -> int:
     endpoints_root = gateway_dir.parent / "endpoints"
     listener = _listener(gateway_dir)
     port = listener.getsockname()[1]
-    config = uvicorn.Config(build_app(endpoints_root), log_config=None, timeout_keep_alive=5,
+    # No access log: the model server behind logs every request already.
+    config = uvicorn.Config(build_app(endpoints_root), log_config=None, access_log=False, timeout_keep_alive=5,
                             timeout_graceful_shutdown=5)  # fmt: skip
     server = uvicorn.Server(config)
     stop = threading.Event()
