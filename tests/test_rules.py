@@ -1,5 +1,5 @@
 """The rules, as pure functions, with no storage, service or model behind them: the janitor's idle
-rule, endpoint naming, job-event parsing, parameter merging, the smoke test's shapes and the
+rule, endpoint naming, job-event parsing, parameter merging, the /score request shapes and the
 registry model's facts. Each runs in milliseconds."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from shared.backends.azureml.component import ComponentInputError, merge_paramet
 from shared.backends.azureml.registry_model import RegistryModel
 from shared.backends.interface import Endpoint
 from shared.backends.local.jobs import progress_line
-from shared.backends.smoke import REQUEST_SHAPES, SMOKE_PARAMETERS, failure, reply_text, run
+from shared.backends.smoke import REQUEST_SHAPES, reply_text, run
 from shared.deployment import deployment_name_for, endpoint_name_for
 from shared.events import ignore_reason, parse_job_event
 from shared.janitor import judge
@@ -145,7 +145,7 @@ def test_every_documented_answer_shape_is_read(reply: Any, text: str | None) -> 
     assert reply_text(reply) == text
 
 
-def test_the_smoke_test_tries_each_request_shape_until_one_is_answered() -> None:
+def test_a_request_is_tried_in_each_shape_until_one_is_answered() -> None:
     sent: list[dict[str, Any]] = []
 
     def refuses_the_flat_shape(body: dict[str, Any]) -> tuple[int | None, str]:
@@ -153,18 +153,15 @@ def test_the_smoke_test_tries_each_request_shape_until_one_is_answered() -> None
         nested = isinstance(body["input_data"]["input_string"][0], list)
         return (200, json.dumps([{"0": "hello"}])) if nested else (400, json.dumps({"error": "bad input"}))
 
-    conversation = [{"role": "user", "content": "hi"}]
-    attempts = run(refuses_the_flat_shape, conversation)
+    conversation, greedy = [{"role": "user", "content": "hi"}], {"do_sample": False}
+    attempts = run(refuses_the_flat_shape, conversation, greedy)
     assert [(a.status, a.answered) for a in attempts] == [(400, False), (200, True)]
-    assert [body for body in sent] == [build(conversation, SMOKE_PARAMETERS) for _, build in REQUEST_SHAPES]
-    greedy = {"do_sample": False}
-    sent.clear()
-    run(refuses_the_flat_shape, conversation, greedy)
+    assert [body for body in sent] == [build(conversation, greedy) for _, build in REQUEST_SHAPES]
     assert [body["input_data"]["parameters"] for body in sent] == [greedy, greedy]
-    unreachable = run(lambda body: (None, "ConnectionError: refused"), conversation)
+    unreachable = run(lambda body: (None, "ConnectionError: refused"), conversation, greedy)
     assert [a.status for a in unreachable] == [None, None] and not unreachable[-1].answered
-    assert "no answer ConnectionError: refused" in failure("ep", unreachable)
-    assert not run(lambda body: (200, "not json"), conversation)[-1].answered
+    assert unreachable[-1].excerpt == "ConnectionError: refused"
+    assert not run(lambda body: (200, "not json"), conversation, greedy)[-1].answered
 
 
 def test_training_progress_reads_as_one_line() -> None:

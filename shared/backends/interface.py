@@ -81,17 +81,6 @@ class DeployState(StrEnum):
 
 
 @dataclass(frozen=True)
-class SmokeAttempt:
-    """One request to a deployment in one of the documented request shapes: the shape, the HTTP
-    status (None: no answer) and the start of the answer."""
-
-    shape: str
-    status: int | None
-    excerpt: str
-    answered: bool
-
-
-@dataclass(frozen=True)
 class DeployProgress:
     state: DeployState
     message: str | None = None

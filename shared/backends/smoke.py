@@ -1,5 +1,6 @@
 """Azure ML's `/score` contract for chat models (the local endpoint serves it too): the request
-shapes serving containers take, the answers they give, and a smoke test that tries each shape.
+shapes serving containers take, the answers they give, and a request tried in each shape in turn
+(the evaluation gate asks its held-out conversations so).
 
 Two request shapes are documented, and which one a deployment takes depends on its serving
 container: the current foundation-model serving container (azureml-assets,
@@ -12,12 +13,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from shared.backends.interface import Conversation, SmokeAttempt
+from shared.backends.interface import Conversation
 
-# The walkthrough's smoke-test generation settings.
-SMOKE_PARAMETERS = {"temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 200}
+
+@dataclass(frozen=True)
+class Attempt:
+    """One request in one of the documented shapes: the shape, the HTTP status (None: no answer),
+    the start of the answer, and whether it was an answer with text."""
+
+    shape: str
+    status: int | None
+    excerpt: str
+    answered: bool
+
+
 EXCERPT_CHARS = 300
 
 
@@ -64,26 +76,19 @@ def excerpt(text: str) -> str:
 
 
 def run(
-    send: Callable[[dict[str, Any]], tuple[int | None, str]],
-    messages: Conversation,
-    parameters: dict[str, Any] | None = None,
-) -> tuple[SmokeAttempt, ...]:
-    """Send the conversation (with the walkthrough's generation `parameters` unless others are
-    given) in each request shape until one is answered with text; `send` returns the HTTP status
-    (None when no answer came) and the body. Every attempt is kept."""
+    send: Callable[[dict[str, Any]], tuple[int | None, str]], messages: Conversation, parameters: dict[str, Any]
+) -> tuple[Attempt, ...]:
+    """Send the conversation with the generation `parameters` in each request shape until one is
+    answered with text; `send` returns the HTTP status (None when no answer came) and the body.
+    Every attempt is kept."""
     attempts = []
     for shape, build in REQUEST_SHAPES:
-        status, body = send(build(messages, parameters or SMOKE_PARAMETERS))
+        status, body = send(build(messages, parameters))
         answered = status is not None and 200 <= status < 300 and answer(body) is not None
-        attempts.append(SmokeAttempt(shape, status, excerpt(body), answered))
+        attempts.append(Attempt(shape, status, excerpt(body), answered))
         if answered:
             break
     return tuple(attempts)
-
-
-def failure(endpoint: str, attempts: tuple[SmokeAttempt, ...]) -> str:
-    tried = "; ".join(f"{a.shape}: {a.status or 'no answer'} {a.excerpt}".rstrip() for a in attempts)
-    return f"smoke test of {endpoint} failed with every request shape ({tried})"
 
 
 def answer(body: str) -> str | None:
