@@ -379,6 +379,9 @@ def test_retraining_keeps_the_url_gates_rolls_out_refuses_worse_and_rolls_back(
     assert _served_by(url, key, requests=5) == {v1.deployment_name}
     again = endpoint_rollback.build().get_user_function()(request)
     assert again.status_code == 409 and "no earlier deployment" in json.loads(again.get_body())["error"]
+    cli = subprocess.run([sys.executable, "-m", "shared.cli", "rollback", endpoint], capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and "no earlier deployment is kept" in cli.stderr
 
     models = [e for e in lifecycle_events if e["eventType"].startswith("FineTune.Model")]
     assert [(e["eventType"], e["data"]["runId"]) for e in models] == [
