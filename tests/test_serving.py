@@ -259,10 +259,16 @@ def test_a_gateway_that_died_comes_back_on_its_port(data_dir: Path) -> None:
     import os
     import signal
 
+    from shared.backends.local.processes import pid_alive
+
     before = endpoints.get(data_dir, "ep-two").scoring_uri
-    os.kill(int((data_dir / "gateway" / "gateway.pid").read_text()), signal.SIGKILL)
+    killed = int((data_dir / "gateway" / "gateway.pid").read_text())
+    os.kill(killed, signal.SIGKILL)
     deadline = time.monotonic() + 30
+    while pid_alive(killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     while (found := endpoints.get(data_dir, "ep-two")).scoring_uri is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the first look at an endpoint starts it again
+    assert int((data_dir / "gateway" / "gateway.pid").read_text()) != killed
     assert found.scoring_uri == before
     assert greedy(data_dir, "ep-two", "hi", 2).choices[0].message.content is not None

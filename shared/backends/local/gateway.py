@@ -205,6 +205,9 @@ def main(argv: list[str]) -> int:
     web.start()
     while not server.started and web.is_alive():
         time.sleep(0.05)
+    if not server.started:
+        log.error("the gateway did not start on port %s", port)
+        return 1
     write_json(gateway_dir / "gateway.json", {"port": port, "pid": os.getpid()})
     log.info("gateway on port %s", port)
     alone_since = time.monotonic()
