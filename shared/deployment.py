@@ -36,6 +36,8 @@ S = RunState
 DRIVEN_STATES = (S.COMPLETED, S.REGISTERED, S.DEPLOYING, S.ROLLING_OUT)
 # Runs whose deployment exists on their endpoint (serving, or kept at 0% for a rollback).
 HOSTED_STATES = (S.ROLLING_OUT, S.DEPLOYED, S.SUPERSEDED, S.ROLLED_BACK)
+# Runs changing their endpoint: being made and judged, or rolling out.
+CHANGING_STATES = (S.DEPLOYING, S.ROLLING_OUT)
 GIVE_UP_AFTER = timedelta(hours=24)  # a step that keeps hitting transient errors fails after this
 # Longer than the longest step (locally: the model loading, then the gate's losses and held-out
 # requests); a driver that dies leaves a claim that lapses after this.
@@ -138,19 +140,19 @@ def _check_ours(backend: Backend, endpoint: str) -> None:
 
 def _rollout_ended(ledger: Ledger, holder: str) -> bool:
     run = ledger.find(holder)
-    return run is None or run.state not in (S.DEPLOYING, S.ROLLING_OUT)
+    return run is None or run.state not in CHANGING_STATES
 
 
-def live_run(ledger: Ledger, endpoint: str, other_than: str = "") -> Run | None:
-    """The run whose deployment serves `endpoint` now, as the ledger has it."""
-    return next((r for r in ledger.by_endpoint(endpoint) if r.state == S.DEPLOYED and r.run_id != other_than), None)
+def live_run(runs: list[Run], other_than: str = "") -> Run | None:
+    """Of an endpoint's runs, the one whose deployment serves it now, as the ledger has it."""
+    return next((r for r in runs if r.state == S.DEPLOYED and r.run_id != other_than), None)
 
 
 def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bool:
     """The evaluation gate, then the first traffic: all of it when nothing else serves (or no
     share is set), else the configured share beside the live deployment."""
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
-    live = live_run(ledger, endpoint, other_than=run.run_id)
+    live = live_run(ledger.by_endpoint(endpoint), other_than=run.run_id)
     verdict = promotion.evaluate(settings, backend, run, live, live.deployment_name if live else None)
     gate = {"gate": {"passed": verdict.passed, "reason": verdict.reason, **verdict.numbers}}
     if not verdict.passed:
@@ -206,7 +208,7 @@ def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend
     runs = ledger.by_endpoint(endpoint)
     if not runs:
         raise UnknownEndpoint(f"endpoint {endpoint!r}: no model was ever deployed to it by this app")
-    current = next((r for r in runs if r.state == S.ROLLING_OUT), None) or live_run(ledger, endpoint)
+    current = next((r for r in runs if r.state == S.ROLLING_OUT), None) or live_run(runs)
     if current is None:
         raise RollbackError(f"endpoint {endpoint!r}: nothing serves there now")
     if current.state == S.ROLLING_OUT:
@@ -318,7 +320,9 @@ def _remove_deployment(ledger: Ledger, backend: Backend, run: Run) -> str:
     if not endpoint or not deployment:
         return ""
     others = [
-        r for r in ledger.by_endpoint(endpoint) if r.run_id != run.run_id and r.state in (*HOSTED_STATES, S.DEPLOYING)
+        r
+        for r in ledger.by_endpoint(endpoint)
+        if r.run_id != run.run_id and r.state in {*HOSTED_STATES, *CHANGING_STATES}
     ]
     live = (run.details.get("rollout") or {}).get("live_deployment")
     try:

@@ -19,7 +19,7 @@ from shared import lifecycle
 from shared.backends.interface import Backend, BackendError, Endpoint
 from shared.backends.registry import get_backend
 from shared.costs.spend import SPEND, hosting_spend
-from shared.deployment import DRIVEN_STATES, HOSTED_STATES, drive_run
+from shared.deployment import CHANGING_STATES, DRIVEN_STATES, HOSTED_STATES, drive_run
 from shared.events import finish_job
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import JanitorSettings, Settings
@@ -170,7 +170,7 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
             would_delete.append(f"{verdict.endpoint}: {verdict.evidence}")
             continue
         runs = ledger.by_endpoint(endpoint.name)
-        if any(run.state in (RunState.DEPLOYING, RunState.ROLLING_OUT) for run in runs):
+        if any(run.state in CHANGING_STATES for run in runs):
             kept[verdict.endpoint] = "a deployment is being made or rolled out"
             continue
         hosted = [run for run in runs if run.state in HOSTED_STATES]

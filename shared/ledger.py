@@ -197,12 +197,12 @@ class Run:
         }
 
 
-def _unchanged_since(entity: TableEntity) -> dict[str, Any]:
-    """A merge that fails if `entity` changed since it was read."""
+def _unchanged_since(etag: str | None) -> dict[str, Any]:
+    """A merge that fails if the entity changed since it was read with this ETag."""
     from azure.core import MatchConditions
     from azure.data.tables import UpdateMode
 
-    return {"mode": UpdateMode.MERGE, "etag": entity.metadata["etag"], "match_condition": MatchConditions.IfNotModified}
+    return {"mode": UpdateMode.MERGE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
 
 
 def _endpoint_partition(endpoint: str) -> str:
@@ -382,26 +382,21 @@ class Ledger:
         """Make `holder` the one driver of the run (as read) for `ttl`, or renew its claim. None
         when another holder's claim is live: that one drives, this one stays out. A crashed
         driver's claim lapses. Raises RunChanged when the run changed since it was read."""
-        from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError
-        from azure.data.tables import UpdateMode
 
         now = _now()
         if run.driver and run.driver != holder and run.driver_until and run.driver_until > now:
             return None
         changes = {"PartitionKey": run.run_id, "RowKey": RUN_ROW, "Driver": holder, "DriverUntil": now + ttl}
         try:
-            self._table.update_entity(changes, mode=UpdateMode.MERGE, etag=run.etag,
-                                      match_condition=MatchConditions.IfNotModified)  # fmt: skip
+            self._table.update_entity(changes, **_unchanged_since(run.etag))
         except ResourceModifiedError:
             raise RunChanged(run.run_id) from None
         return self.get(run.run_id)
 
     def release(self, run_id: str, holder: str) -> None:
         """End `holder`'s claim, if it is still its own (best effort: a claim also lapses)."""
-        from azure.core import MatchConditions
         from azure.core.exceptions import HttpResponseError
-        from azure.data.tables import UpdateMode
 
         run = self.find(run_id)
         if run is None or run.driver != holder:
@@ -409,8 +404,7 @@ class Ledger:
         changes = {"PartitionKey": run_id, "RowKey": RUN_ROW, "Driver": "", "DriverUntil": _now()}
         # Changed meanwhile (by another holder after a lapse): then the claim simply lapses.
         with suppress(HttpResponseError):
-            self._table.update_entity(changes, mode=UpdateMode.MERGE, etag=run.etag,
-                                      match_condition=MatchConditions.IfNotModified)  # fmt: skip
+            self._table.update_entity(changes, **_unchanged_since(run.etag))
 
     def hold_endpoint(self, endpoint: str, run_id: str, lapsed: Callable[[str], bool]) -> str | None:
         """Make `run_id` the one run that changes `endpoint`'s traffic, from its evaluation until
@@ -433,7 +427,7 @@ class Ledger:
             if holder and not lapsed(holder):
                 return holder
             with suppress(ResourceModifiedError):
-                self._table.update_entity({**key, "Holder": run_id}, **_unchanged_since(entity))
+                self._table.update_entity({**key, "Holder": run_id}, **_unchanged_since(entity.metadata["etag"]))
                 return None
         raise RunChanged(run_id)
 
@@ -444,7 +438,7 @@ class Ledger:
         with suppress(HttpResponseError):
             entity = self._table.get_entity(_endpoint_partition(endpoint), _ROLLOUT_ROW)
             if entity.get("Holder") == run_id:
-                self._table.update_entity({**entity, "Holder": ""}, **_unchanged_since(entity))
+                self._table.update_entity({**entity, "Holder": ""}, **_unchanged_since(entity.metadata["etag"]))
 
     def note(self, run_id: str, message: str, *, attempts: int = 10) -> Run:
         """Append `message` to a run's history without changing its state."""
@@ -465,12 +459,10 @@ class Ledger:
         raise RunChanged(run_id)
 
     def _write(self, run: Run, changes: dict[str, Any], history_row: dict[str, Any]) -> None:
-        from azure.core import MatchConditions
-        from azure.data.tables import TableTransactionError, UpdateMode
+        from azure.data.tables import TableTransactionError
 
-        conditional = {"mode": UpdateMode.MERGE, "etag": run.etag, "match_condition": MatchConditions.IfNotModified}
         try:
-            self._table.submit_transaction([("update", changes, conditional), ("create", history_row)])
+            self._table.submit_transaction([("update", changes, _unchanged_since(run.etag)), ("create", history_row)])
         except TableTransactionError as error:
             # A concurrent writer either changed the run row (ETag mismatch) or wrote the same
             # history row first: either way this handler lost the race.

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +98,12 @@ def prompts(test_file: Path, count: int) -> list[Conversation]:
 def ask(backend: Backend, endpoint: str, deployment: str, conversations: list[Conversation], tokenizer: Any) -> Answers:
     answered, stopped, problems = 0, 0, []
     for conversation in conversations:
-        bodies: list[str] = []
-
-        def send(body: dict[str, Any], keep: list[str] = bodies) -> tuple[int | None, str]:
-            status, text = backend.score(endpoint, deployment, body)
-            keep.append(text)
-            return status, text
-
-        attempts = smoke.run(send, conversation, GENERATION)
-        text = smoke.answer(bodies[-1]) if attempts[-1].answered else None
+        last = smoke.run(partial(backend.score, endpoint, deployment), conversation, GENERATION)[-1]
+        text = last.text
         if not text or not text.strip():
-            last = attempts[-1]
-            problems.append(f"{last.status or 'no answer'} {last.excerpt}".strip() if not text else "an empty answer")
+            problems.append(
+                f"{last.status or 'no answer'} {last.excerpt}".strip() if text is None else "an empty answer"
+            )
             continue
         answered += 1
         if (

@@ -42,6 +42,9 @@ PIPELINE_RUN_TYPE = "azureml.PipelineRun"
 
 # Tags on everything the app creates (jobs, models, endpoints): who manages it, what must never be
 # deleted, and lineage.
+# The request header that reaches one deployment of an endpoint whatever its traffic split.
+DEPLOYMENT_HEADER = "azureml-model-deployment"
+
 MANAGED_BY_TAG = "managed-by"
 MANAGED_BY = "finetune-on-upload"
 KEEP_TAG = "keep"

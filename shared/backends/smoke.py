@@ -22,12 +22,16 @@ from shared.backends.interface import Conversation
 @dataclass(frozen=True)
 class Attempt:
     """One request in one of the documented shapes: the shape, the HTTP status (None: no answer),
-    the start of the answer, and whether it was an answer with text."""
+    the start of the body, and the text answered (None: no answer in a shape this app reads)."""
 
     shape: str
     status: int | None
     excerpt: str
-    answered: bool
+    text: str | None
+
+    @property
+    def answered(self) -> bool:
+        return self.text is not None
 
 
 EXCERPT_CHARS = 300
@@ -84,14 +88,14 @@ def run(
     attempts = []
     for shape, build in REQUEST_SHAPES:
         status, body = send(build(messages, parameters))
-        answered = status is not None and 200 <= status < 300 and answer(body) is not None
-        attempts.append(Attempt(shape, status, excerpt(body), answered))
-        if answered:
+        text = _answer(body) if status is not None and 200 <= status < 300 else None
+        attempts.append(Attempt(shape, status, excerpt(body), text))
+        if text is not None:
             break
     return tuple(attempts)
 
 
-def answer(body: str) -> str | None:
+def _answer(body: str) -> str | None:
     try:
         return reply_text(json.loads(body))
     except ValueError:

@@ -39,14 +39,6 @@ DATASET_OVERRIDES = {
 ENDPOINT_METADATA = "endpoint"
 
 
-def _is_resource_name(value: str) -> bool:
-    try:
-        RESOURCE_NAME.parse(value)
-    except ValueError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class InputInfo:
     """What the upload is: shown in the report and in every error message."""
@@ -145,8 +137,10 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
     for key, value in sorted(metadata.items()):
         name = key.lower()
         if name == ENDPOINT_METADATA:
-            if not _is_resource_name(value):
-                raise ParameterError(f"{key}={value!r}: an endpoint name is {RESOURCE_NAME.expects}")
+            try:
+                RESOURCE_NAME.parse(value)
+            except ValueError:
+                raise ParameterError(f"{key}={value!r}: an endpoint name is {RESOURCE_NAME.expects}") from None
         elif name in DATASET_OVERRIDES:
             attribute, rule = DATASET_OVERRIDES[name]
             try:

@@ -39,6 +39,7 @@ from shared.costs.prices import price_book
 from shared.vocabulary import (
     BASE_MODEL_TAG,
     DATASET_TAG,
+    DEPLOYMENT_HEADER,
     JOB_TAG,
     MANAGED_BY,
     MANAGED_BY_TAG,
@@ -749,7 +750,7 @@ class AzureMLBackend:
         found = self.workspace.online_endpoints.get(endpoint)
         headers = {"Authorization": f"Bearer {self.keys(endpoint)['primary_key']}", "Content-Type": "application/json"}
         if deployment:
-            headers["azureml-model-deployment"] = deployment
+            headers[DEPLOYMENT_HEADER] = deployment
         client = PipelineClient(base_url=found.scoring_uri, **self._client_options())
         try:
             response = client.send_request(HttpRequest("POST", found.scoring_uri, headers=headers, json=body))

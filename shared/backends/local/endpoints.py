@@ -30,10 +30,9 @@ from typing import Any
 
 from shared.backends.interface import BackendError
 from shared.backends.local import served_model
-from shared.backends.local.processes import file_lock, pid_alive, spawn, write_json
+from shared.backends.local.processes import file_lock, pid_alive, read_json, spawn, write_json
 from shared.validation import RESOURCE_NAME, resource_name
-
-DEPLOYMENT_HEADER = "azureml-model-deployment"
+from shared.vocabulary import DEPLOYMENT_HEADER
 
 
 class EndpointError(BackendError):
@@ -83,13 +82,6 @@ def _pid(folder: Path, name: str) -> int | None:
         return None
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @contextmanager
 def _changing(data_dir: Path) -> Iterator[None]:
     """One deployer or deleter at a time, across processes: endpoints share servers and a gateway."""
@@ -100,7 +92,7 @@ def _changing(data_dir: Path) -> Iterator[None]:
 def gateway_port(data_dir: Path) -> int | None:
     """The port of the running gateway, None while it is not up."""
     gateway = data_dir / "gateway"
-    started = _json(gateway / "gateway.json") or {}
+    started = read_json(gateway / "gateway.json") or {}
     pid = _pid(gateway, "gateway.pid")
     return started.get("port") if pid and started.get("pid") == pid and pid_alive(pid) else None
 
@@ -115,7 +107,7 @@ def _ensure_gateway(data_dir: Path) -> None:
 def _read_deployment(folder: Path) -> LocalDeployment:
     spec = json.loads((folder / "deployment.json").read_text())
     server = folder.parents[3] / "servers" / spec["server"]
-    failed = _json(folder / "failed.json")
+    failed = read_json(folder / "failed.json")
     if failed is None and not pid_alive(_pid(server, "server.pid")) and (server / "server.pid").exists():
         failed = {"reason": f"its server stopped: {_tail(server / 'server.log')}"}
     state = "Failed" if failed else "Succeeded" if (folder / "ready.json").exists() else "Creating"
@@ -143,7 +135,7 @@ def _read(directory: Path) -> LocalEndpoint:
         created_at=spec["created_at"],
         last_request_at=last.read_text().strip() if last.exists() else None,
         tags=spec.get("tags", {}),
-        traffic=_json(directory / "traffic.json") or {},
+        traffic=read_json(directory / "traffic.json") or {},
         deployments=deployments,
     )
 
@@ -328,7 +320,7 @@ def delete_deployment(data_dir: Path, endpoint: str, name: str) -> bool:
         if not (folder / "deployment.json").exists():
             return False
         traffic_file = folder.parents[1] / "traffic.json"
-        traffic = _json(traffic_file) or {}
+        traffic = read_json(traffic_file) or {}
         if traffic.get(name, 0) > 0:
             raise EndpointError(f"deployment {name} of endpoint {endpoint} takes traffic: route it elsewhere first")
         write_json(traffic_file, {other: share for other, share in traffic.items() if other != name})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import random
@@ -32,10 +31,10 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from shared.backends.local.http_errors import ApiError, install_error_handlers, invalid_key
-from shared.backends.local.processes import write_json
+from shared.backends.local.processes import read_json, write_json
+from shared.vocabulary import DEPLOYMENT_HEADER
 
 log = logging.getLogger("gateway")
-DEPLOYMENT_HEADER = "azureml-model-deployment"
 ALONE_EXIT_S = 30
 PORT_WAIT_S = 10  # how long a new gateway waits for the last one's port before taking another
 MAX_BODY_BYTES = 8 * 1024 * 1024  # above the servers' own limit, so theirs is the one clients meet
@@ -59,14 +58,14 @@ def _read(path: Path) -> Any:
     change is a new inode): every request reads the endpoints' files, and most read the same."""
     try:
         status = path.stat()
-        version = (status.st_ino, status.st_mtime_ns)
-        cached = _parsed.get(path)
-        if cached is None or cached[0] != version:
-            _parsed[path] = cached = (version, json.loads(path.read_text()))
-        return cached[1]
-    except (OSError, ValueError):  # not there (yet), or removed while read
+    except OSError:  # not there (yet), or removed
         _parsed.pop(path, None)
         return None
+    version = (status.st_ino, status.st_mtime_ns)
+    cached = _parsed.get(path)
+    if cached is None or cached[0] != version:
+        _parsed[path] = cached = (version, read_json(path))
+    return cached[1]
 
 
 def route(endpoints_root: Path, authorization: str, deployment: str | None) -> Route:

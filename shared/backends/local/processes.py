@@ -59,6 +59,14 @@ def write_json(path: Path, payload: dict[str, Any], private: bool = False) -> No
     os.replace(staged, path)
 
 
+def read_json(path: Path) -> Any:
+    """A file `write_json` wrote, or None while there is none (not yet, or just removed)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """Hold `path` as an exclusive lock across processes (released if the holder dies)."""

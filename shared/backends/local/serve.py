@@ -37,14 +37,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from shared.backends.local import served_model
 from shared.backends.local.engine import BatchingEngine, Generation, Step
 from shared.backends.local.http_errors import ApiError, install_error_handlers, invalid_key
-from shared.backends.local.processes import write_json
+from shared.backends.local.processes import read_json, write_json
 from shared.backends.local.scoring import BadRequest, ChatRequest, parse_openai, parse_score
+from shared.vocabulary import DEPLOYMENT_HEADER
 
 log = logging.getLogger("endpoint")
 MAX_BODY_BYTES = 1024 * 1024
 SYNC_INTERVAL_S = 0.25
 ALONE_EXIT_S = 30  # a server whose deployments are all gone (its deleter died mid-way) leaves by itself
-DEPLOYMENT_HEADER = "azureml-model-deployment"
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,8 @@ class Tenants:
     def sync(self) -> None:
         wanted: dict[Path, dict[str, Any]] = {}
         for spec_file in self.root.glob("*/deployments/*/deployment.json"):
-            try:
-                spec = json.loads(spec_file.read_text())
-            except (OSError, ValueError):  # removed while read
-                continue
-            if spec.get("server") == self.server_id:
+            spec = read_json(spec_file)
+            if spec is not None and spec.get("server") == self.server_id:
                 wanted[spec_file.parent] = spec
         for folder, tenant in list(self.by_folder.items()):
             if wanted.get(folder, {}).get("created_at") != tenant.created_at:
