@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.backends.registry import BACKENDS
+from shared.backends.registry import BACKENDS, plugin
 from shared.ledger import LedgerError, open_ledger
 from shared.settings import Settings, SettingsError, get_settings
 from shared.status import runs_response
@@ -188,16 +188,17 @@ def _submit(args: argparse.Namespace) -> int:
     from shared.vocabulary import PREPARED_CONTAINER, TEST_FILE, TRAIN_FILE
 
     settings = load_settings({**os.environ, "ML_BACKEND": args.backend or get_settings().ml_backend})
+    in_azure = plugin(settings.ml_backend).runs_in_azure
     prepared = args.prepared
     if "://" not in prepared:
         folder = Path(prepared).resolve()
         for name in (TRAIN_FILE, TEST_FILE):
             if not (folder / name).is_file():
                 raise CliError(f"{folder / name}: no such file; --prepared must be a folder written by 'prepare'")
-        if settings.ml_backend == "azureml":
-            from shared.backends.azureml.settings import prepared_uri, workspace_settings
+        if in_azure:
+            from shared.backends.azureml.settings import Workspace, prepared_uri, workspace_settings
 
-            prepared = prepared_uri(workspace_settings(settings).datastore, folder.name)
+            prepared = prepared_uri(workspace_settings(settings, Workspace).datastore, folder.name)
             _progress(f"note: Azure ML reads the files from {prepared}/ (the {PREPARED_CONTAINER} container, "
                       f"folder {folder.name}/): upload them there before a real submission")  # fmt: skip
         else:
@@ -205,28 +206,35 @@ def _submit(args: argparse.Namespace) -> int:
     name = Path(args.prepared.rstrip("/")).name or "chat"
     request = JobRequest(args.job or f"ft-{name}", prepared, name, _overrides(args.set))
     if args.dry_run:
-        if settings.ml_backend != "azureml":
-            raise CliError("--dry-run shows the Azure ML job body: use --backend azureml")
-        from shared.backends.azureml.backend import AzureMLBackend
-        from shared.backends.azureml.settings import workspace_settings
-
-        workspace = workspace_settings(settings)
-        _progress(f"PUT https://management.azure.com/subscriptions/{workspace.subscription_id}/resourceGroups/"
-                  f"{workspace.resource_group}/providers/Microsoft.MachineLearningServices/workspaces/"
-                  f"{workspace.workspace_name}/jobs/{request.job_name}")  # fmt: skip
-        backend = AzureMLBackend(settings)
-        print(json.dumps(backend.dry_run(request), indent=2))
-        _dry_run_checks(backend, request, Path(args.prepared), args.vm_size, args.region)
+        if not in_azure:
+            raise CliError("--dry-run shows an Azure ML job body: use --backend azureml or azureml-finetune")
+        _dry_run(settings, request, Path(args.prepared), args.vm_size, args.region)
         return 0
     status = get_backend(settings).submit(request)
     _emit(asdict(status))
     return 0
 
 
+def _dry_run(settings: Settings, request: JobRequest, prepared: Path, vm_size: str | None, region: str | None) -> None:
+    """The request the SDK would send to create the job, and nothing sent; for the pipeline, the
+    estimate and checks beside it."""
+    from shared.backends.azureml.backend import AzureMLBackend
+    from shared.backends.azureml.settings import Workspace, workspace_settings
+    from shared.backends.registry import get_backend
+
+    workspace = workspace_settings(settings, Workspace)
+    backend = get_backend(settings)
+    body = backend.dry_run(request)  # type: ignore[attr-defined]  # both Azure ML backends have one
+    _progress(f"PUT https://management.azure.com{workspace.resource_id}/jobs/{request.job_name}")
+    print(json.dumps(body, indent=2))
+    if isinstance(backend, AzureMLBackend):
+        _dry_run_checks(backend, request, prepared, vm_size, region)
+
+
 def _dry_run_checks(backend: AzureMLBackend, request: JobRequest, prepared: Path, vm_size: str | None,
                     region: str | None) -> None:  # fmt: skip
-    """Beside the job body: the estimate from the prepared report and the facts given, and what
-    each check says or why it cannot say it without the network."""
+    """Beside the pipeline job's body: the estimate from the prepared report and the facts given,
+    and what each check says or why it cannot say it without the network."""
     from shared.costs.estimate import budget_refusal
     from shared.vocabulary import REPORT_FILE
 

@@ -167,9 +167,12 @@ def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bo
         return False
     share, minutes = settings.rollout.share_percent, settings.rollout.step_minutes
     now = datetime.now(UTC)
-    if live is None or not share or not minutes:
+    if live is None or not share or not minutes or not backend.splits_traffic:
         split, until = {deployment: 100}, now
-        plan = "all the traffic at once" + ("" if live else " (nothing else serves there)")
+        why = "" if live else " (nothing else serves there)"
+        if live and not backend.splits_traffic:
+            why = " (the endpoint serves one deployment at a time)"
+        plan = f"all the traffic at once{why}"
     else:
         split, until = {deployment: share, live.deployment_name or "": 100 - share}, now + timedelta(minutes=minutes)
         plan = f"{share}% of the traffic until {until:%Y-%m-%d %H:%M} UTC, {100 - share}% on {live.deployment_name}"
@@ -183,8 +186,8 @@ def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bo
 def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, previous: Run | None) -> Run:
     """All the traffic to `run`'s deployment; the one it replaces is kept at 0% for a rollback."""
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
-    url = backend.endpoint(endpoint).scoring_uri or ""
     backend.set_traffic(endpoint, {deployment: 100})
+    url = backend.endpoint(endpoint).scoring_uri or ""  # read after: a serverless endpoint's is its deployment's
     window = settings.rollout.rollback_window_hours
     if previous is not None and previous.state == S.DEPLOYED:
         ledger.advance(previous, S.SUPERSEDED, f"replaced by {deployment} ({run.model_name}:{run.model_version}); "

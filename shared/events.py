@@ -13,12 +13,12 @@ from typing import Any
 
 from shared import lifecycle
 from shared.backends.interface import Backend, BackendError
-from shared.backends.registry import get_backend
+from shared.backends.registry import get_backend, plugin
 from shared.costs.spend import SPEND, training_spend
 from shared.deployment import drive_run
 from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
 from shared.settings import Settings
-from shared.vocabulary import JOB_EVENT_TYPES, PIPELINE_RUN_TYPE, RUN_COMPLETED, JobStatus
+from shared.vocabulary import JOB_EVENT_TYPES, RUN_COMPLETED, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,18 @@ def parse_job_event(event_type: str, data: Any) -> JobEvent | None:
     )
 
 
-def ignore_reason(event: JobEvent, topic: str | None, accepted_topics: tuple[str, ...]) -> str | None:
-    """Why an event changes nothing, before any run is looked up; None when it may."""
+def ignore_reason(
+    event: JobEvent, topic: str | None, accepted_topics: tuple[str, ...], run_types: tuple[str, ...]
+) -> str | None:
+    """Why an event changes nothing, before any run is looked up; None when it may. `run_types`:
+    the backend's (empty: any)."""
     if (topic or "").lower() not in {accepted.lower() for accepted in accepted_topics}:
         return f"topic {topic!r} is not one of JOB_EVENTS_TOPICS"
-    # Steps report too (azureml.StepRun); only the pipeline counts. A missing or null run type is
-    # let through (the documented RunCompleted sample has `"runType": null`): the job name must
-    # still be one this app submitted.
-    if event.run_type and event.run_type.lower() != PIPELINE_RUN_TYPE.lower():
-        return f"run type {event.run_type!r} (steps report too; only the pipeline counts)"
+    # A pipeline's steps report too (azureml.StepRun); only the pipeline counts. A missing or null
+    # run type is let through (the documented RunCompleted sample has `"runType": null`): the job
+    # name must still be one this app submitted.
+    if event.run_type and run_types and event.run_type.lower() not in {kind.lower() for kind in run_types}:
+        return f"run type {event.run_type!r} (only {', '.join(run_types)} finishes a job)"
     if event.status is None or not event.status.is_terminal:
         return f"status {event.status_text} is not final"
     return None
@@ -93,7 +96,7 @@ def handle_job_event(
     event = parse_job_event(event_type, data)
     if event is None:
         return _ignored(f"{event_type} is not a job status event", None, topic)
-    reason = ignore_reason(event, topic, settings.job_event_topics)
+    reason = ignore_reason(event, topic, settings.job_event_topics, plugin(settings.ml_backend).job_run_types)
     if reason is not None:
         return _ignored(reason, event, topic)
     run = ledger.by_job(event.job_name)

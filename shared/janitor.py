@@ -58,6 +58,8 @@ def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
         return Verdict(
             name, False, f"created {endpoint.created_at or 'just now'}, younger than {rules.min_age_minutes:g} min"
         )
+    if not endpoint.usage_observed:
+        return Verdict(name, False, "its requests cannot be observed (no request metric): idleness is unknown")
     last = _time(endpoint.last_request_at) or created
     idle = now - last
     seen = f"last request {endpoint.last_request_at}" if endpoint.last_request_at else "no request since creation"

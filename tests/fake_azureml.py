@@ -47,8 +47,9 @@ PIPELINE_COMPONENT = "chat_completion_pipeline"
 REGISTRY_HOST = "https://eastus.api.azureml.ms/"
 REGISTRY_PATH = (
     "/mferp/managementfrontend/subscriptions/reg-sub/resourceGroups/reg-rg"
-    "/providers/Microsoft.MachineLearningServices/registries/azureml"
+    "/providers/Microsoft.MachineLearningServices/registries/([^/]+)"
 )
+WORKSPACE_ID = "5d1c0f3e-7a2b-4c8d-9e6f-0a1b2c3d4e5f"  # Workspace.properties.workspaceId (a GUID)
 
 
 def _fake_jwt(scopes: tuple[str, ...]) -> str:
@@ -126,6 +127,7 @@ def registry_model(
     archived: bool = False,
     created_at: str = "2026-01-15T00:00:00Z",
     metadata_key: str = "system_metadata",
+    registry: str = "azureml",
 ) -> dict[str, Any]:
     """A registry model version as the registry's data plane returns it (azure-rest-api-specs
     MFE.Dataplane 2021-10-01-dataplanepreview ModelVersion, plus the system metadata the SDK writes
@@ -138,12 +140,12 @@ def registry_model(
         "isArchived": archived,
         "flavors": {"mlflow": {"data": {}}},
         "modelType": "mlflow_model",
-        "modelUri": f"azureml://registries/azureml/models/{name}/versions/{version}",
+        "modelUri": f"azureml://registries/{registry}/models/{name}/versions/{version}",
     }
     if system_metadata is not None:
         properties[metadata_key] = system_metadata
     return {
-        "id": f"azureml://registries/azureml/models/{name}/versions/{version}",
+        "id": f"azureml://registries/{registry}/models/{name}/versions/{version}",
         "name": version,
         "type": "Microsoft.MachineLearningServices/registries/models/versions",
         "systemData": {"createdAt": created_at, "createdBy": "azureml", "lastModifiedAt": created_at},
@@ -170,6 +172,13 @@ PHI4_SYSTEM_METADATA: dict[str, Any] = {
     "supportedComputes": {"inferenceComputes": A100_H100, "finetuneComputes": A100_H100},
     "inferenceSupportedEnvs": ["vllm"],
 }
+# Phi-4-mini-instruct, the model azureml-examples' serverless fine-tuning notebook uses: azureml-assets
+# has no spec of it, so Phi-4's system metadata stands in, with the serverless fine-tuning regions
+# as the notebook reads them (tag `maas-finetuning-deploy-regions`; the value's format is not
+# documented: a Python-literal list, as the registry's other list tags) and as its support table
+# lists them.
+SERVERLESS_REGIONS = ["eastus2", "eastus", "northcentralus", "westus3", "westus", "southcentralus"]
+PHI4_MINI_TAGS = {"maas-finetuning-deploy-regions": str(SERVERLESS_REGIONS)}
 # The same facts as tags, as versions published before the 2026 move carry them.
 LEGACY_TAGS = {
     "task": "chat-completion",
@@ -232,6 +241,11 @@ class FakeAzureML(HttpTransport):
     # Azure ML vCPU quota by family: (in use, limit); the regional total likewise.
     quota: dict[str, tuple[int, int]] = field(default_factory=lambda: {"standardNCADSA100v4Family": (0, 96)})
     total_quota: tuple[int, int] = (0, 200)
+    serverless_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    marketplace_subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subscription_status: str = "Subscribed"  # what a new marketplace subscription becomes
+    # The metric definitions a serverless endpoint answers: none is documented, so by default none.
+    serverless_metric_definitions: list[dict[str, Any]] = field(default_factory=list)
     requests: list[Recorded] = field(default_factory=list)
     injected: list[tuple[str, str, int, Any]] = field(default_factory=list)  # (method, path regex, status, body)
 
@@ -281,7 +295,7 @@ class FakeAzureML(HttpTransport):
 
     def _routes(self) -> list[tuple[str, str, Callable[..., tuple[Any, ...]]]]:
         return [
-            ("GET", r"/registrymanagement/v1.0/registries/azureml/discovery", self._discovery),
+            ("GET", r"/registrymanagement/v1.0/registries/([^/]+)/discovery", self._discovery),
             ("GET", REGISTRY_PATH + r"/models/([^/]+)/versions/([^/]+)", self._registry_model),
             ("GET", REGISTRY_PATH + r"/models/([^/]+)/versions", self._registry_model_latest),
             ("GET", REGISTRY_PATH + r"/models", self._registry_containers),
@@ -308,6 +322,18 @@ class FakeAzureML(HttpTransport):
             ("GET", MLFLOW_API + r"/runs/get", self._mlflow_get_run),
             ("POST", MLFLOW_API + r"/runs/search", self._mlflow_search_runs),
             ("POST", r"/score", self._score),
+            ("GET", ARM + r"/models/([^/]+)/versions", self._list_model_versions),
+            ("GET", ARM + r"/serverlessEndpoints", self._list_serverless),
+            ("GET", ARM + r"/serverlessEndpoints/([^/]+)", self._get(self.serverless_endpoints.get)),
+            ("PUT", ARM + r"/serverlessEndpoints/([^/]+)", self._put_serverless),
+            ("DELETE", ARM + r"/serverlessEndpoints/([^/]+)", self._delete_serverless),
+            ("POST", ARM + r"/serverlessEndpoints/([^/]+)/listKeys", self._serverless_keys),
+            ("GET", ARM + r"/serverlessEndpoints/([^/]+)/providers/microsoft.insights/metricDefinitions",
+             self._serverless_metric_definitions),
+            ("GET", ARM + r"/serverlessEndpoints/([^/]+)/providers/microsoft.insights/metrics", self._metrics),
+            ("GET", ARM + r"/marketplaceSubscriptions/([^/]+)", self._get(self.marketplace_subscriptions.get)),
+            ("PUT", ARM + r"/marketplaceSubscriptions/([^/]+)", self._put_subscription),
+            ("POST", r"/v1/chat/completions", self._chat_completions),
         ]  # fmt: skip
 
     # Handlers: each returns (status, JSON body) or (status, JSON body, response headers).
@@ -319,9 +345,9 @@ class FakeAzureML(HttpTransport):
 
         return handler
 
-    def _discovery(self, request: Recorded) -> tuple[int, Any]:
+    def _discovery(self, request: Recorded, registry: str) -> tuple[int, Any]:
         return 200, {
-            "registryName": "azureml",
+            "registryName": registry,
             "primaryRegion": "eastus",
             "regions": ["eastus"],
             "subscriptionId": "reg-sub",
@@ -329,26 +355,32 @@ class FakeAzureML(HttpTransport):
             "primaryRegionResourceProviderUri": REGISTRY_HOST,
         }
 
-    def _registry_model(self, request: Recorded, name: str, version: str) -> tuple[int, Any]:
-        found = self.registry_models.get((name, version))
+    def _in_registry(self, registry: str) -> dict[tuple[str, str], dict[str, Any]]:
+        return {key: model for key, model in self.registry_models.items()
+                if model["id"].startswith(f"azureml://registries/{registry}/")}  # fmt: skip
+
+    def _registry_model(self, request: Recorded, registry: str, name: str, version: str) -> tuple[int, Any]:
+        found = self._in_registry(registry).get((name, version))
         return (200, found) if found else (404, _error("NotFound", f"model {name}:{version} not found"))
 
-    def _registry_model_latest(self, request: Recorded, name: str) -> tuple[int, Any]:
+    def _registry_model_latest(self, request: Recorded, registry: str, name: str) -> tuple[int, Any]:
         """The list the SDK asks for to resolve `latest` ($orderBy=createdtime desc, $top=1).
         Archived versions are not listed (the service's default view is active versions)."""
-        versions = [m for (n, _), m in self.registry_models.items() if n == name and not m["properties"]["isArchived"]]
+        versions = [m for (n, _), m in self._in_registry(registry).items()
+                    if n == name and not m["properties"]["isArchived"]]  # fmt: skip
         versions.sort(key=lambda m: m["systemData"]["createdAt"], reverse="desc" in str(request.query.get("$orderBy")))
         top = int(request.query.get("$top", [len(versions)])[0])
         return 200, {"value": versions[:top]}
 
-    def _registry_containers(self, request: Recorded) -> tuple[int, Any]:
-        names = sorted({name for name, _ in self.registry_models})
-        return 200, {"value": [{"name": n, "id": f"{REGISTRY_PATH}/models/{n}", "properties": {}} for n in names]}
+    def _registry_containers(self, request: Recorded, registry: str) -> tuple[int, Any]:
+        names = sorted({name for name, _ in self._in_registry(registry)})
+        path = REGISTRY_PATH.replace("([^/]+)", registry)
+        return 200, {"value": [{"name": n, "id": f"{path}/models/{n}", "properties": {}} for n in names]}
 
     def _workspace(self, request: Recorded) -> tuple[int, Any]:
         """The workspace (azure-rest-api-specs, workspaceRP.json: WorkspaceProperties, whose
         read-only `mlFlowTrackingUri` the SDK reads as `mlflow_tracking_uri`)."""
-        properties = {"mlFlowTrackingUri": MLFLOW_TRACKING_URI}
+        properties = {"mlFlowTrackingUri": MLFLOW_TRACKING_URI, "workspaceId": WORKSPACE_ID}
         return 200, {"id": ARM, "name": WS, "location": "eastus", "properties": properties}
 
     def _compute(self, request: Recorded, name: str) -> tuple[int, Any]:
@@ -406,7 +438,30 @@ class FakeAzureML(HttpTransport):
         return 201, job
 
     def set_job_status(self, name: str, status: str) -> None:
-        self.jobs[name]["properties"]["status"] = status
+        """A fine-tuning job that completes has registered its model (its `registered_model`
+        output) by then, as the service does."""
+        job = self.jobs[name]["properties"]
+        job["status"] = status
+        if status == "Completed" and job.get("jobType") == "FineTuning":
+            self.register_output(name)
+
+    def register_output(self, job_name: str) -> tuple[str, str]:
+        """What the service registers for a fine-tuning job: its `registered_model` output's
+        asset name, next version (azureml-examples take version 1 of a fresh name), naming the job
+        (ModelVersion.properties.jobName) and the base model (`baseModelId`, as azureml-assets'
+        register_model step records it)."""
+        job = self.jobs[job_name]["properties"]
+        name = job["outputs"]["registered_model"]["assetName"]
+        version = str(1 + sum(1 for (n, _) in self.models if n == name))
+        base = job["fineTuningDetails"]["model"]["uri"].rsplit("/", 2)[0]
+        self.models[(name, version)] = {
+            "id": f"{ARM}/models/{name}/versions/{version}", "name": version,
+            "properties": {"jobName": job_name, "modelType": "mlflow_model", "flavors": {},
+                           "modelUri": f"azureml://jobs/{job_name}/outputs/registered_model",
+                           "properties": {"baseModelId": base, "maas-finetuning": "true"}, "tags": {}},
+            "systemData": {"createdAt": "2026-11-20T10:00:00Z"},
+        }  # fmt: skip
+        return name, version
 
     def set_job_metrics(self, job_name: str, metrics: dict[str, list[tuple[int, float]]], *,
                         node: str = "finetune", nested: bool = False) -> None:  # fmt: skip
@@ -596,6 +651,98 @@ class FakeAzureML(HttpTransport):
             refused = {"status_code": 400, "body": "input_string must hold messages"}
             return 400, {"output": None, "error": refused}, served
         return 424, {"message": "An unexpected error occurred in scoring script. Check the logs for more info."}, served
+
+    def _list_model_versions(self, request: Recorded, name: str) -> tuple[int, Any]:
+        return 200, {"value": [model for (n, _), model in self.models.items() if n == name]}
+
+    # Serverless endpoints (azure-rest-api-specs, machinelearningservices 2024-01-01-preview, the
+    # api-version azure-ai-ml 1.35.2 sends; shapes of stable 2024-10-01 examples/Workspace/
+    # ServerlessEndpoint/get.json) and marketplace subscriptions.
+    def _put_serverless(self, request: Recorded, name: str) -> tuple[int, Any]:
+        """Create one, or change an existing one's tags. Refused (our assumptions, beyond the
+        spec): a model that is not a workspace model version of this workspace, a model change, a
+        partner's model without a subscribed marketplace subscription to its base (Foundry's docs:
+        "you must create a subscription before you can deploy them")."""
+        body = request.body
+        model_id = body["properties"]["modelSettings"]["modelId"]
+        found = re.fullmatch(rf"azureml://locations/eastus/workspaces/{WORKSPACE_ID}/models/([^/]+)/versions/([^/]+)",
+                             model_id)  # fmt: skip
+        model = self.models.get((found.group(1), found.group(2))) if found else None
+        if model is None:
+            return 400, _error("UserError", f"model {model_id} is not a model version of workspace {WS}")
+        if body.get("sku", {}).get("name") != "Consumption" or body.get("location") != "eastus":
+            return 400, _error("UserError", "a serverless endpoint takes sku Consumption in the workspace's location")
+        base = model["properties"]["properties"].get("baseModelId", "")
+        subscribed = any(sub["properties"]["modelId"] == base and sub["properties"]["marketplaceSubscriptionStatus"]
+                         == "Subscribed" for sub in self.marketplace_subscriptions.values())  # fmt: skip
+        if not base.startswith("azureml://registries/azureml/") and not subscribed:
+            return 400, _error("UserError", f"no marketplace subscription to {base} in this workspace")
+        existing = self.serverless_endpoints.get(name)
+        if existing is not None:
+            if existing["properties"]["modelSettings"]["modelId"] != model_id:
+                return 400, _error("UserError", f"serverless endpoint {name} serves another model")
+            existing["tags"] = body.get("tags") or {}
+            return 200, existing
+        self.serverless_endpoints[name] = {
+            "id": f"{ARM}/serverlessEndpoints/{name}", "name": name,
+            "type": "Microsoft.MachineLearningServices/workspaces/serverlessEndpoints", "location": "eastus",
+            "tags": body.get("tags") or {}, "sku": {"name": "Consumption"},
+            "systemData": {"createdAt": f"2026-11-20T10:{len(self.serverless_endpoints):02d}:00Z"},
+            "properties": {"modelSettings": {"modelId": model_id}, "authMode": "Key",
+                           "inferenceEndpoint": {"uri": f"https://{name}.eastus.models.ai.azure.com", "headers": {}},
+                           "provisioningState": "Creating", "endpointState": "Creating",
+                           "contentSafety": {"contentSafetyStatus": "Enabled"}},
+        }  # fmt: skip
+        return 201, self.serverless_endpoints[name]
+
+    def provision_serverless(self, name: str, state: str = "Succeeded") -> None:
+        self.serverless_endpoints[name]["properties"]["provisioningState"] = state
+
+    def _list_serverless(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"value": list(self.serverless_endpoints.values())}
+
+    def _delete_serverless(self, request: Recorded, name: str) -> tuple[int, Any, dict[str, str]]:
+        """202 with Location (stable 2024-10-01 examples/.../delete.json), deleted at once here."""
+        if self.serverless_endpoints.pop(name, None) is None:
+            return 404, _error("NotFound", f"serverless endpoint {name} not found"), {}
+        location = f"https://management.azure.com{OPERATION_RESULTS}/delete-serverless-{name}"
+        return 202, None, {"Location": location, "Retry-After": "10"}
+
+    def _serverless_keys(self, request: Recorded, name: str) -> tuple[int, Any]:
+        if name not in self.serverless_endpoints:
+            return 404, _error("NotFound", f"serverless endpoint {name} not found")
+        return 200, {"primaryKey": f"sk-primary-{name}", "secondaryKey": f"sk-secondary-{name}"}
+
+    def _serverless_metric_definitions(self, request: Recorded, name: str) -> tuple[int, Any]:
+        return 200, {"value": self.serverless_metric_definitions}
+
+    def _put_subscription(self, request: Recorded, name: str) -> tuple[int, Any]:
+        self.marketplace_subscriptions[name] = {
+            "id": f"{ARM}/marketplaceSubscriptions/{name}", "name": name,
+            "properties": {"modelId": request.body["properties"]["modelId"],
+                           "marketplacePlan": {"publisherId": "partner", "offerId": "offer", "planId": "plan"},
+                           "marketplaceSubscriptionStatus": self.subscription_status, "provisioningState": "Succeeded"},
+        }  # fmt: skip
+        return 201, self.marketplace_subscriptions[name]
+
+    def _chat_completions(self, request: Recorded) -> tuple[int, Any]:
+        """A serverless endpoint's chat completion (the Foundry Models API reference: OpenAI's
+        shape), with its key as a bearer token."""
+        name = (urlparse(request.url).hostname or "").split(".")[0]
+        endpoint = self.serverless_endpoints.get(name)
+        if endpoint is None:
+            return 404, {"error": {"code": "NotFound", "message": f"no serverless endpoint {name}"}}
+        authorization = {key.lower(): value for key, value in request.headers.items()}.get("authorization")
+        if authorization != f"Bearer sk-primary-{name}":
+            return 401, {"error": {"code": "Unauthorized", "message": "invalid key"}}
+        messages = (request.body or {}).get("messages")
+        if not isinstance(messages, list) or not messages:
+            return 422, {"error": {"code": "Invalid input", "message": "messages is required"}}
+        self.served.append((endpoint["tags"].get("endpoint", name), endpoint["tags"].get("deployment", name)))
+        reply = {"role": "assistant", "content": f"a reply from the serverless endpoint {name}"}
+        return 200, {"id": "cmpl-1", "object": "chat.completion", "created": 1790000000, "model": name,
+                     "choices": [{"index": 0, "finish_reason": "stop", "message": reply}],
+                     "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}  # fmt: skip
 
 
 def _vm_size(name: str, family: str, vcpus: int, gpus: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from shared.backends.azureml.component import ComponentInputError, merge_paramet
 from shared.backends.azureml.registry_model import RegistryModel
 from shared.backends.interface import Endpoint
 from shared.backends.local.jobs import progress_line
+from shared.backends.registry import plugin
 from shared.backends.smoke import REQUEST_SHAPES, reply_text, run
 from shared.deployment import deployment_name_for, endpoint_name_for
 from shared.events import ignore_reason, parse_job_event
@@ -22,7 +23,7 @@ from shared.janitor import judge
 from shared.ledger import Run, RunState, Upload
 from shared.settings import JanitorSettings, load_settings
 from shared.training import ParameterError, parse_parameter
-from shared.vocabulary import MANAGED_BY, RUN_COMPLETED, RUN_STATUS_CHANGED, JobStatus
+from shared.vocabulary import MANAGED_BY, PIPELINE_RUN_TYPE, RUN_COMPLETED, RUN_STATUS_CHANGED, JobStatus
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 RULES = JanitorSettings(idle_minutes=60, min_age_minutes=30)
@@ -108,8 +109,17 @@ def test_job_events_in_both_key_casings_and_either_success_type() -> None:
 def test_which_job_events_are_acted_on(data: dict[str, Any], topic: str, ignored_for: str | None) -> None:
     event = parse_job_event(RUN_STATUS_CHANGED, data)
     assert event is not None
-    reason = ignore_reason(event, topic, ("T",))
+    reason = ignore_reason(event, topic, ("T",), (PIPELINE_RUN_TYPE,))
     assert reason == ignored_for if ignored_for is None else ignored_for in (reason or "")
+
+
+def test_a_backend_that_names_no_run_type_takes_any_and_the_job_name_decides() -> None:
+    """The fine-tuning job's runType is documented nowhere: the azureml-finetune backend names none."""
+    for run_type in ("azureml.FineTuning", "azureml.PipelineRun", None):
+        event = parse_job_event(RUN_STATUS_CHANGED, {"runId": "j", "runStatus": "Completed", "runType": run_type})
+        assert event is not None and ignore_reason(event, "T", ("T",), ()) is None
+    assert plugin("azureml-finetune").job_run_types == ()
+    assert plugin("azureml").job_run_types == plugin("local").job_run_types == (PIPELINE_RUN_TYPE,)
 
 
 def test_parameters_merge_ours_then_the_models_then_the_uploads() -> None:

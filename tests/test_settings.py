@@ -45,7 +45,8 @@ def test_the_sample_local_settings_hold_every_app_setting_and_load() -> None:
 
 def test_the_settings_module_reads_exactly_the_known_settings() -> None:
     """Each configuration reads the core settings and its own backend's; together, all known."""
-    configurations = [{}, AZUREML, {f"{STORAGE_SETTING}__accountName": "stfinetune"}]
+    configurations = [{}, AZUREML, {**AZUREML, "ML_BACKEND": "azureml-finetune"},
+                      {f"{STORAGE_SETTING}__accountName": "stfinetune"}]  # fmt: skip
     assert set().union(*(read_settings(environ)[1].names_read for environ in configurations)) == set(known_settings())
     assert (
         "AZUREML_WORKSPACE_NAME" not in read_settings({})[1].names_read
@@ -59,6 +60,23 @@ def test_azureml_backend_needs_its_workspace_and_names_every_missing_setting() -
     for name in ("AZURE_SUBSCRIPTION_ID", "AZUREML_WORKSPACE_NAME", "AZUREML_COMPUTE_CLUSTER"):
         assert f"{name} is not set" in message
     assert "AZURE_RESOURCE_GROUP" not in message
+
+
+def test_azureml_finetune_backend_settings_need_no_cluster_and_train_serverless_by_default() -> None:
+    coordinates = {k: v for k, v in AZUREML.items() if k != "AZUREML_COMPUTE_CLUSTER"}
+    settings = load_settings({**coordinates, "ML_BACKEND": "azureml-finetune"})
+    workspace = settings.backend_settings
+    assert workspace.serverless and workspace.training_compute == "serverless"
+    assert settings.base_model == "Phi-4-mini-instruct" and settings.job_event_topics == (workspace.resource_id,)
+    managed = load_settings({**coordinates, "ML_BACKEND": "azureml-finetune",
+                             "AZUREML_FINETUNE_COMPUTE": "Standard_NC24ads_A100_v4"}).backend_settings  # fmt: skip
+    assert not managed.serverless and managed.training_compute == "Standard_NC24ads_A100_v4"
+    with pytest.raises(
+        SettingsError, match=r"AZUREML_FINETUNE_COMPUTE='gpu cluster'.*serverless .* or an Azure VM size"
+    ):
+        load_settings({**coordinates, "ML_BACKEND": "azureml-finetune", "AZUREML_FINETUNE_COMPUTE": "gpu cluster"})
+    with pytest.raises(SettingsError, match=r"AZUREML_WORKSPACE_NAME is not set.*ML_BACKEND=azureml-finetune"):
+        load_settings({"ML_BACKEND": "azureml-finetune", "AZURE_SUBSCRIPTION_ID": "s", "AZURE_RESOURCE_GROUP": "g"})
 
 
 def test_azureml_backend_settings() -> None:

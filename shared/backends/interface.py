@@ -72,6 +72,9 @@ class Endpoint:
     last_request_at: str | None
     tags: dict[str, str] = field(default_factory=dict)
     traffic: dict[str, int] = field(default_factory=dict)  # deployment name -> percent
+    # False: the backend cannot see the endpoint's requests (`last_request_at` is None because
+    # nobody knows, not because nobody called), so idleness is no reason to tear it down.
+    usage_observed: bool = True
 
 
 class DeployState(StrEnum):
@@ -90,6 +93,10 @@ Conversation = list[dict[str, str]]
 
 
 class Backend(Protocol):
+    # False: an endpoint serves one deployment at a time (a split is all or nothing), so a new
+    # version takes all the traffic once it passes the evaluation gate.
+    splits_traffic: bool
+
     def prepared_location(self, run_id: str) -> AbstractContextManager[str]:
         """Where the backend reads a run's prepared files (`prepared/<run id>/`) while it submits."""
         ...
@@ -178,4 +185,6 @@ class BackendPlugin:
     # Where its job events come from, when JOB_EVENTS_TOPICS does not say.
     default_job_event_topics: Callable[[Any], tuple[str, ...]]
     backend_class: str  # "module:Class", imported only when a backend object is made
+    # The `runType` of the job events that finish its jobs; empty: any (the job name decides).
+    job_run_types: tuple[str, ...]
     runs_in_azure: bool  # False: a developer's machine only (its settings stay out of infra/)

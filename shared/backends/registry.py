@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 BACKENDS = {
     "local": "shared.backends.local",
     "azureml": "shared.backends.azureml",
+    "azureml-finetune": "shared.backends.azureml_finetune",
 }
 DEFAULT_BACKEND = "local"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from shared.backends.azureml.settings import DEFAULT_BASE_MODEL, SETTING_NAMES, read_section
 from shared.backends.interface import BackendPlugin
+from shared.vocabulary import PIPELINE_RUN_TYPE
 
 PLUGIN = BackendPlugin(
     name="azureml",
@@ -15,5 +16,6 @@ PLUGIN = BackendPlugin(
     default_base_model=DEFAULT_BASE_MODEL,
     default_job_event_topics=lambda section: (section.resource_id,),
     backend_class="shared.backends.azureml.backend:AzureMLBackend",
+    job_run_types=(PIPELINE_RUN_TYPE,),
     runs_in_azure=True,
 )

@@ -24,6 +24,7 @@ from typing import Any, Literal
 Purpose = Literal["finetune", "inference"]
 _COMPUTES_KEY = {"finetune": "finetuneComputes", "inference": "inferenceComputes"}
 _ALLOW_LIST_TAG = {"finetune": "finetune_compute_allow_list", "inference": "inference_compute_allow_list"}
+SERVERLESS_REGIONS_TAG = "maas-finetuning-deploy-regions"
 
 
 def _structured(value: Any) -> Any:
@@ -119,6 +120,24 @@ class RegistryModel:
         if not date:
             date = next((value for key, value in self.tags.items() if _is_retirement_tag(key)), None)
         return str(date)[:10] if date else None
+
+    def deployment_options(self) -> list[str] | None:
+        """How the catalog offers the model (`ServerlessMaaS`: serverless endpoints), if it says."""
+        return _names(_path(self.system_metadata, "deploymentOptions"))
+
+    def serverless_finetune_regions(self) -> tuple[list[str] | None, str]:
+        """The regions where the model is fine-tuned serverless and its fine-tuned versions
+        deployed, and where that was read; (None, the places looked at) when neither names any.
+        azureml-assets keeps them in system metadata `maasFinetuning.maasFinetuningDeployRegions`
+        (phi-3.5 specs); azureml-examples' serverless notebook reads the tag
+        `maas-finetuning-deploy-regions`."""
+        from_metadata = _names(_path(self.system_metadata, "maasFinetuning", "maasFinetuningDeployRegions"))
+        if from_metadata:
+            return from_metadata, "system metadata maasFinetuning.maasFinetuningDeployRegions"
+        from_tags = _names(_structured(self.tags.get(SERVERLESS_REGIONS_TAG)))
+        if from_tags:
+            return from_tags, f"tag {SERVERLESS_REGIONS_TAG}"
+        return None, f"system metadata maasFinetuning.maasFinetuningDeployRegions or tag {SERVERLESS_REGIONS_TAG}"
 
     def model_specific_defaults(self) -> str | None:
         return self.tags.get("model_specific_defaults")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from shared.backends.interface import BackendPlugin
 from shared.backends.local.settings import LOCAL_TOPIC, SETTING_NAMES, TINY_PHI3, read_section
+from shared.vocabulary import PIPELINE_RUN_TYPE
 
 PLUGIN = BackendPlugin(
     name="local",
@@ -14,5 +15,6 @@ PLUGIN = BackendPlugin(
     default_base_model=TINY_PHI3,
     default_job_event_topics=lambda section: (LOCAL_TOPIC,),
     backend_class="shared.backends.local.backend:LocalBackend",
+    job_run_types=(PIPELINE_RUN_TYPE,),
     runs_in_azure=False,
 )

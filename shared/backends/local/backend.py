@@ -52,6 +52,7 @@ EVALUATION_TIMEOUT_S = 600
 @dataclass(frozen=True)
 class LocalBackend:
     settings: Settings
+    splits_traffic = True  # the gateway splits an endpoint's requests between its deployments
 
     @property
     def data_dir(self) -> Path:

@@ -1,0 +1,295 @@
+"""Serverless endpoints for models fine-tuned serverless (Azure ML's `serverlessEndpoints`, through
+azure-ai-ml's `ServerlessEndpoint`).
+
+A serverless endpoint serves one model: it has no deployments and no traffic split, and Azure
+allows one deployment per fine-tuned model. So each of the app's deployments (a model version)
+is a serverless endpoint of its own, named after the app's endpoint and the deployment, and tagged
+with both; the app's endpoint is the group of them, and the one tagged `traffic=100` serves it.
+Its URL and key are that serverless endpoint's: they change when a new version takes over (the
+ledger records the URL of each `deployed` run, and `status` shows it).
+
+Scoring follows azureml-examples' serverless fine-tuning notebook
+(sdk/python/jobs/finetuning/standalone/model-as-a-service/chat-completion): an OpenAI-style chat
+completion at `<scoring URI>/v1/chat/completions` with the endpoint's key; the `/score` bodies the
+flow sends are translated to it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from shared.backends.azureml.component import REGISTRY
+from shared.backends.azureml.workspace import enum_text, service_errors
+from shared.backends.interface import BackendError, DeployProgress, DeployState, Endpoint, ModelRef
+from shared.vocabulary import MANAGED_BY, MANAGED_BY_TAG
+
+if TYPE_CHECKING:
+    from shared.backends.azureml.workspace import WorkspaceBackend
+
+ENDPOINT_TAG = "endpoint"  # the app's endpoint a serverless endpoint belongs to
+DEPLOYMENT_TAG = "deployment"
+TRAFFIC_TAG = "traffic"  # "100": it serves the app's endpoint; "0": kept, or on trial
+NAME_LIMIT = 32  # Azure ML endpoint names: 3-32 characters
+CHAT_COMPLETIONS = "v1/chat/completions"
+METRIC_DEFINITIONS_API_VERSION = "2018-01-01"
+
+
+def serverless_name(endpoint: str, deployment: str) -> str:
+    """The serverless endpoint of one deployment: the app's endpoint name, cut to fit, and the
+    deployment's digest (`run-<digest>`), so the portal shows what it belongs to."""
+    digest = deployment.removeprefix("run-")
+    return f"{endpoint[: NAME_LIMIT - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+def subscription_name(model_id: str) -> str:
+    """The marketplace subscription of a partner's model: after the model, as the examples name it."""
+    return re.sub(r"[^A-Za-z0-9-]+", "-", model_id.rstrip("/").rsplit("/", 1)[-1]).strip("-")[:45] + "-sub"
+
+
+def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A `/score` body (`input_data.input_string` as messages or as one conversation, generation
+    `parameters`) as a chat-completion request; a chat-completion request as it is."""
+    if "messages" in body:
+        return dict(body)
+    data = body.get("input_data") or {}
+    conversation = data.get("input_string") or []
+    if conversation and isinstance(conversation[0], list):
+        conversation = conversation[0]
+    parameters = data.get("parameters") or {}
+    request: dict[str, Any] = {"messages": conversation}
+    if "max_new_tokens" in parameters:
+        request["max_tokens"] = parameters["max_new_tokens"]
+    if parameters.get("do_sample") is False:
+        request["temperature"] = 0  # greedy, as the evaluation gate asks
+    else:
+        request.update({key: parameters[key] for key in ("temperature", "top_p") if key in parameters})
+    return request
+
+
+class ServerlessEndpoints:
+    """The endpoint half of the Backend interface, on serverless endpoints of the workspace."""
+
+    def __init__(self, backend: WorkspaceBackend) -> None:
+        self.backend = backend
+
+    @property
+    def _operations(self) -> Any:
+        return self.backend.workspace.serverless_endpoints
+
+    def _get(self, name: str) -> Any | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return self._operations.get(name)
+        except ResourceNotFoundError:
+            return None
+
+    def _members(self, endpoint: str | None = None) -> list[Any]:
+        """The serverless endpoints this app made (for `endpoint`, or all), oldest first."""
+        found = [
+            member
+            for member in self._operations.list()
+            if (member.tags or {}).get(MANAGED_BY_TAG) == MANAGED_BY
+            and (member.tags or {}).get(ENDPOINT_TAG)
+            and (endpoint is None or member.tags[ENDPOINT_TAG] == endpoint)
+        ]
+        return sorted(found, key=_created_at)
+
+    def _member(self, endpoint: str, deployment: str | None) -> Any:
+        """`deployment`'s serverless endpoint, or (None) the one serving `endpoint`."""
+        if deployment:
+            found = self._get(serverless_name(endpoint, deployment))
+            if found is None:
+                raise BackendError(f"no serverless endpoint for deployment {deployment} of endpoint {endpoint!r}")
+            return found
+        serving = [m for m in self._members(endpoint) if _serves(m)]
+        if not serving:
+            raise BackendError(f"no serverless endpoint serves endpoint {endpoint!r}")
+        return serving[-1]
+
+    def model_id(self, model: ModelRef) -> str:
+        """The fine-tuned model in the workspace, as a serverless endpoint names it (azureml-examples:
+        `azureml://locations/<region>/workspaces/<workspace id>/models/<name>/versions/<version>`)."""
+        workspace = self.backend.workspace.workspaces.get(self.backend.workspace_settings.workspace_name)
+        return (f"azureml://locations/{workspace.location}/workspaces/{workspace._workspace_id}/models/"
+                f"{model.name}/versions/{model.version}")  # fmt: skip
+
+    @service_errors("deployment")
+    def deploy(self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str], base_model_id: str) -> None:
+        """Start what is missing: the base model's marketplace subscription (a partner's model),
+        then the deployment's serverless endpoint, serving no traffic of `endpoint` yet."""
+        from azure.ai.ml.entities import ServerlessEndpoint
+
+        name = serverless_name(endpoint, deployment)
+        found = self._get(name)
+        if found is not None:
+            if (found.tags or {}).get(MANAGED_BY_TAG) != MANAGED_BY:
+                raise BackendError(f"serverless endpoint {name} exists and is not managed by this app")
+            return
+        if self._subscription(base_model_id).state != DeployState.READY:
+            return
+        member_tags = {MANAGED_BY_TAG: MANAGED_BY, **tags, ENDPOINT_TAG: endpoint, DEPLOYMENT_TAG: deployment,
+                       TRAFFIC_TAG: "0"}  # fmt: skip
+        # Key authentication: the service's only mode for serverless endpoints made this way
+        # (the SDK sends no authMode; Foundry's docs: "uses key authentication").
+        self._operations.begin_create_or_update(
+            ServerlessEndpoint(name=name, model_id=self.model_id(model), auth_mode="key", tags=member_tags)
+        )
+
+    def _subscription(self, base_model_id: str) -> DeployProgress:
+        """A partner's model (any registry but `azureml`) is served only under a marketplace
+        subscription to its offer (Foundry's docs, deploy-models-serverless); Microsoft's need none.
+        Created when missing; READY once subscribed."""
+        from azure.ai.ml.entities import MarketplaceSubscription
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if not base_model_id or base_model_id.startswith(f"azureml://registries/{REGISTRY}/"):
+            return DeployProgress(DeployState.READY)
+        name = subscription_name(base_model_id)
+        subscriptions = self.backend.workspace.marketplace_subscriptions
+        try:
+            found = subscriptions.get(name)
+        except ResourceNotFoundError:
+            subscriptions.begin_create_or_update(MarketplaceSubscription(name=name, model_id=base_model_id))
+            return DeployProgress(DeployState.DEPLOYING, f"subscribing to {base_model_id} ({name})")
+        except AttributeError:  # azure-ai-ml 1.35 fails to read one with no marketplace plan yet
+            return DeployProgress(DeployState.DEPLOYING, f"subscription {name} has no marketplace plan yet")
+        status, state = enum_text(found.status).lower(), enum_text(found.provisioning_state).lower()
+        if state in ("failed", "canceled") or status in ("suspended", "unsubscribed"):
+            why = f"marketplace subscription {name} to {base_model_id} is {status or state}"
+            return DeployProgress(DeployState.FAILED, f"{why}: the model's offer cannot be used until it is subscribed")
+        ready = state == "succeeded" and status == "subscribed"
+        return DeployProgress(DeployState.READY if ready else DeployState.DEPLOYING)
+
+    @service_errors("deployment")
+    def continue_deployment(
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str], base_model_id: str
+    ) -> DeployProgress:
+        subscribed = self._subscription(base_model_id)
+        if subscribed.state == DeployState.FAILED:
+            return subscribed
+        self.deploy(model, endpoint, deployment, tags, base_model_id)
+        found = self._get(serverless_name(endpoint, deployment))
+        if found is None:
+            return DeployProgress(DeployState.DEPLOYING, subscribed.message)
+        state = enum_text(found.provisioning_state).lower()
+        if state in ("failed", "canceled"):
+            why = f"serverless endpoint {found.name} for {model.name}:{model.version} is {state}"
+            return DeployProgress(DeployState.FAILED, f"{why}: see it in Azure AI Foundry or Azure ML studio")
+        return DeployProgress(DeployState.READY if state == "succeeded" else DeployState.DEPLOYING)
+
+    @service_errors("routing traffic")
+    def set_traffic(self, endpoint: str, split: Mapping[str, int]) -> None:
+        """All of the endpoint's traffic to one deployment (or to none): its serverless endpoint is
+        tagged as serving, the others as not, those first (never two serving at once)."""
+        shares = {share for share in split.values() if share}
+        if shares - {100} or sum(split.values()) not in (0, 100):
+            raise BackendError(f"endpoint {endpoint}: serverless endpoints serve one deployment at a time, "
+                               f"so the split {dict(split)} cannot be routed")  # fmt: skip
+        members = self._members(endpoint)
+        serving = {serverless_name(endpoint, name) for name, share in split.items() if share == 100}
+        for member in sorted(members, key=lambda m: m.name in serving):
+            wanted = "100" if member.name in serving else "0"
+            if (member.tags or {}).get(TRAFFIC_TAG) != wanted:
+                member.tags = {**(member.tags or {}), TRAFFIC_TAG: wanted}
+                self._operations.begin_create_or_update(member)
+
+    @service_errors("deleting a deployment")
+    def delete_deployment(self, endpoint: str, deployment: str) -> bool:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            self._operations.begin_delete(serverless_name(endpoint, deployment))
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    @service_errors("reading an endpoint")
+    def endpoint(self, name: str) -> Endpoint:
+        members = self._members(name)
+        if not members:
+            raise BackendError(f"no serverless endpoint of endpoint {name!r}")
+        return self._endpoint(name, members, observe=False)
+
+    def _endpoint(self, name: str, members: list[Any], observe: bool) -> Endpoint:
+        """The app's endpoint from its serverless endpoints: the serving one's URL, model and state;
+        the newest one's creation (the last change); the last request to any, when observed."""
+        serving = [m for m in members if _serves(m)]
+        shown = serving[-1] if serving else members[-1]
+        model = re.search(r"/models/([^/]+)/versions/([^/]+)$", shown.model_id or "")
+        requests = [self._last_request(m) for m in members] if observe else []
+        seen = [last for observed, last in requests if last]
+        return Endpoint(
+            name=name,
+            state=_state(shown),
+            scoring_uri=shown.scoring_uri if serving else None,
+            model=ModelRef(model.group(1), model.group(2)) if model and serving else None,
+            created_at=_created_at(members[-1]),
+            last_request_at=max(seen, default=None),
+            tags={key: value for m in members for key, value in (m.tags or {}).items()},
+            traffic={m.tags[DEPLOYMENT_TAG]: 100 if _serves(m) else 0 for m in members if DEPLOYMENT_TAG in m.tags},
+            usage_observed=all(observed for observed, _ in requests) if observe else True,
+        )
+
+    def _last_request(self, member: Any) -> tuple[bool, str | None]:
+        """(whether the endpoint's requests are observable, the last one). No source documents a
+        metric of serverless endpoints, so the resource's own metric definitions are asked for one
+        counting requests (Azure Monitor's Metric Definitions API); with none, nothing is known."""
+        url = f"https://management.azure.com{member.id}/providers/microsoft.insights/metricDefinitions"
+        try:
+            answer = self.backend.management_request("GET", url, params={"api-version": METRIC_DEFINITIONS_API_VERSION})
+        except Exception:  # no metrics for this resource type: unobserved, never an error
+            return False, None
+        for definition in answer.get("value", []):
+            metric = str((definition.get("name") or {}).get("value") or "")
+            if re.search(r"request", metric, re.IGNORECASE) and definition.get("unit", "Count") == "Count":
+                namespace = str(
+                    definition.get("namespace") or "Microsoft.MachineLearningServices/workspaces/serverlessEndpoints"
+                )
+                return True, self.backend.last_request_at(member.id, metric, namespace)
+        return False, None
+
+    @service_errors("reading endpoint keys")
+    def keys(self, endpoint: str, deployment: str | None = None) -> dict[str, str]:
+        keys = self._operations.get_keys(self._member(endpoint, deployment).name)
+        return {"primary_key": keys.primary_key, "secondary_key": keys.secondary_key}
+
+    @service_errors("scoring")
+    def score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
+        """A chat completion from `deployment`'s serverless endpoint (None: the serving one), with
+        its key as a bearer token (the Foundry Models API reference) and the headers it names."""
+        member = self._member(endpoint, deployment)
+        key = self._operations.get_keys(member.name).primary_key
+        headers = {**(member.headers or {}), "Authorization": f"Bearer {key}"}
+        return self.backend.post_json(
+            f"{member.scoring_uri.rstrip('/')}/{CHAT_COMPLETIONS}", headers, chat_request(body)
+        )
+
+    @service_errors("listing endpoints")
+    def list_endpoints(self) -> list[Endpoint]:
+        groups: dict[str, list[Any]] = {}
+        for member in self._members():
+            groups.setdefault(member.tags[ENDPOINT_TAG], []).append(member)
+        return [self._endpoint(name, members, observe=True) for name, members in groups.items()]
+
+    @service_errors("deleting an endpoint")
+    def delete_endpoint(self, name: str) -> bool:
+        """Start deleting every serverless endpoint of the app's endpoint (each stops billing)."""
+        members = self._members(name)
+        for member in members:
+            self._operations.begin_delete(member.name)
+        return bool(members)
+
+
+def _serves(member: Any) -> bool:
+    return (member.tags or {}).get(TRAFFIC_TAG) == "100"
+
+
+def _state(member: Any) -> str:
+    """As managed endpoints spell it (the SDK snake-cases a serverless endpoint's: `succeeded`)."""
+    return enum_text(member.provisioning_state).replace("_", " ").title().replace(" ", "")
+
+
+def _created_at(member: Any) -> str:
+    return str(getattr(getattr(member, "system_data", None), "created_at", None) or "")
