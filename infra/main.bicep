@@ -43,8 +43,18 @@ param computeMaxNodes int = 2
 @description('GPUs per node of computeVmSize (NC24ads and NC40ads 1, NC48ads and NC80adis 2, NC96ads 4, ND96 8).')
 param gpusPerNode string = '1'
 
-@description('Registry model to fine-tune, name[:version] (auto: the newest fine-tunable Phi chat model in the azureml registry).')
-param baseModel string = 'Phi-4'
+@description('How jobs fine-tune: azureml (the registry pipeline on the GPU cluster) or azureml-finetune (Azure ML\'s fine-tuning job: serverless, or on managed compute; see finetuneCompute).')
+@allowed([
+  'azureml'
+  'azureml-finetune'
+])
+param mlBackend string = 'azureml'
+
+@description('With mlBackend azureml-finetune: serverless (no GPU quota, billed per token; pick a region where the model is fine-tuned serverless) or a GPU VM size for managed compute.')
+param finetuneCompute string = 'serverless'
+
+@description('Registry model to fine-tune, name[:version] (auto: the newest fine-tunable Phi chat model in the azureml registry; empty: the backend\'s default, Phi-4 for azureml, Phi-4-mini-instruct for azureml-finetune).')
+param baseModel string = ''
 
 @description('VM size of online deployments; checked against the sizes the model supports for inference (system metadata supportedComputes.inferenceComputes, or the older inference_compute_allow_list tag).')
 param inferenceInstanceType string = 'Standard_NC24ads_A100_v4'
@@ -83,6 +93,8 @@ module app 'modules/app.bicep' = {
     gpusPerNode: gpusPerNode
     janitorSchedule: janitorSchedule
     baseModel: baseModel
+    mlBackend: mlBackend
+    finetuneCompute: finetuneCompute
     inferenceInstanceType: inferenceInstanceType
     workspaceId: ml.outputs.workspaceId
     identityName: 'id-${suffix}'

@@ -12,7 +12,7 @@ import yaml
 from pycep import BicepParser
 
 from shared.backends.azureml.settings import AzureMLWorkspace
-from shared.backends.registry import plugin
+from shared.backends.registry import BACKENDS, plugin
 from shared.settings import STORAGE_SETTING, load_settings
 from shared.vocabulary import (
     DATASETS_CONTAINER,
@@ -171,15 +171,23 @@ def test_jobs_read_through_an_identity_based_datastore_the_app_setting_names() -
     assert {"name": "AZUREML_DATASTORE", "value": "preparedDatastoreName"} in settings
 
 
-def test_the_default_base_model_is_the_same_in_code_sample_and_infrastructure() -> None:
-    assert _parse(INFRA / "main.bicep")["parameters"]["baseModel"]["default"] == plugin("azureml").default_base_model
+def test_the_base_model_is_each_backends_default_in_code_sample_and_infrastructure() -> None:
+    """Empty everywhere: each backend's own default, so switching ML_BACKEND just works."""
+    main = _parse(INFRA / "main.bicep")["parameters"]
+    assert main["baseModel"]["default"] == ""
     parameters = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
-    assert parameters["baseModel"]["value"] == f"${{BASE_MODEL={plugin('azureml').default_base_model}}}"
+    assert parameters["baseModel"]["value"] == "${BASE_MODEL=}"
     sample = json.loads((INFRA.parent / "local.settings.sample.json").read_text())["Values"]
-    # Empty: each backend's own default, so switching ML_BACKEND in a copy of it just works.
     assert sample["BASE_MODEL"] == ""
     assert load_settings(sample).base_model == plugin("local").default_base_model
     assert load_settings({**sample, **AZUREML_COORDINATES}).base_model == "Phi-4"
+    finetune = {**sample, **AZUREML_COORDINATES, "ML_BACKEND": "azureml-finetune"}
+    assert load_settings(finetune).base_model == "Phi-4-mini-instruct"
+    # Both Azure backends can be chosen at deployment, with the compute the fine-tuning job trains on.
+    allowed = next(d["argument"] for d in main["mlBackend"]["decorators"] if d["type"] == "allowed")
+    assert set(allowed) == {name for name in BACKENDS if plugin(name).runs_in_azure}
+    assert parameters["mlBackend"]["value"] == "${ML_BACKEND=azureml}"
+    assert main["finetuneCompute"]["default"] == sample["AZUREML_FINETUNE_COMPUTE"] == "serverless"
     assert sample["AZUREML_DATASTORE"] == AzureMLWorkspace.datastore
 
 

@@ -14,6 +14,8 @@ param gpusPerNode string
 param janitorSchedule string
 param baseModel string
 param inferenceInstanceType string
+param mlBackend string
+param finetuneCompute string
 param workspaceId string
 
 var datasetsContainer = 'datasets'
@@ -152,7 +154,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: insights.properties.ConnectionString }
         { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'ClientId=${identity.properties.clientId};Authorization=AAD' }
         { name: 'AZURE_CLIENT_ID', value: identity.properties.clientId }
-        { name: 'ML_BACKEND', value: 'azureml' }
+        { name: 'ML_BACKEND', value: mlBackend }
         { name: 'JANITOR_SCHEDULE', value: janitorSchedule }
         { name: 'AZURE_SUBSCRIPTION_ID', value: subscription().subscriptionId }
         { name: 'AZURE_RESOURCE_GROUP', value: workspaceResourceGroupName }
@@ -163,6 +165,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'AZUREML_INSTANCE_TYPE', value: inferenceInstanceType }
         { name: 'AZUREML_EXPERIMENT_NAME', value: 'chat_completion_finetune' }
         { name: 'AZUREML_DATASTORE', value: preparedDatastoreName }
+        { name: 'AZUREML_FINETUNE_COMPUTE', value: finetuneCompute }
         { name: 'DATASET_TEST_PERCENT', value: '5' }
         { name: 'DATASET_SAMPLE_PERCENT', value: '100' }
         { name: 'DATASET_MIN_CONVERSATIONS', value: '10' }
