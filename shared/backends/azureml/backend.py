@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
@@ -19,6 +19,7 @@ from shared.backends.azureml.workspace import (
     check_vm_size,
     enum_text,
     model_uri,
+    put_body,
     service_errors,
 )
 from shared.backends.interface import BackendError, JobReport, JobRequest, ModelRef, model_description, model_name_for
@@ -202,19 +203,15 @@ class AzureMLBackend(WorkspaceBackend):
             raise PreflightError(str(error)) from None
         plan = Plan(model_id, name, version or "latest", self.workspace_settings.compute_cluster,
                     self.workspace_settings.gpus_per_node, parameters)  # fmt: skip
-        body = self.build_job(request, plan)._to_rest_object().as_dict()
-        body.pop("name", None)  # it goes in the URL: PUT .../jobs/{name}
-        return body
+        return put_body(self.build_job(request, plan))
 
     @service_errors("submission")
     def submit(self, request: JobRequest, restart: bool = False) -> JobReport:
-        existing = self._existing_job(request.job_name)
-        if existing is not None:
-            return existing
-        plan = self.plan(request.parameters)
-        job = self.build_job(request, plan)
-        created = self.workspace.jobs.create_or_update(job, experiment_name=self.workspace_settings.experiment_name)
-        return replace(self._status(created), notes=tuple(plan.warnings))
+        def build() -> tuple[PipelineJob, list[str]]:
+            plan = self.plan(request.parameters)
+            return self.build_job(request, plan), plan.warnings
+
+        return self.submit_once(request.job_name, build)
 
     # Registration and deployment.
     @service_errors("registration")

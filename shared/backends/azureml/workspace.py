@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property, partial, wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -340,14 +341,17 @@ class WorkspaceBackend:
             raise BackendError(f"job {job_name} is {enum_text(job.status)}; only a Completed job has a model")
         return job
 
-    def _existing_job(self, job_name: str) -> JobReport | None:
-        """The job of that name, if it was submitted already (a redelivered upload finds it)."""
+    def submit_once(self, job_name: str, build: Callable[[], tuple[Any, Sequence[str]]]) -> JobReport:
+        """The job of that name if it was submitted already (a redelivered upload finds it), else
+        the job `build` makes after its checks, created, with what the checks noted."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
             return self._status(self.workspace.jobs.get(job_name))
         except ResourceNotFoundError:
-            return None
+            pass
+        job, notes = build()
+        return replace(self._status(self.workspace.jobs.create_or_update(job)), notes=tuple(notes))
 
     def _status(self, job: Any) -> JobReport:
         # A status this app does not know yet is taken as still running: the janitor asks again.
@@ -640,6 +644,13 @@ class WorkspaceBackend:
         except ResourceNotFoundError:
             return False
         return True
+
+
+def put_body(job: Any) -> dict[str, Any]:
+    """The body the SDK PUTs for `job` (its name goes in the URL: PUT .../jobs/{name})."""
+    body: dict[str, Any] = job._to_rest_object().as_dict()
+    body.pop("name", None)
+    return body
 
 
 def metrics_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:

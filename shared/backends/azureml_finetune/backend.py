@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.backends.azureml.settings import workspace_settings
@@ -25,6 +25,7 @@ from shared.backends.azureml.workspace import (
     check_vm_size,
     model_uri,
     parse_base_model,
+    put_body,
     service_errors,
 )
 from shared.backends.azureml_finetune.serverless import ServerlessEndpoints
@@ -189,18 +190,15 @@ class FineTuneBackend(WorkspaceBackend):
                 "azureml://registries/<registry>/models/<name>/versions/<version>): it cannot ask the registry"
             )
         plan = FineTunePlan(None, model_uri(name, version, registry), hyperparameters(request.parameters))
-        body: dict[str, Any] = self.build_job(request, plan)._to_rest_object().as_dict()
-        body.pop("name", None)  # it goes in the URL: PUT .../jobs/{name}
-        return body
+        return put_body(self.build_job(request, plan))
 
     @service_errors("submission")
     def submit(self, request: JobRequest, restart: bool = False) -> JobReport:
-        existing = self._existing_job(request.job_name)
-        if existing is not None:
-            return existing
-        plan = self.plan(request.parameters)
-        created = self.workspace.jobs.create_or_update(self.build_job(request, plan))
-        return replace(self._status(created), notes=tuple(plan.notes))
+        def build() -> tuple[Any, list[str]]:
+            plan = self.plan(request.parameters)
+            return self.build_job(request, plan), plan.notes
+
+        return self.submit_once(request.job_name, build)
 
     @service_errors("estimating the cost")
     def estimate(self, training_tokens: int, parameters: Mapping[str, Any]) -> Estimate:
