@@ -159,6 +159,20 @@ def test_a_training_parameter_the_job_does_not_take_is_refused_by_name(fake: Fak
     assert not fake.sent("PUT", "")
 
 
+def test_the_estimate_prices_managed_compute_and_says_why_serverless_has_no_price(fake: FakeAzureML) -> None:
+    from shared.costs.estimate import budget_refusal
+
+    prices = {"VM_PRICES_USD_PER_HOUR": "Standard_NC24ads_A100_v4=4.0"}  # the fake's env turns the API off
+    managed = _backend(fake, **{**MANAGED, **prices}).estimate(1_000_000, {})
+    assert managed.basis["vm_size"] == "Standard_NC24ads_A100_v4" and managed.basis["gpus"] == 1
+    assert managed.training_usd == pytest.approx((managed.training_hours or 0) * 4.0)
+    serverless = _backend(fake, **prices).estimate(1_000_000, {})
+    assert serverless.training_usd is None and serverless.basis["training_tokens"] == 1_000_000
+    refusal = budget_refusal(serverless, 5.0) or ""
+    assert "cannot be estimated (the per-token price of serverless fine-tuning is the model offer's" in refusal
+    assert not fake.sent("PUT", "")
+
+
 def test_a_redelivered_submission_finds_its_job(fake: FakeAzureML) -> None:
     backend = _backend(fake)
     first, second = backend.submit(REQUEST), backend.submit(REQUEST)
