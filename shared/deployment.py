@@ -242,8 +242,10 @@ def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend
     finally:
         ledger.release(current.run_id, claimed.driver or "")
         ledger.free_endpoint(endpoint, current.run_id)
+    # Where it serves now (a serverless endpoint's URL is its deployment's: a rollback changes it).
+    url = backend.endpoint(endpoint).scoring_uri
     lifecycle.publish(settings, lifecycle.MODEL_ROLLED_BACK, rolled_back, endpoint=endpoint,
-                      deployment=current.deployment_name, serving=target.deployment_name)  # fmt: skip
+                      deployment=current.deployment_name, serving=target.deployment_name, scoringUri=url)  # fmt: skip
     return target
 
 

@@ -59,7 +59,15 @@ def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
             name, False, f"created {endpoint.created_at or 'just now'}, younger than {rules.min_age_minutes:g} min"
         )
     if not endpoint.usage_observed:
-        return Verdict(name, False, "its requests cannot be observed (no request metric): idleness is unknown")
+        unknown = "its requests cannot be observed (no request metric)"
+        limit = rules.unobserved_max_hours
+        served = (now - created).total_seconds() / 3600
+        if limit and served >= limit:
+            return Verdict(name, True, f"{unknown}; its version has served {served:.1f} h, the limit for such "
+                                       f"endpoints is {limit:g} h (ENDPOINT_UNOBSERVED_MAX_HOURS)")  # fmt: skip
+        return Verdict(
+            name, False, f"{unknown}: idleness is unknown" + (f" ({served:.1f} h of {limit:g})" if limit else "")
+        )
     last = _time(endpoint.last_request_at) or created
     idle = now - last
     seen = f"last request {endpoint.last_request_at}" if endpoint.last_request_at else "no request since creation"

@@ -62,6 +62,7 @@ CORE_SETTINGS = (
     "ENDPOINT_REQUEST_TIMEOUT_S",
     "ENDPOINT_IDLE_MINUTES",
     "ENDPOINT_MIN_AGE_MINUTES",
+    "ENDPOINT_UNOBSERVED_MAX_HOURS",
     "JANITOR_DRY_RUN",
     "PROMOTION_MAX_LOSS_INCREASE_PERCENT",
     "GATE_CONVERSATIONS",
@@ -148,6 +149,9 @@ class JanitorSettings:
     idle_minutes: float = 60.0
     min_age_minutes: float = 30.0
     dry_run: bool = False
+    # An endpoint whose requests cannot be observed (serverless endpoints: no request metric) is
+    # torn down once its serving version is this old; 0: never (it bills until deleted by hand).
+    unobserved_max_hours: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -340,6 +344,11 @@ def read_settings(environ: Mapping[str, str]) -> tuple[Settings, SettingsReader]
         janitor=JanitorSettings(
             idle_minutes=reader.parsed("ENDPOINT_IDLE_MINUTES", 60.0, _MINUTES),
             min_age_minutes=reader.parsed("ENDPOINT_MIN_AGE_MINUTES", 30.0, _MINUTES),
+            unobserved_max_hours=reader.parsed(
+                "ENDPOINT_UNOBSERVED_MAX_HOURS",
+                0.0,
+                Rule("a number of hours, at least 0 (0: never)", checked(float, lambda number: number >= 0)),
+            ),
             dry_run=reader.parsed("JANITOR_DRY_RUN", False, Rule("true or false", flag)),
         ),
         job_event_topics=tuple(t.strip() for t in topics.split(",") if t.strip())

@@ -326,11 +326,13 @@ class FakeAzureML(HttpTransport):
             ("GET", ARM + r"/serverlessEndpoints", self._list_serverless),
             ("GET", ARM + r"/serverlessEndpoints/([^/]+)", self._get(self.serverless_endpoints.get)),
             ("PUT", ARM + r"/serverlessEndpoints/([^/]+)", self._put_serverless),
+            ("PATCH", ARM + r"/serverlessEndpoints/([^/]+)", self._patch_serverless),
             ("DELETE", ARM + r"/serverlessEndpoints/([^/]+)", self._delete_serverless),
             ("POST", ARM + r"/serverlessEndpoints/([^/]+)/listKeys", self._serverless_keys),
             ("GET", ARM + r"/serverlessEndpoints/([^/]+)/providers/microsoft.insights/metricDefinitions",
              self._serverless_metric_definitions),
             ("GET", ARM + r"/serverlessEndpoints/([^/]+)/providers/microsoft.insights/metrics", self._metrics),
+            ("GET", ARM + r"/marketplaceSubscriptions", self._list_subscriptions),
             ("GET", ARM + r"/marketplaceSubscriptions/([^/]+)", self._get(self.marketplace_subscriptions.get)),
             ("PUT", ARM + r"/marketplaceSubscriptions/([^/]+)", self._put_subscription),
             ("POST", r"/v1/chat/completions", self._chat_completions),
@@ -427,6 +429,12 @@ class FakeAzureML(HttpTransport):
         return 200, {"value": rows}
 
     def _put_job(self, request: Recorded, name: str) -> tuple[int, Any]:
+        """A fine-tuning job of a partner's model is refused without the workspace's subscription
+        to its offer (our assumption: azureml-examples' serverless notebook subscribes first)."""
+        details = request.body["properties"].get("fineTuningDetails") or {}
+        base = str((details.get("model") or {}).get("uri", "")).rsplit("/versions/", 1)[0]
+        if base and not base.startswith("azureml://registries/azureml/") and not self._subscribed(base):
+            return 400, _error("UserError", f"no marketplace subscription to {base} in this workspace")
         job = {**request.body, "id": f"{ARM}/jobs/{name}", "name": name}
         job["properties"] = {
             **job["properties"],
@@ -673,9 +681,7 @@ class FakeAzureML(HttpTransport):
         if body.get("sku", {}).get("name") != "Consumption" or body.get("location") != "eastus":
             return 400, _error("UserError", "a serverless endpoint takes sku Consumption in the workspace's location")
         base = model["properties"]["properties"].get("baseModelId", "")
-        subscribed = any(sub["properties"]["modelId"] == base and sub["properties"]["marketplaceSubscriptionStatus"]
-                         == "Subscribed" for sub in self.marketplace_subscriptions.values())  # fmt: skip
-        if not base.startswith("azureml://registries/azureml/") and not subscribed:
+        if not base.startswith("azureml://registries/azureml/") and not self._subscribed(base):
             return 400, _error("UserError", f"no marketplace subscription to {base} in this workspace")
         existing = self.serverless_endpoints.get(name)
         if existing is not None:
@@ -687,13 +693,26 @@ class FakeAzureML(HttpTransport):
             "id": f"{ARM}/serverlessEndpoints/{name}", "name": name,
             "type": "Microsoft.MachineLearningServices/workspaces/serverlessEndpoints", "location": "eastus",
             "tags": body.get("tags") or {}, "sku": {"name": "Consumption"},
-            "systemData": {"createdAt": f"2026-11-20T10:{len(self.serverless_endpoints):02d}:00Z"},
+            "systemData": {"createdAt": _created_at(len(self.requests))},
             "properties": {"modelSettings": {"modelId": model_id}, "authMode": "Key",
                            "inferenceEndpoint": {"uri": f"https://{name}.eastus.models.ai.azure.com", "headers": {}},
                            "provisioningState": "Creating", "endpointState": "Creating",
                            "contentSafety": {"contentSafetyStatus": "Enabled"}},
         }  # fmt: skip
         return 201, self.serverless_endpoints[name]
+
+    def _patch_serverless(self, request: Recorded, name: str) -> tuple[int, Any]:
+        """ServerlessEndpoints_Update: tags (and sku, identity) only."""
+        found = self.serverless_endpoints.get(name)
+        if found is None:
+            return 404, _error("NotFound", f"serverless endpoint {name} not found")
+        if set(request.body) - {"tags", "sku", "identity"}:
+            return 400, _error("UserError", f"a serverless endpoint's update takes tags, sku, identity: {request.body}")
+        found["tags"] = request.body.get("tags", found["tags"])
+        return 200, found
+
+    def _list_subscriptions(self, request: Recorded) -> tuple[int, Any]:
+        return 200, {"value": list(self.marketplace_subscriptions.values())}
 
     def provision_serverless(self, name: str, state: str = "Succeeded") -> None:
         self.serverless_endpoints[name]["properties"]["provisioningState"] = state
@@ -715,6 +734,10 @@ class FakeAzureML(HttpTransport):
 
     def _serverless_metric_definitions(self, request: Recorded, name: str) -> tuple[int, Any]:
         return 200, {"value": self.serverless_metric_definitions}
+
+    def _subscribed(self, model_id: str) -> bool:
+        return any(sub["properties"]["modelId"] == model_id and sub["properties"]["marketplaceSubscriptionStatus"]
+                   == "Subscribed" for sub in self.marketplace_subscriptions.values())  # fmt: skip
 
     def _put_subscription(self, request: Recorded, name: str) -> tuple[int, Any]:
         self.marketplace_subscriptions[name] = {
@@ -743,6 +766,11 @@ class FakeAzureML(HttpTransport):
         return 200, {"id": "cmpl-1", "object": "chat.completion", "created": 1790000000, "model": name,
                      "choices": [{"index": 0, "finish_reason": "stop", "message": reply}],
                      "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}  # fmt: skip
+
+
+def _created_at(serial: int) -> str:
+    """A creation time that grows with `serial` (one second each), as the service's would."""
+    return f"2026-11-20T{10 + serial // 3600:02d}:{serial // 60 % 60:02d}:{serial % 60:02d}Z"
 
 
 def _vm_size(name: str, family: str, vcpus: int, gpus: int) -> dict[str, Any]:

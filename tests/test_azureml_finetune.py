@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -140,15 +142,24 @@ def test_preflight_refuses_a_model_not_fine_tunable_serverless_here_before_anyth
     fake: FakeAzureML, model: dict[str, Any], env: dict[str, str], says: str
 ) -> None:
     fake.registry_models[("Phi-4-mini-instruct", "3")] = model
-    with pytest.raises(PreflightError, match="not chat-completion|" + says.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(PreflightError, match=re.escape(says)):
         _backend(fake, **env).submit(REQUEST)
     assert not fake.sent("PUT", "")
 
 
-def test_a_model_naming_no_serverless_regions_is_submitted_and_says_so(fake: FakeAzureML, ledger: Ledger) -> None:
+def test_where_the_registry_names_no_regions_the_documented_ones_decide_else_it_says_so(fake: FakeAzureML) -> None:
     fake.registry_models[("Phi-4-mini-instruct", "3")] = _phi4_mini(tags={})
-    status = _backend(fake).submit(REQUEST)
-    assert status.notes == ("Phi-4-mini-instruct:3 names no serverless fine-tuning regions (system metadata "
+    assert _backend(fake).submit(REQUEST).notes == ()  # Foundry's table lists eastus for it
+    fake.registry_models[("Llama-3.3-70B-Instruct", "1")] = registry_model(
+        "Llama-3.3-70B-Instruct", "1", {}, system_metadata=PHI4_SYSTEM_METADATA
+    )
+    with pytest.raises(PreflightError, match=r"only in westus3 \(Foundry's documented regions; the registry names"):
+        _backend(fake, BASE_MODEL="Llama-3.3-70B-Instruct").submit(JobRequest("ft-llama", PREPARED, "chats"))
+    fake.registry_models[("House-chat-model", "1")] = registry_model(
+        "House-chat-model", "1", {}, system_metadata=PHI4_SYSTEM_METADATA
+    )
+    status = _backend(fake, BASE_MODEL="House-chat-model").submit(JobRequest("ft-house", PREPARED, "chats"))
+    assert status.notes == ("House-chat-model:1 names no serverless fine-tuning regions (system metadata "
                             "maasFinetuning.maasFinetuningDeployRegions or tag maas-finetuning-deploy-regions are "
                             "missing): eastus was not checked",)  # fmt: skip
 
@@ -255,27 +266,47 @@ def test_a_serverless_endpoint_of_that_name_not_made_by_this_app_is_never_touche
         backend.deploy(model, "ft-chats-1a2b3c4d", "run-0123456789ab", TAGS)
 
 
-def test_a_partners_model_is_subscribed_on_the_marketplace_before_its_endpoint(fake: FakeAzureML) -> None:
+def test_a_partners_model_is_subscribed_on_the_marketplace_before_it_is_fine_tuned(fake: FakeAzureML) -> None:
+    """As azureml-examples' serverless notebook does: the subscription first, to the base model's
+    registry id without its version; then the job; then its serverless endpoint."""
     fake.registry_models[("Ministral-3B", "2")] = registry_model(
         "Ministral-3B", "2", PHI4_MINI_TAGS, system_metadata=PHI4_SYSTEM_METADATA, registry="azureml-mistral"
     )
     backend = _backend(fake, BASE_MODEL=MINISTRAL)
     request = JobRequest("ft-chats-0123456789ab", PREPARED, "chats", {}, {"run_id": "chats-0123456789ab"})
-    model = _registered(fake, backend, request)
-    assert _job_body(fake)["fineTuningDetails"]["model"]["uri"] == f"{MINISTRAL}/versions/2"
     fake.subscription_status = "PendingFulfillmentStart"
-    first = backend.continue_deployment(model, "ft-chats-1a2b3c4d", "run-0123456789ab", TAGS)
-    assert first.state == DeployState.DEPLOYING and not fake.sent("PUT", "/serverlessEndpoints/")
+    with pytest.raises(PreflightError, match="must be subscribed to the model's Azure Marketplace offer"):
+        backend.submit(request)
     (subscribe,) = fake.sent("PUT", "/marketplaceSubscriptions/")
     assert subscribe.path == f"{ARM}/marketplaceSubscriptions/Ministral-3B-sub"
-    assert subscribe.body == {"properties": {"modelId": MINISTRAL}}  # the base model, unversioned
+    assert subscribe.body == {"properties": {"modelId": MINISTRAL}}
+    assert not fake.sent("PUT", "/jobs/")
     fake.marketplace_subscriptions["Ministral-3B-sub"]["properties"]["marketplaceSubscriptionStatus"] = "Subscribed"
-    backend.continue_deployment(model, "ft-chats-1a2b3c4d", "run-0123456789ab", TAGS)
+    model = _registered(fake, backend, request)  # the fake refuses the job without the subscription
+    assert _job_body(fake)["fineTuningDetails"]["model"]["uri"] == f"{MINISTRAL}/versions/2"
+    assert backend.continue_deployment(model, "ft-chats-1a2b3c4d", "run-0123456789ab", TAGS).state == (
+        DeployState.DEPLOYING
+    )
     assert len(fake.sent("PUT", "/serverlessEndpoints/")) == 1  # the fake refuses it without the subscription
+    assert len(fake.sent("PUT", "/marketplaceSubscriptions/")) == 1  # found, by the model it is for
     fake.marketplace_subscriptions["Ministral-3B-sub"]["properties"]["marketplaceSubscriptionStatus"] = "Suspended"
-    failed = backend.continue_deployment(model, "ft-chats-1a2b3c4d", "run-0123456789ab", TAGS)
+    failed = backend.continue_deployment(model, "ft-chats-1a2b3c4d", "run-aaaaaaaaaaaa", TAGS)
     assert failed.state == DeployState.FAILED and "Ministral-3B-sub" in (failed.message or "")
     assert "is suspended" in (failed.message or "")
+
+
+def test_a_subscription_made_elsewhere_under_another_name_is_used(fake: FakeAzureML) -> None:
+    fake.registry_models[("Ministral-3B", "2")] = registry_model(
+        "Ministral-3B", "2", PHI4_MINI_TAGS, system_metadata=PHI4_SYSTEM_METADATA, registry="azureml-mistral"
+    )
+    fake.marketplace_subscriptions["ministral-from-the-portal"] = {
+        "id": f"{ARM}/marketplaceSubscriptions/ministral-from-the-portal", "name": "ministral-from-the-portal",
+        "properties": {"modelId": MINISTRAL, "marketplaceSubscriptionStatus": "Subscribed",
+                       "provisioningState": "Succeeded",
+                       "marketplacePlan": {"publisherId": "mistralai", "offerId": "o", "planId": "p"}},
+    }  # fmt: skip
+    _backend(fake, BASE_MODEL=MINISTRAL).submit(REQUEST)
+    assert not fake.sent("PUT", "/marketplaceSubscriptions/") and fake.sent("PUT", "/jobs/")
 
 
 def _ready(fake: FakeAzureML, backend: FineTuneBackend, model: ModelRef, endpoint: str, deployment: str) -> None:
@@ -307,8 +338,14 @@ def test_traffic_is_all_or_nothing_and_scoring_is_a_chat_completion_with_the_key
     assert backend.invoke("ft-chats-1a2b3c4d", {"messages": [{"role": "user", "content": "hi"}]})["output"] == (
         "a reply from the serverless endpoint ft-chats-1a2b3c4d-0123456789ab"
     )
-    retag = fake.sent("PUT", "/serverlessEndpoints/")[-1]
-    assert retag.body["tags"]["traffic"] == "100" and retag.body["properties"]["modelSettings"]["modelId"]
+    # Tags alone change (ServerlessEndpoints_Update): the serverless endpoint is not sent again.
+    (retag,) = fake.sent("PATCH", "/serverlessEndpoints/")
+    member_tags = {**TAGS, "endpoint": "ft-chats-1a2b3c4d", "deployment": "run-0123456789ab", "traffic": "100"}
+    assert retag.body == {"tags": member_tags} and retag.query["api-version"] == [SERVERLESS_API_VERSION]
+    assert len(fake.sent("PUT", "/serverlessEndpoints/")) == 1
+    with pytest.raises(BackendError, match="no ready serverless endpoint ft-chats-1a2b3c4d-aaaaaaaaaaaa to route"):
+        backend.set_traffic("ft-chats-1a2b3c4d", {"run-aaaaaaaaaaaa": 100})  # deleted, or never made
+    assert backend.endpoint("ft-chats-1a2b3c4d").traffic == {"run-0123456789ab": 100}  # nothing changed
 
 
 def test_idle_serverless_endpoints_are_kept_unless_their_requests_can_be_observed(fake: FakeAzureML) -> None:
@@ -325,6 +362,11 @@ def test_idle_serverless_endpoints_are_kept_unless_their_requests_can_be_observe
     assert janitor.judge(listed, rules, later).evidence == (
         "its requests cannot be observed (no request metric): idleness is unknown"
     )
+    # Unless the settings give such endpoints a lifetime: counted from the serving version's creation.
+    limited = replace(rules, unobserved_max_hours=48)
+    assert not janitor.judge(listed, limited, datetime(2026, 11, 21, 12, tzinfo=UTC)).delete
+    verdict = janitor.judge(listed, limited, datetime(2026, 11, 22, 11, tzinfo=UTC))
+    assert verdict.delete and "the limit for such endpoints is 48 h (ENDPOINT_UNOBSERVED_MAX_HOURS)" in verdict.evidence
     # Where the resource names a request metric, it is read as a managed endpoint's is.
     namespace = "Microsoft.MachineLearningServices/workspaces/serverlessEndpoints"
     fake.serverless_metric_definitions = [{"name": {"value": "ModelRequests"}, "unit": "Count", "namespace": namespace}]

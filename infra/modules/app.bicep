@@ -178,6 +178,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'ENDPOINT_REQUEST_TIMEOUT_S', value: '90' }
         { name: 'ENDPOINT_IDLE_MINUTES', value: '60' }
         { name: 'ENDPOINT_MIN_AGE_MINUTES', value: '30' }
+        { name: 'ENDPOINT_UNOBSERVED_MAX_HOURS', value: '0' }
         { name: 'JANITOR_DRY_RUN', value: 'false' }
         { name: 'PROMOTION_MAX_LOSS_INCREASE_PERCENT', value: '1' }
         { name: 'GATE_CONVERSATIONS', value: '5' }

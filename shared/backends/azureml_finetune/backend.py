@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,13 @@ from shared.backends.azureml.workspace import (
     put_body,
     service_errors,
 )
+from shared.backends.azureml_finetune.marketplace import subscribe
 from shared.backends.azureml_finetune.serverless import ServerlessEndpoints
 from shared.backends.azureml_finetune.settings import FineTuneWorkspace
 from shared.backends.interface import (
     BackendError,
     DeployProgress,
+    DeployState,
     Endpoint,
     JobReport,
     JobRequest,
@@ -58,6 +60,19 @@ HYPERPARAMETERS = ("num_train_epochs", "per_device_train_batch_size", "learning_
 OUTPUT = "registered_model"  # the job's output the service registers as a model
 BASE_MODEL_ID_TAG = "base_model_id"  # the registry model, unversioned: a partner's needs a subscription
 SERVERLESS_OPTION = "ServerlessMaaS"  # system metadata deploymentOptions: served from serverless endpoints
+# Where the registry says nothing: the regions Foundry's docs list for serverless fine-tuning
+# (MicrosoftDocs/azure-ai-docs, articles/ai-foundry/includes/region-availability-maas.md, column
+# "Hub/Project Region for Fine tuning", November 2025), by model name.
+_US_SIX = ("eastus", "eastus2", "northcentralus", "southcentralus", "westus", "westus3")
+DOCUMENTED_SERVERLESS_REGIONS: Mapping[str, tuple[str, ...]] = {
+    **dict.fromkeys(("Phi-4", "Phi-4-mini-instruct", "Phi-4-multimodal-instruct", "Mistral-Nemo", "Ministral-3B",
+                     "Mistral-Large-2411", "tsuzumi-7b"), _US_SIX),
+    **dict.fromkeys(("Meta-Llama-3.1-8B-Instruct", "Llama-3.2-11B-Vision-Instruct", "Llama-3.2-90B-Vision-Instruct",
+                     "Llama-3.3-70B-Instruct"), ("westus3",)),
+}  # fmt: skip
+# How long a submission waits for a new marketplace subscription (usually seconds) before it is
+# refused with the reason.
+SUBSCRIBE_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ def hyperparameters(overrides: Mapping[str, Any]) -> dict[str, str]:
             "(or use ML_BACKEND=azureml, whose pipeline takes them)"
         )
     merged = {name: overrides.get(name, DEFAULTS[name]) for name in HYPERPARAMETERS}
-    return {name: f"{value:g}" if isinstance(value, float) else str(value) for name, value in merged.items()}
+    return {name: str(value) for name, value in merged.items()}
 
 
 def output_model_name(base_model: str, dataset: str, job_name: str) -> str:
@@ -100,6 +115,9 @@ def check_serverless(model: RegistryModel, region: str) -> str | None:
             f"{', '.join(options)}): set AZUREML_FINETUNE_COMPUTE to a VM size, or choose another BASE_MODEL"
         )
     regions, source = model.serverless_finetune_regions()
+    if regions is None and model.name.lower() in {name.lower() for name in DOCUMENTED_SERVERLESS_REGIONS}:
+        documented = {name.lower(): listed for name, listed in DOCUMENTED_SERVERLESS_REGIONS.items()}
+        regions, source = list(documented[model.name.lower()]), "Foundry's documented regions; the registry names none"
     if regions is None:
         return f"{model.label} names no serverless fine-tuning regions ({source} are missing): {region} was not checked"
     if region.lower() not in {name.lower() for name in regions}:
@@ -128,8 +146,14 @@ class FineTuneBackend(WorkspaceBackend):
         chosen = hyperparameters(parameters)
         model = self.base_model()
         ws = self.workspace_settings
+        base_model_id = model.id.rsplit("/versions/", 1)[0]
         if ws.serverless:
             notes = [check_serverless(model, self.region)]
+            subscribed = subscribe(self.workspace, base_model_id, wait_s=SUBSCRIBE_WAIT_S)
+            if subscribed.state != DeployState.READY:
+                raise PreflightError(f"{subscribed.message or 'subscribing to ' + base_model_id}: the workspace must "
+                                     "be subscribed to the model's Azure Marketplace offer before it is fine-tuned "
+                                     "serverless; upload again once it is")  # fmt: skip
         else:
             notes = [
                 check_vm_size(model, ws.training_compute, "finetune"),
@@ -240,18 +264,21 @@ class FineTuneBackend(WorkspaceBackend):
         return ModelRef(name, str(newest.version))
 
     # Endpoints: serverless ones for serverless training, else the managed online endpoints.
-    def _base_model_id(self, tags: Mapping[str, str]) -> str:
-        """The base model of the run's job, from the job's tags (a partner's model needs a
-        marketplace subscription before its fine-tuned version is served)."""
+    def _base_model_id(self, tags: Mapping[str, str]) -> Callable[[], str]:
+        """The base model of the run's job, read from the job's tags when asked (only before its
+        serverless endpoint is made: a partner's model needs a marketplace subscription)."""
         from shared.backends.interface import job_name_for
 
-        job = self.workspace.jobs.get(job_name_for(tags.get(RUN_ID_TAG, "")))
-        return str((job.tags or {}).get(BASE_MODEL_ID_TAG, ""))
+        def read() -> str:
+            job = self.workspace.jobs.get(job_name_for(tags.get(RUN_ID_TAG, "")))
+            return str((job.tags or {}).get(BASE_MODEL_ID_TAG, ""))
+
+        return read
 
     def deploy(self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]) -> None:
         if self.serverless is None:
             return super().deploy(model, endpoint, deployment, tags)
-        return self.serverless.deploy(model, endpoint, deployment, tags, self._base_model_id(tags))
+        self.serverless.deploy(model, endpoint, deployment, tags, self._base_model_id(tags))
 
     def continue_deployment(
         self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str]

@@ -15,12 +15,14 @@ flow sends are translated to it."""
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from shared.backends.azureml.component import REGISTRY
 from shared.backends.azureml.workspace import enum_text, service_errors
+from shared.backends.azureml_finetune.marketplace import subscribe
 from shared.backends.interface import BackendError, DeployProgress, DeployState, Endpoint, ModelRef
 from shared.vocabulary import MANAGED_BY, MANAGED_BY_TAG
 
@@ -33,6 +35,10 @@ TRAFFIC_TAG = "traffic"  # "100": it serves the app's endpoint; "0": kept, or on
 NAME_LIMIT = 32  # Azure ML endpoint names: 3-32 characters
 CHAT_COMPLETIONS = "v1/chat/completions"
 METRIC_DEFINITIONS_API_VERSION = "2018-01-01"
+# The api-version azure-ai-ml 1.35.2 sends serverless endpoints with; its PATCH changes tags alone
+# (ServerlessEndpoints_Update), where a PUT would send the whole resource again.
+SERVERLESS_API_VERSION = "2024-01-01-preview"
+log = logging.getLogger(__name__)
 
 
 def serverless_name(endpoint: str, deployment: str) -> str:
@@ -40,11 +46,6 @@ def serverless_name(endpoint: str, deployment: str) -> str:
     deployment's digest (`run-<digest>`), so the portal shows what it belongs to."""
     digest = deployment.removeprefix("run-")
     return f"{endpoint[: NAME_LIMIT - len(digest) - 1].rstrip('-')}-{digest}"
-
-
-def subscription_name(model_id: str) -> str:
-    """The marketplace subscription of a partner's model: after the model, as the examples name it."""
-    return re.sub(r"[^A-Za-z0-9-]+", "-", model_id.rstrip("/").rsplit("/", 1)[-1]).strip("-")[:45] + "-sub"
 
 
 def chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,20 +116,28 @@ class ServerlessEndpoints:
         return (f"azureml://locations/{workspace.location}/workspaces/{workspace._workspace_id}/models/"
                 f"{model.name}/versions/{model.version}")  # fmt: skip
 
+    def _ours(self, name: str) -> Any | None:
+        """The serverless endpoint of that name, refused if this app did not make it."""
+        found = self._get(name)
+        if found is not None and (found.tags or {}).get(MANAGED_BY_TAG) != MANAGED_BY:
+            raise BackendError(f"serverless endpoint {name} exists and is not managed by this app")
+        return found
+
     @service_errors("deployment")
-    def deploy(self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str], base_model_id: str) -> None:
+    def deploy(
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str], base_model_id: Callable[[], str]
+    ) -> DeployProgress:
         """Start what is missing: the base model's marketplace subscription (a partner's model),
-        then the deployment's serverless endpoint, serving no traffic of `endpoint` yet."""
+        then the deployment's serverless endpoint, serving none of `endpoint`'s traffic yet.
+        `base_model_id` is asked only when the endpoint is to be made."""
         from azure.ai.ml.entities import ServerlessEndpoint
 
         name = serverless_name(endpoint, deployment)
-        found = self._get(name)
-        if found is not None:
-            if (found.tags or {}).get(MANAGED_BY_TAG) != MANAGED_BY:
-                raise BackendError(f"serverless endpoint {name} exists and is not managed by this app")
-            return
-        if self._subscription(base_model_id).state != DeployState.READY:
-            return
+        if self._ours(name) is not None:
+            return DeployProgress(DeployState.DEPLOYING)
+        subscribed = subscribe(self.backend.workspace, base_model_id())
+        if subscribed.state != DeployState.READY:
+            return subscribed
         member_tags = {MANAGED_BY_TAG: MANAGED_BY, **tags, ENDPOINT_TAG: endpoint, DEPLOYMENT_TAG: deployment,
                        TRAFFIC_TAG: "0"}  # fmt: skip
         # Key authentication: the service's only mode for serverless endpoints made this way
@@ -136,43 +145,15 @@ class ServerlessEndpoints:
         self._operations.begin_create_or_update(
             ServerlessEndpoint(name=name, model_id=self.model_id(model), auth_mode="key", tags=member_tags)
         )
-
-    def _subscription(self, base_model_id: str) -> DeployProgress:
-        """A partner's model (any registry but `azureml`) is served only under a marketplace
-        subscription to its offer (Foundry's docs, deploy-models-serverless); Microsoft's need none.
-        Created when missing; READY once subscribed."""
-        from azure.ai.ml.entities import MarketplaceSubscription
-        from azure.core.exceptions import ResourceNotFoundError
-
-        if not base_model_id or base_model_id.startswith(f"azureml://registries/{REGISTRY}/"):
-            return DeployProgress(DeployState.READY)
-        name = subscription_name(base_model_id)
-        subscriptions = self.backend.workspace.marketplace_subscriptions
-        try:
-            found = subscriptions.get(name)
-        except ResourceNotFoundError:
-            subscriptions.begin_create_or_update(MarketplaceSubscription(name=name, model_id=base_model_id))
-            return DeployProgress(DeployState.DEPLOYING, f"subscribing to {base_model_id} ({name})")
-        except AttributeError:  # azure-ai-ml 1.35 fails to read one with no marketplace plan yet
-            return DeployProgress(DeployState.DEPLOYING, f"subscription {name} has no marketplace plan yet")
-        status, state = enum_text(found.status).lower(), enum_text(found.provisioning_state).lower()
-        if state in ("failed", "canceled") or status in ("suspended", "unsubscribed"):
-            why = f"marketplace subscription {name} to {base_model_id} is {status or state}"
-            return DeployProgress(DeployState.FAILED, f"{why}: the model's offer cannot be used until it is subscribed")
-        ready = state == "succeeded" and status == "subscribed"
-        return DeployProgress(DeployState.READY if ready else DeployState.DEPLOYING)
+        return DeployProgress(DeployState.DEPLOYING)
 
     @service_errors("deployment")
     def continue_deployment(
-        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str], base_model_id: str
+        self, model: ModelRef, endpoint: str, deployment: str, tags: dict[str, str], base_model_id: Callable[[], str]
     ) -> DeployProgress:
-        subscribed = self._subscription(base_model_id)
-        if subscribed.state == DeployState.FAILED:
-            return subscribed
-        self.deploy(model, endpoint, deployment, tags, base_model_id)
-        found = self._get(serverless_name(endpoint, deployment))
+        found = self._ours(serverless_name(endpoint, deployment))
         if found is None:
-            return DeployProgress(DeployState.DEPLOYING, subscribed.message)
+            return self.deploy(model, endpoint, deployment, tags, base_model_id)
         state = enum_text(found.provisioning_state).lower()
         if state in ("failed", "canceled"):
             why = f"serverless endpoint {found.name} for {model.name}:{model.version} is {state}"
@@ -189,18 +170,29 @@ class ServerlessEndpoints:
                                f"so the split {dict(split)} cannot be routed")  # fmt: skip
         members = self._members(endpoint)
         serving = {serverless_name(endpoint, name) for name, share in split.items() if share == 100}
+        ready = {m.name for m in members if enum_text(m.provisioning_state).lower() == "succeeded"}
+        if serving - ready:
+            missing = ", ".join(sorted(serving - ready))
+            raise BackendError(f"endpoint {endpoint}: no ready serverless endpoint {missing} to route its traffic to")
         for member in sorted(members, key=lambda m: m.name in serving):
             wanted = "100" if member.name in serving else "0"
             if (member.tags or {}).get(TRAFFIC_TAG) != wanted:
-                member.tags = {**(member.tags or {}), TRAFFIC_TAG: wanted}
-                self._operations.begin_create_or_update(member)
+                url, version = f"https://management.azure.com{member.id}", {"api-version": SERVERLESS_API_VERSION}
+                tags = {**(member.tags or {}), TRAFFIC_TAG: wanted}
+                self.backend.management_request("PATCH", url, params=version, json={"tags": tags})
 
     @service_errors("deleting a deployment")
     def delete_deployment(self, endpoint: str, deployment: str) -> bool:
+        """Start deleting the deployment's serverless endpoint; False when there is none, or it is
+        not this app's (one of that name it refused to deploy over is never deleted)."""
         from azure.core.exceptions import ResourceNotFoundError
 
+        name = serverless_name(endpoint, deployment)
+        found = self._get(name)
+        if found is None or (found.tags or {}).get(MANAGED_BY_TAG) != MANAGED_BY:
+            return False
         try:
-            self._operations.begin_delete(serverless_name(endpoint, deployment))
+            self._operations.begin_delete(name)
         except ResourceNotFoundError:
             return False
         return True
@@ -239,7 +231,8 @@ class ServerlessEndpoints:
         url = f"https://management.azure.com{member.id}/providers/microsoft.insights/metricDefinitions"
         try:
             answer = self.backend.management_request("GET", url, params={"api-version": METRIC_DEFINITIONS_API_VERSION})
-        except Exception:  # no metrics for this resource type: unobserved, never an error
+        except Exception as error:  # no metrics for this resource type: unobserved, never an error
+            log.info("no metric definitions for %s (%s): its requests are not observed", member.name, error)
             return False, None
         for definition in answer.get("value", []):
             metric = str((definition.get("name") or {}).get("value") or "")
@@ -259,12 +252,16 @@ class ServerlessEndpoints:
     def score(self, endpoint: str, deployment: str | None, body: dict[str, Any]) -> tuple[int | None, str]:
         """A chat completion from `deployment`'s serverless endpoint (None: the serving one), with
         its key as a bearer token (the Foundry Models API reference) and the headers it names."""
-        member = self._member(endpoint, deployment)
+        try:
+            member = self._member(endpoint, deployment)
+        except BackendError as error:  # deleted meanwhile: no answer, as from an endpoint that is down
+            return None, str(error)
+        if not member.scoring_uri:
+            return None, f"serverless endpoint {member.name} has no scoring URI yet ({member.provisioning_state})"
         key = self._operations.get_keys(member.name).primary_key
         headers = {**(member.headers or {}), "Authorization": f"Bearer {key}"}
-        return self.backend.post_json(
-            f"{member.scoring_uri.rstrip('/')}/{CHAT_COMPLETIONS}", headers, chat_request(body)
-        )
+        url = f"{member.scoring_uri.rstrip('/')}/{CHAT_COMPLETIONS}"
+        return self.backend.post_json(url, headers, chat_request(body))
 
     @service_errors("listing endpoints")
     def list_endpoints(self) -> list[Endpoint]:
@@ -292,4 +289,8 @@ def _state(member: Any) -> str:
 
 
 def _created_at(member: Any) -> str:
-    return str(getattr(getattr(member, "system_data", None), "created_at", None) or "")
+    """When it was made, ISO 8601 in UTC as managed endpoints' `createdAt` ("" when unknown)."""
+    made = getattr(getattr(member, "system_data", None), "created_at", None)
+    if isinstance(made, datetime):
+        return (made if made.tzinfo else made.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    return str(made or "")
