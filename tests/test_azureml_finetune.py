@@ -224,6 +224,30 @@ def test_a_completed_job_whose_model_is_not_there_yet_is_tried_again(fake: FakeA
         backend.register(REQUEST.job_name)
 
 
+def test_a_registered_model_is_found_by_its_job_else_as_the_only_version_of_its_name(fake: FakeAzureML) -> None:
+    backend = _backend(fake)
+    backend.submit(REQUEST)
+    fake.set_job_status(REQUEST.job_name, "Completed")
+    name = "Phi-4-mini-instruct-chats-0123456789ab"
+    del fake.models[(name, "1")]["properties"]["jobName"]  # a registration that names no job
+    assert backend.register(REQUEST.job_name) == ModelRef(name, "1")
+    fake.models[(name, "2")] = {**fake.models[(name, "1")], "id": f"{ARM}/models/{name}/versions/2", "name": "2"}
+    with pytest.raises(TransientBackendError, match="is not registered yet"):  # two, neither this job's
+        backend.register(REQUEST.job_name)
+
+
+def test_the_dry_run_body_is_the_body_a_submission_puts(fake: FakeAzureML) -> None:
+    backend = _backend(fake, BASE_MODEL="Phi-4-mini-instruct:3")
+    dry = backend.dry_run(REQUEST)["properties"]
+    backend.submit(REQUEST)
+    sent = _job_body(fake)
+    # Run from a git checkout (as these tests are), the SDK adds the checkout's mlflow.source.git.*
+    # and azureml.git.* properties; the app in Azure runs from none.
+    git = ("mlflow.source.git", "azureml.git")
+    sent["properties"] = {k: v for k, v in sent["properties"].items() if not k.startswith(git)}
+    assert dry == sent
+
+
 def _registered(fake: FakeAzureML, backend: FineTuneBackend, request: JobRequest = REQUEST) -> ModelRef:
     backend.submit(request)
     fake.set_job_status(request.job_name, "Completed")
@@ -419,6 +443,23 @@ def test_dry_run_prints_the_finetuning_job_body_with_no_network(tmp_path: Path) 
     unpinned = dry_run("Phi-4-mini-instruct")
     assert unpinned.returncode == 1 and "a dry run needs BASE_MODEL with its version" in unpinned.stderr
     assert "Traceback" not in unpinned.stderr and "PUT" not in unpinned.stderr and not unpinned.stdout
+
+
+def test_a_serverless_endpoint_not_made_by_this_app_fails_the_run_and_is_never_deleted(
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite
+) -> None:
+    settings = load_settings({**ENV, "AzureWebJobsStorage": azurite.connection_string})
+    backend = FineTuneBackend(settings, transport=fake, credential=FakeCredential())
+    blob = f"support-{uuid.uuid4().hex[:8]}.jsonl"
+    v1 = drive_run(settings, ledger, _trained(fake, ledger, settings, backend, blob, "0x1", 1.5, None).run_id, backend)
+    assert v1.state == RunState.DEPLOYED, v1.reason
+    v2 = _trained(fake, ledger, settings, backend, blob, "0x2", 1.2, None)
+    name = serverless_name(v2.endpoint_name or "", v2.deployment_name or "")
+    fake.serverless_endpoints[name]["tags"] = {"owner": "someone else"}  # as if it had been there before
+    failed = drive_run(settings, ledger, v2.run_id, backend)
+    assert failed.state == RunState.DEPLOY_FAILED and "is not managed by this app" in (failed.reason or "")
+    assert name in fake.serverless_endpoints and not fake.sent("DELETE", f"/serverlessEndpoints/{name}$")
+    assert backend.endpoint(v1.endpoint_name or "").traffic == {v1.deployment_name: 100}  # v1 serves on
 
 
 # The flow: events, the gate, promotion, rollback and teardown, with the ledger in Azurite.
