@@ -99,6 +99,8 @@ def handle_job_event(
     reason = ignore_reason(event, topic, settings.job_event_topics, plugin(settings.ml_backend).job_run_types)
     if reason is not None:
         return _ignored(reason, event, topic)
+    # The run type is logged: for the fine-tuning job no source documents it.
+    log.info("job event %s for job %s, runType %r", event.status_text, event.job_name, event.run_type or None)
     run = ledger.by_job(event.job_name)
     if run is None:
         return _ignored(f"job {event.job_name} was not submitted by this app", event, topic)

@@ -63,7 +63,7 @@ def judge(endpoint: Endpoint, rules: JanitorSettings, now: datetime) -> Verdict:
         limit = rules.unobserved_max_hours
         served = (now - created).total_seconds() / 3600
         if limit and served >= limit:
-            return Verdict(name, True, f"{unknown}; its version has served {served:.1f} h, the limit for such "
+            return Verdict(name, True, f"{unknown}; its newest version is {served:.1f} h old, the limit for such "
                                        f"endpoints is {limit:g} h (ENDPOINT_UNOBSERVED_MAX_HOURS)")  # fmt: skip
         return Verdict(
             name, False, f"{unknown}: idleness is unknown" + (f" ({served:.1f} h of {limit:g})" if limit else "")

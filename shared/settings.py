@@ -150,7 +150,7 @@ class JanitorSettings:
     min_age_minutes: float = 30.0
     dry_run: bool = False
     # An endpoint whose requests cannot be observed (serverless endpoints: no request metric) is
-    # torn down once its serving version is this old; 0: never (it bills until deleted by hand).
+    # torn down once its newest version is this old; 0: never (it bills until deleted by hand).
     unobserved_max_hours: float = 0.0
 
 

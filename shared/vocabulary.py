@@ -52,7 +52,8 @@ RUN_ID_TAG = "run_id"
 JOB_TAG = "job"
 DATASET_TAG = "dataset"
 DATASET_SHA256_TAG = "dataset_sha256"
-BASE_MODEL_TAG = "base_model"
+BASE_MODEL_TAG = "base_model"  # name:version
+BASE_MODEL_ID_TAG = "base_model_id"  # its registry's id, unversioned: azureml://registries/<r>/models/<name>
 
 # Storage: uploads, prepared files per run, the run ledger.
 DATASETS_CONTAINER = "datasets"

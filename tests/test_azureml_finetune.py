@@ -415,6 +415,14 @@ def test_managed_compute_deploys_the_registered_model_to_a_managed_online_endpoi
     (deployment,) = fake.sent("PUT", "/onlineEndpoints/ft-chats-1a2b3c4d/deployments/run-0123456789ab$")
     assert deployment.body["properties"]["model"].endswith(f"/models/{model.name}/versions/1")
     assert not fake.sent("PUT", "/serverlessEndpoints/")
+    # The deployment size is checked again against the base model's list, found through the job's
+    # lineage tags (the service's registration carries none of ours).
+    resized = _backend(fake, **{**MANAGED, "AZUREML_INSTANCE_TYPE": "Standard_D4s_v3"})
+    with pytest.raises(
+        BackendError, match="deployment VM size Standard_D4s_v3 is not allowed for Phi-4-mini-instruct:3"
+    ):
+        resized.deploy(model, "ft-chats-1a2b3c4d", "run-bbbbbbbbbbbb", TAGS)
+    assert len(fake.sent("PUT", "/deployments/")) == 1
 
 
 def test_dry_run_prints_the_finetuning_job_body_with_no_network(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from shared.backends.interface import (
     TransientBackendError,
 )
 from shared.vocabulary import (
+    BASE_MODEL_ID_TAG,
     BASE_MODEL_TAG,
     DEPLOYMENT_HEADER,
     MANAGED_BY,
@@ -450,9 +451,14 @@ class WorkspaceBackend:
         of quota."""
         instance_type = self.workspace_settings.instance_type
         registered = self.workspace.models.get(model.name, version=model.version)
-        base_name, _, base_version = (registered.tags or {}).get(BASE_MODEL_TAG, ":").partition(":")
+        # Our lineage tags are on the model when this app registered it, else on the job that did.
+        tags = dict(registered.tags or {})
+        if BASE_MODEL_TAG not in tags and registered.job_name:
+            tags = dict(self.workspace.jobs.get(registered.job_name).tags or {})
+        base_name, _, base_version = tags.get(BASE_MODEL_TAG, ":").partition(":")
+        registry = parse_base_model(tags.get(BASE_MODEL_ID_TAG) or base_name)[0]
         if base_name:
-            check_vm_size(self._registry_model(base_name, base_version), instance_type, "inference")
+            check_vm_size(self._registry_model(base_name, base_version, registry), instance_type, "inference")
         need = partial(quota.deployment_need, instance_type, instances=DEPLOYMENT_INSTANCES)
         note = self.check_quota("the endpoint's deployment", instance_type, need)
         if note:

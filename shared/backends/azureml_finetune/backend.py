@@ -45,7 +45,16 @@ from shared.backends.interface import (
 from shared.costs.estimate import Estimate, Hosting, gpu_training, idle_teardown_hours
 from shared.costs.prices import price_book
 from shared.training import DEFAULTS
-from shared.vocabulary import BASE_MODEL_TAG, DATASET_TAG, MANAGED_BY, MANAGED_BY_TAG, RUN_ID_TAG, TEST_FILE, TRAIN_FILE
+from shared.vocabulary import (
+    BASE_MODEL_ID_TAG,
+    BASE_MODEL_TAG,
+    DATASET_TAG,
+    MANAGED_BY,
+    MANAGED_BY_TAG,
+    RUN_ID_TAG,
+    TEST_FILE,
+    TRAIN_FILE,
+)
 
 if TYPE_CHECKING:
     from shared.backends.azureml.registry_model import RegistryModel
@@ -58,7 +67,6 @@ log = logging.getLogger(__name__)
 # hours later.
 HYPERPARAMETERS = ("num_train_epochs", "per_device_train_batch_size", "learning_rate")
 OUTPUT = "registered_model"  # the job's output the service registers as a model
-BASE_MODEL_ID_TAG = "base_model_id"  # the registry model, unversioned: a partner's needs a subscription
 SERVERLESS_OPTION = "ServerlessMaaS"  # system metadata deploymentOptions: served from serverless endpoints
 # Where the registry says nothing: the regions Foundry's docs list for serverless fine-tuning
 # (MicrosoftDocs/azure-ai-docs, articles/ai-foundry/includes/region-availability-maas.md, column
