@@ -107,6 +107,11 @@ def _prepare(args: argparse.Namespace) -> int:
     if not source.is_file():
         raise CliError(f"{source}: {'is a directory' if source.is_dir() else 'no such file'}")
     overrides = {key: value for key, value in (("test_pc", args.test_pc), ("sample_pc", args.sample_pc)) if value}
+    for assignment in args.map or []:
+        ours, equals, theirs = assignment.partition("=")
+        if not equals:
+            raise CliError(f"--map {assignment!r}: expected <field>=<column>, such as user=question")
+        overrides[f"map_{ours.strip()}"] = theirs
     try:
         read_overrides(overrides, get_settings().dataset)
     except ParameterError as error:
@@ -386,8 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_status)
 
     prepare = commands.add_parser("prepare", help="validate and split a dataset file into DIR")
-    prepare.add_argument("input", help="a .jsonl, .jsonl.gz or .parquet chat dataset")
+    prepare.add_argument(
+        "input", help="a chat dataset: .jsonl, .jsonl.gz, .parquet, .csv, .tsv, or a .hfdataset.json reference"
+    )
     prepare.add_argument("--out", required=True, help="folder for train_sft.jsonl, test_sft.jsonl, report.json")
+    prepare.add_argument("--map", action="append", metavar="FIELD=COLUMN",
+                         help="read our FIELD (user, assistant, system, messages, conversations, instruction, input, "
+                              "output, prompt, completion, prompt_id) from the file's COLUMN; repeatable")  # fmt: skip
     prepare.add_argument("--test-pc", help="percentage of conversations held out for test (default 5)")
     prepare.add_argument("--sample-pc", help="percentage of conversations to keep at all (default 100)")
     prepare.add_argument("--tokenizer", help="count tokens exactly with this tokenizer: a folder, or a Hugging Face "

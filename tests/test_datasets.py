@@ -84,7 +84,10 @@ def test_every_error_is_reported_with_its_line_and_reason(
 
 
 def test_every_category_has_a_test() -> None:
+    from tests.test_formats import FILE_CASES, ROW_CASES
+
     tested = {case[1] for case in ERROR_CASES} | {"json_array", "unreadable_gzip", "unreadable_parquet"}
+    tested |= {case[2] for case in ROW_CASES} | {case[2] for case in FILE_CASES}
     assert tested | {"line_too_long"} == set(ERROR_CATEGORIES)
 
 
@@ -242,6 +245,9 @@ def test_report_contents(tmp_path: Path) -> None:
         "size": len(data),
         "etag": None,
         "sha256": hashlib.sha256(data).hexdigest(),
+        "chat_format": "messages",
+        "mapping": {},
+        "source": None,
     }
     assert report["settings"]["test_percent"] == 10
     assert report["training_overrides"] == {"num_train_epochs": 2}
@@ -285,13 +291,14 @@ def test_damaged_gzip_and_parquet_are_rejected(tmp_path: Path) -> None:
     assert not result.accepted and result.reason.startswith("the Parquet file cannot be read")
 
 
-def test_parquet_without_messages_column(tmp_path: Path) -> None:
+def test_parquet_whose_columns_fit_no_chat_format(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "t.parquet")
     result = _prepare(tmp_path, (tmp_path / "t.parquet").read_bytes())
-    assert result.reason == "the Parquet file has no 'messages' column (it has: text)"
+    assert result.first_problems[0].startswith("upload.jsonl:1: no chat format has the row's fields (text): expected")
+    assert "2 of 2 rows have errors" in result.reason
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -21,9 +21,12 @@ DISTRIBUTIONS = {
     "azure.ai.ml": "azure-ai-ml",
     "orjson": "orjson",
     "pyarrow": "pyarrow",
+    "datasets": "datasets",
+    "pandas": "pandas",
 }
-PROVIDED_BY_THOSE = ("azure.core",)  # azure-core comes with every Azure SDK package
-LOCAL_ONLY = {"torch", "transformers", "peft", "trl", "mlflow", "tokenizers", "accelerate", "pandas", "datasets"}
+# azure-core comes with every Azure SDK package, huggingface_hub with datasets.
+PROVIDED_BY_THOSE = ("azure.core", "huggingface_hub")
+LOCAL_ONLY = {"torch", "transformers", "peft", "trl", "mlflow", "tokenizers", "accelerate"}
 
 
 def _imports(path: Path) -> set[str]:

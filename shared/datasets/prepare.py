@@ -8,6 +8,7 @@ small integer per conversation). The same code runs from the blob trigger and th
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -17,7 +18,9 @@ from typing import Any
 
 import orjson
 
+from shared.datasets.formats import MAP_PREFIX, Converter, mapping_from
 from shared.datasets.offload import BlockWriter, Offload
+from shared.datasets.references import MAX_REFERENCE_BYTES, is_reference, parse_reference, reference_rows
 from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_rows
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
 from shared.settings import DatasetSettings
@@ -149,8 +152,13 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
                 raise ParameterError(f"{key}={value!r}: expected {rule.expects}") from None
         elif name in PARAMETERS:
             training[name] = parse_parameter(name, value)
+        elif name.startswith(MAP_PREFIX):
+            try:
+                mapping_from({key: value})
+            except ValueError as error:
+                raise ParameterError(str(error)) from None
         else:
-            known = ", ".join([ENDPOINT_METADATA, *DATASET_OVERRIDES, *PARAMETERS])
+            known = ", ".join([ENDPOINT_METADATA, *DATASET_OVERRIDES, f"{MAP_PREFIX}<field>", *PARAMETERS])
             raise ParameterError(f"unknown setting {key!r}: known ones are {known}")
     return replace(settings, **dataset_changes), training
 
@@ -332,12 +340,20 @@ def prepare_dataset(
     preparer = _Preparer(out_dir, info, settings, training)
     offload = Offload()
     stream = ChunkStream(chunks, on_progress, hash_with=offload.submit)
-    input_format = "unknown"
+    input_format, converter, source = "unknown", Converter(), None
     if fatal is None:
         outputs = [BlockWriter(out_dir / name, offload) for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE)]
         try:
-            input_format, rows = read_rows(stream)
-            preparer.run(rows, *outputs)
+            converter = Converter(mapping_from(metadata or {}))
+            if is_reference(info.name):
+                reference = parse_reference(io.BufferedReader(stream).read(MAX_REFERENCE_BYTES + 1))
+                source, rows = reference_rows(reference)
+                input_format, converter = "hfdataset", Converter({**converter.mapping, **reference.map})
+                if reference.sample_percent is not None:
+                    preparer.settings = replace(preparer.settings, sample_percent=reference.sample_percent)
+            else:
+                input_format, rows = read_rows(stream, info.name)
+            preparer.run(map(converter.convert, rows), *outputs)
         except UnreadableDataset as error:
             preparer.errors.setdefault(error.category, _Tally()).add(0, str(error))
             preparer.first_problems.insert(0, f"{info.name}: {error}")
@@ -358,6 +374,7 @@ def prepare_dataset(
     if not preparer.invalid:
         (out_dir / REJECTED_FILE).unlink(missing_ok=True)
     report = _report(preparer, info, stream, input_format, accepted, reason, usable)
+    report["input"].update(chat_format=converter.format_name, mapping=converter.mapping, source=source)
     # Where the model is to be served, if the upload says (else one endpoint per dataset name).
     report["endpoint"] = next((v for k, v in (metadata or {}).items() if k.lower() == ENDPOINT_METADATA), None)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

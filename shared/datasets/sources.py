@@ -1,5 +1,6 @@
 """Reading an uploaded dataset as a stream of rows, whatever its form: JSON Lines, gzip-compressed
-JSON Lines, or Parquet. Nothing is held in memory beyond one line (or one Parquet batch)."""
+JSON Lines, Parquet, or CSV/TSV. Nothing is held in memory beyond one line (or one Parquet batch,
+or one chunk of CSV records)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import orjson
 BOM = b"\xef\xbb\xbf"
 MAX_LINE_BYTES = 32 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
+CSV_CHUNK_ROWS = 256  # pandas reads CSV in chunks of this many records: memory stays flat
+DELIMITED = {".csv": ",", ".tsv": "\t"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 
@@ -139,11 +142,6 @@ def _parquet_rows(stream: IO[bytes]) -> Iterator[Row]:
             parquet = pq.ParquetFile(spool)
         except (pa.ArrowException, OSError) as error:
             raise UnreadableDataset("unreadable_parquet", f"the Parquet file cannot be read: {error}") from error
-        if "messages" not in parquet.schema_arrow.names:
-            columns = ", ".join(parquet.schema_arrow.names)
-            raise UnreadableDataset(
-                "messages_missing", f"the Parquet file has no 'messages' column (it has: {columns})"
-            )
         line = 0
         for batch in parquet.iter_batches(batch_size=1024):
             for value in batch.to_pylist():
@@ -151,12 +149,37 @@ def _parquet_rows(stream: IO[bytes]) -> Iterator[Row]:
                 yield Row(line, value=value)
 
 
-def read_rows(stream: IO[bytes] | io.RawIOBase) -> tuple[str, Iterator[Row]]:
-    """The upload's format (`jsonl`, `jsonl.gz` or `parquet`, told by content, not by name)
-    and its rows."""
+def _delimited_rows(stream: IO[bytes], separator: str) -> Iterator[Row]:
+    """CSV or TSV records as rows of strings (empty cells as ""), read by pandas in chunks. A
+    record's line is its number after the header line: its line in the file unless a quoted field
+    before it spans lines."""
+    import pandas as pd
+
+    kind = "TSV" if separator == "\t" else "CSV"
+    try:
+        reader = pd.read_csv(stream, sep=separator, dtype=str, keep_default_na=False, chunksize=CSV_CHUNK_ROWS,
+                             encoding="utf-8-sig")  # fmt: skip
+        line = 1
+        for chunk in reader:
+            for record in chunk.to_dict("records"):
+                line += 1
+                yield Row(line, value=record)
+    except UnicodeDecodeError as error:
+        raise UnreadableDataset("unreadable_csv", f"the {kind} file is not UTF-8 text: {error.reason}") from error
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        reason = " ".join(str(error).split()).removeprefix("Error tokenizing data. C error: ")
+        raise UnreadableDataset("unreadable_csv", f"the {kind} file cannot be read: {reason}") from error
+
+
+def read_rows(stream: IO[bytes] | io.RawIOBase, name: str = "") -> tuple[str, Iterator[Row]]:
+    """The upload's format and its rows: `csv` or `tsv` by the name's extension, else `jsonl`,
+    `jsonl.gz` or `parquet` by content."""
     import gzip
 
     buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream, CHUNK_BYTES)  # type: ignore[type-var]
+    extension = "." + name.lower().rsplit(".", 1)[-1] if "." in name else ""
+    if extension in DELIMITED:
+        return extension[1:], _delimited_rows(buffered, DELIMITED[extension])
     head = buffered.peek(4)[:4]
     if head.startswith(_GZIP_MAGIC):
         unzipped = io.BufferedReader(gzip.GzipFile(fileobj=buffered), CHUNK_BYTES)

@@ -32,6 +32,15 @@ ERROR_CATEGORIES = {
     "no_assistant_message": "the conversation has no assistant message",
     "prompt_id_invalid": "'prompt_id' is not a non-empty string",
     "prompt_invalid": "'prompt' is not a string",
+    "unknown_format": "the row's fields fit no chat format",
+    "format_fields_missing": "the row lacks the fields of the file's chat format",
+    "field_not_a_string": "a field of the chat format is not a string",
+    "conversations_invalid": "ShareGPT 'conversations' is not a list of {from, value} objects",
+    "ambiguous_format": "a row fits two chat formats",
+    "mixed_formats": "rows of different chat formats in one file",
+    "unreadable_csv": "the CSV or TSV file cannot be read",
+    "reference_invalid": "the dataset reference is not valid",
+    "dataset_unreachable": "the referenced dataset cannot be read",
 }
 WARNING_CATEGORIES = {
     "consecutive_same_role": "two consecutive messages have the same role",
