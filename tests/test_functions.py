@@ -8,6 +8,7 @@ import json
 import logging
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
@@ -132,6 +133,35 @@ def test_a_rejected_upload_is_recorded_with_its_report_and_left_untouched(
     original = blob_service(app_settings.storage).get_blob_client(DATASETS_CONTAINER, name)
     assert original.download_blob().readall() == data
     assert str(original.get_blob_properties().etag).strip('"') == etag
+
+
+def test_an_upload_naming_a_datasets_folder_is_prepared_from_it_and_says_so(
+    app_settings: Settings, app_ledger: Ledger, tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(conversations(40, seed=5))
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "train-00000-of-00001.parquet")
+    name = f"support-{uuid.uuid4().hex[:8]}.hfdataset.json"
+    _upload_blob(app_settings, name, json.dumps({"dataset": str(tmp_path), "split": "train"}).encode())
+    deliver_upload(name)
+    (run,) = app_ledger.by_blob(DATASETS_CONTAINER, name)
+    assert run.state == RunState.SUBMITTED, run.reason
+    files = _prepared(app_settings, run.run_id)
+    report = json.loads(files["report.json"])
+    assert report["input"]["format"] == "hfdataset" and report["input"]["source"]["dataset"] == str(tmp_path)
+    assert report["input"]["source"]["revision"].startswith("local:") and report["rows"]["usable"] == 40
+    missing = f"gone-{uuid.uuid4().hex[:8]}.hfdataset.json"
+    _upload_blob(app_settings, missing, json.dumps({"dataset": str(tmp_path / "gone")}).encode())
+    deliver_upload(missing)
+    (rejected,) = app_ledger.by_blob(DATASETS_CONTAINER, missing)
+    assert rejected.state == RunState.REJECTED and "\n" not in (rejected.reason or "")
+    assert (
+        rejected.reason
+        == f"dataset '{tmp_path / 'gone'}' cannot be read: FileNotFoundError: no folder {tmp_path / 'gone'}"
+    )
 
 
 def test_an_upload_overwritten_before_it_is_read_is_rejected_with_that_reason(
