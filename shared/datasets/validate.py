@@ -39,6 +39,7 @@ ERROR_CATEGORIES = {
     "ambiguous_format": "a row fits two chat formats",
     "mixed_formats": "rows of different chat formats in one file",
     "unreadable_csv": "the CSV or TSV file cannot be read",
+    "csv_field_count": "a CSV or TSV record has more or fewer fields than the header",
     "reference_invalid": "the dataset reference is not valid",
     "dataset_unreachable": "the referenced dataset cannot be read",
 }
