@@ -53,12 +53,17 @@ def _prepare_blob(settings: Settings, blob: BlobClient, etag: str, work: Path) -
     from azure.core import MatchConditions
     from azure.core.exceptions import ResourceModifiedError
 
+    from shared.backends.registry import plugin
+
     info = InputInfo(f"{blob.container_name}/{blob.blob_name}", etag=etag)
     try:
         # Read exactly the version this run is about; the storage SDK streams it in chunks.
         download = blob.download_blob(etag=etag, match_condition=MatchConditions.IfNotModified)
         info = InputInfo(info.name, download.properties.size, etag)
-        return prepare_dataset(download.chunks(), work, info, settings.dataset, download.properties.metadata)
+        # A dataset reference may name a folder of the machine only where that is a developer's.
+        local_folders = not plugin(settings.ml_backend).runs_in_azure
+        return prepare_dataset(download.chunks(), work, info, settings.dataset, download.properties.metadata,
+                               local_folders=local_folders)  # fmt: skip
     except ResourceModifiedError:
         reason = "the blob was overwritten before it could be read; the new version is a new upload with its own run"
         return prepare_dataset([], work, info, settings.dataset, refusal=reason)

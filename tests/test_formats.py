@@ -113,7 +113,7 @@ def test_each_format_converts_to_the_same_messages_rows_and_says_which_it_was(tm
 
 def test_multi_turn_sharegpt_keeps_every_turn_and_its_ids(tmp_path: Path) -> None:
     chats = list(conversations(12, seed=5))
-    sharegpt = [{"id": chat["prompt_id"], "conversations": [
+    sharegpt = [{"prompt_id": chat["prompt_id"], "conversations": [
         {"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "value": m["content"]}
         for m in chat["messages"]]} for chat in chats]  # fmt: skip
     result = _prepare(tmp_path, "chats.jsonl", _jsonl(sharegpt))
@@ -138,7 +138,7 @@ def test_the_command_line_maps_columns_as_metadata_does(tmp_path: Path) -> None:
          "--map", "reply=answer"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert wrong.returncode == 1 and "map_reply='answer': a column mapping is map_<field>=<column>" in wrong.stderr
+    assert wrong.returncode == 1 and "map_reply='answer': a column mapping maps one of messages" in wrong.stderr
     assert "Traceback" not in wrong.stderr
 
 
@@ -169,7 +169,7 @@ def _good(chat_format: str) -> list[bytes]:
 # (file format, bad row, category, message): a row the file's format cannot convert, at line 13.
 ROW_CASES = [
     ("alpaca", b'{"instruction": "no answer given"}', "format_fields_missing",
-     "the row has no instruction+output (alpaca file)"),
+     "the row has instruction but not a whole format (alpaca needs instruction+output)"),
     ("alpaca", b'{"instruction": 5, "output": "x"}', "field_not_a_string", "'instruction' is int, not a string"),
     ("prompt_completion", b'{"prompt": "q", "completion": null}', "field_not_a_string",
      "'completion' is null, not a string"),
@@ -211,6 +211,16 @@ FILE_CASES: list[tuple[str, Callable[[Path], bytes], str, str]] = [
     ("pairs.csv", lambda _: b'user,assistant\nq,a\n"x,y,z\nq,a,extra\n', "unreadable_csv",
      "the CSV file cannot be read at line 4: unexpected end of data (a quote opened before it is never closed)"),
     ("pairs.csv", lambda _: b"", "unreadable_csv", "the CSV file is empty: its first line names the columns"),
+    ("pairs.csv", lambda _: b"us\xffer,assistant\nq,a\n", "unreadable_csv", "line 1: the CSV header is not valid"),
+    ("pairs.csv", lambda _: b"user,user,assistant\nq,r,a\n", "unreadable_csv",
+     "line 1: the CSV header names columns 'user' more than once or not at all"),
+    ("pairs.tsv", lambda _: b"user\t\tassistant\nq\tr\ta\n", "unreadable_csv", "names columns '' more than once"),
+    ("ref.hfdataset.json", lambda _: b"[" * 5000 + b"]" * 5000, "reference_invalid",
+     "dataset reference: not a JSON object (RecursionError"),
+    ("ref.hfdataset.json", lambda _: b'{"dataset": "a/b", "map": {"user": "text", "prompt": "text"}}',
+     "reference_invalid", "column 'text' is mapped twice"),
+    ("ref.hfdataset.json", lambda _: b'{"dataset": "a/b", "map": []}', "reference_invalid",
+     "'map' must be an object of <field>: <column>"),
     ("ref.hfdataset.json", lambda _: b'{"dataset": ""}', "reference_invalid",
      "dataset reference: 'dataset' must name a dataset"),
     ("ref.hfdataset.json", lambda _: b'{"dataset": "a/b", "sample_percent": 0}', "reference_invalid",
@@ -234,6 +244,52 @@ def test_a_file_or_reference_that_cannot_be_read_is_refused_in_one_line(
     assert not result.accepted and reason in result.reason and "\n" not in result.reason
     assert list(result.report["errors"]) == [category]
     assert not (tmp_path / "out" / TRAIN_FILE).exists()
+
+
+def test_a_mapping_that_swaps_two_columns_swaps_them(tmp_path: Path) -> None:
+    rows = [{"user": a, "assistant": f"{q}\n{x}", "system": SYSTEM} for q, x, a in EXCHANGES]
+    result = _prepare(tmp_path, "swapped.jsonl", _jsonl(rows), {"map_user": "assistant", "map_assistant": "user"})
+    assert result.accepted, result.reason
+    assert _prepare(tmp_path / "expected", *UPLOADS["messages"][:2]).accepted
+    assert _rows(tmp_path / "out") == _rows(tmp_path / "expected" / "out")
+
+
+def test_a_row_that_cannot_be_converted_keeps_its_text_in_the_rejected_rows(tmp_path: Path) -> None:
+    rows = _good("alpaca")
+    _prepare(tmp_path, "chats.jsonl", b"\n".join([*rows, b'{"instruction": 5, "output": "x"}']) + b"\n")
+    (rejected,) = [json.loads(line) for line in (tmp_path / "out" / "rejected_rows.jsonl").read_text().splitlines()]
+    assert rejected["line"] == 13 and rejected["text"] == '{"instruction": 5, "output": "x"}'
+
+
+def test_ids_and_system_prompts_mean_the_same_in_every_format(tmp_path: Path) -> None:
+    """A row's prompt_id decides its split in every format alike (an `id` in none); a `system`
+    field comes first in the conversational prompt/completion and ShareGPT forms too."""
+    ids = [f"conversation-{i:02d}" for i in range(len(EXCHANGES))]
+    messages = [{"prompt_id": i, "messages": _messages(*e)} for i, e in zip(ids, EXCHANGES, strict=True)]
+    sharegpt = [{"prompt_id": i, "id": "ignored", "system": SYSTEM,
+                 "conversations": [{"from": "human", "value": f"{q}\n{x}"}, {"from": "gpt", "value": a}]}
+                for i, (q, x, a) in zip(ids, EXCHANGES, strict=True)]  # fmt: skip
+    conversational = [{"prompt_id": i, "system": SYSTEM, "prompt": _messages(*e)[1:2], "completion": _messages(*e)[2:]}
+                      for i, e in zip(ids, EXCHANGES, strict=True)]  # fmt: skip
+    expected = _prepare(tmp_path / "messages", "chats.jsonl", _jsonl(messages))
+    assert expected.accepted
+    for name, rows in (("sharegpt", sharegpt), ("conversational", conversational)):
+        result = _prepare(tmp_path / name, "chats.jsonl", _jsonl(rows))
+        assert result.accepted, result.reason
+        assert _rows(tmp_path / name / "out") == _rows(tmp_path / "messages" / "out"), name
+    both = [{**conversational[0], "prompt": _messages(*EXCHANGES[0])[:2]}]
+    refused = _prepare(tmp_path / "both", "chats.jsonl", _jsonl(both))
+    assert "has a 'system' field and its conversation a system message" in refused.first_problems[0]
+
+
+def test_a_reference_may_name_a_folder_of_the_machine_only_where_that_is_allowed(tmp_path: Path) -> None:
+    reference = json.dumps({"dataset": str(_shards(tmp_path)), "split": "train_sft"}).encode()
+    chunks = [reference]
+    refused = prepare_dataset(chunks, tmp_path / "out", InputInfo("support.hfdataset.json"), DatasetSettings(),
+                              local_folders=False)  # fmt: skip
+    assert (
+        not refused.accepted and "is a folder on the app's machine, which an upload cannot name here" in refused.reason
+    )
 
 
 def _shards(tmp_path: Path) -> Path:
@@ -263,9 +319,14 @@ def test_a_referenced_datasets_folder_prepares_as_the_same_rows_uploaded(tmp_pat
     source = referenced.report["input"]["source"]
     assert source["dataset"] == str(folder) and source["split"] == "train_sft"
     assert source["revision"].startswith("local:") and referenced.report["input"]["format"] == "hfdataset"
+    assert source["files"] == 2 and source["file_types"] == ["parquet"]
     # The same files give the same revision; another shard, another one.
     again = _prepare(tmp_path / "again", "support.hfdataset.json", json.dumps(reference).encode())
     assert again.report["input"]["source"]["revision"] == source["revision"]
+    (folder / "data" / "train_sft-00002-of-00002.parquet").write_bytes(_parquet(list(conversations(3, seed=12))))
+    grown = _prepare(tmp_path / "grown", "support.hfdataset.json", json.dumps(reference).encode())
+    assert grown.report["input"]["source"]["revision"] != source["revision"]
+    assert grown.report["rows"]["total"] == 53
 
 
 def test_a_hub_dataset_that_cannot_be_reached_is_rejected_in_one_line_naming_it(tmp_path: Path) -> None:
@@ -278,4 +339,25 @@ def test_a_hub_dataset_that_cannot_be_reached_is_rejected_in_one_line_naming_it(
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     first = result.stderr.splitlines()[0]
-    assert first.startswith(f"{reference}: rejected: dataset 'nobody-at-all/no-such-dataset' cannot be read: ")
+    assert first.startswith(f"{reference}: rejected: dataset 'nobody-at-all/no-such-dataset' cannot be read: "
+                            "OfflineModeIsEnabled: ")  # fmt: skip
+
+
+def test_a_hub_dataset_that_does_not_exist_is_rejected_with_the_hubs_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub's own answer for a repository that does not exist, as huggingface_hub raises it."""
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def missing(self: HfApi, repo_id: str, **kwargs: Any) -> None:
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/api/datasets/{repo_id}"))
+        raise RepositoryNotFoundError(f"404 Client Error. Repository Not Found for url: {response.url}.",
+                                      response=response)  # fmt: skip
+
+    monkeypatch.setattr(HfApi, "dataset_info", missing)
+    result = _prepare(tmp_path, "chats.hfdataset.json", b'{"dataset": "nobody-at-all/no-such-dataset"}')
+    assert result.reason.startswith("dataset 'nobody-at-all/no-such-dataset' cannot be read: RepositoryNotFoundError: "
+                                    "404 Client Error. Repository Not Found")  # fmt: skip
+    assert "\n" not in result.reason

@@ -23,8 +23,8 @@ DISTRIBUTIONS = {
     "pyarrow": "pyarrow",
     "datasets": "datasets",
 }
-# azure-core comes with every Azure SDK package, huggingface_hub with datasets.
-PROVIDED_BY_THOSE = ("azure.core", "huggingface_hub")
+# azure-core comes with every Azure SDK package, huggingface_hub and fsspec with datasets.
+PROVIDED_BY_THOSE = ("azure.core", "huggingface_hub", "fsspec")
 LOCAL_ONLY = {"torch", "transformers", "peft", "trl", "mlflow", "tokenizers", "accelerate", "pandas"}
 
 

@@ -11,7 +11,8 @@ that fits two, rejects the file with its line. The shapes are those Axolotl and 
   (trl's conversational form);
 - `turns`: one exchange in `user` and `assistant` columns, optional `system` (CSV and TSV files
   with a mapping, usually).
-A `prompt_id` (or `id`) a row carries is kept."""
+A `system` field adds a system message first (refused beside one the conversation has already). A
+`prompt_id` a row carries is kept, as in `messages` rows."""
 
 from __future__ import annotations
 
@@ -61,6 +62,16 @@ def _messages(row: Mapping[str, Any]) -> Converted:
     return messages
 
 
+def _with_system(row: Mapping[str, Any], messages: Messages) -> Converted:
+    """A row's `system` field first, unless the conversation has its own (both: refused)."""
+    system = _system(row)
+    if isinstance(system, tuple) or not system:
+        return system or messages
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        return "field_not_a_string", "the row has a 'system' field and its conversation a system message: keep one"
+    return [*system, *messages]
+
+
 def _sharegpt(row: Mapping[str, Any]) -> Converted:
     turns = row["conversations"]
     if type(turns) is not list or not turns:
@@ -73,7 +84,7 @@ def _sharegpt(row: Mapping[str, Any]) -> Converted:
         if role is None:
             return "unknown_role", f"conversations[{index}].from is {turn['from']!r}; expected human, gpt or system"
         messages.append({"role": role, "content": turn["value"]})
-    return messages
+    return _with_system(row, messages)
 
 
 def _alpaca(row: Mapping[str, Any]) -> Converted:
@@ -91,7 +102,7 @@ def _alpaca(row: Mapping[str, Any]) -> Converted:
 def _prompt_completion(row: Mapping[str, Any]) -> Converted:
     prompt, completion = row["prompt"], row["completion"]
     if type(prompt) is list and type(completion) is list:  # trl's conversational form
-        return [*prompt, *completion]
+        return _with_system(row, [*prompt, *completion])
     return _exchange(row, "prompt", prompt, "completion")
 
 
@@ -123,6 +134,8 @@ FORMATS = (
 )
 MESSAGES = FORMATS[0]
 KNOWN_FIELDS = frozenset().union(*(chat.required for chat in FORMATS))
+# A messages row with any of these fits another format too: `prompt` alone is ultrachat's own.
+_OTHER_FIELDS = KNOWN_FIELDS - {"messages", "prompt"}
 EXPECTED = " | ".join("+".join(chat.fields) for chat in FORMATS)
 
 
@@ -132,6 +145,7 @@ class Converter:
 
     def __init__(self, mapping: Mapping[str, str] | None = None) -> None:
         self.mapping = {ours: theirs for ours, theirs in (mapping or {}).items() if ours != theirs}
+        self._mapped = frozenset(self.mapping.values())
         self.format: ChatFormat | None = None
 
     @property
@@ -143,11 +157,10 @@ class Converter:
         if row.error or type(value) is not dict:
             return row  # validate.check_conversation says what is wrong with it
         if self.mapping:
-            value = {**value}
-            for ours, theirs in self.mapping.items():
-                if theirs in value:
-                    value[ours] = value.pop(theirs)
-        elif self.format is MESSAGES and "messages" in value:
+            # Renamed from the row as uploaded, all at once: a swap of two columns swaps them.
+            renamed = {ours: value[theirs] for ours, theirs in self.mapping.items() if theirs in value}
+            value = {key: item for key, item in value.items() if key not in self._mapped} | renamed
+        elif self.format is MESSAGES and "messages" in value and not value.keys() & _OTHER_FIELDS:
             return row  # the common case, as uploaded: nothing to convert
         found = [chat for chat in FORMATS if chat.required <= value.keys()]
         if len(found) > 1:
@@ -160,11 +173,13 @@ class Converter:
             if not value.keys() & KNOWN_FIELDS:
                 fields = ", ".join(map(str, value)) or "none"
                 why = f"no chat format has the row's fields ({fields}): expected {EXPECTED}, or a column mapping"
-                return Row(row.line, error=("unknown_format", why))
-            if self.format is None or self.format is MESSAGES:
+                return Row(row.line, row.value, row.raw, ("unknown_format", why))
+            if self.format is MESSAGES:
                 return Row(row.line, value, row.raw if value is row.value else None)  # 'messages' is missing
-            fields = "+".join(self.format.fields)
-            return Row(row.line, error=("format_fields_missing", f"the row has no {fields} ({self.format.name} file)"))
+            near = [self.format] if self.format else [chat for chat in FORMATS if chat.required & value.keys()]
+            lacks = "; ".join(f"{chat.name} needs {'+'.join(chat.fields)}" for chat in near)
+            why = f"the row has {', '.join(sorted(value.keys() & KNOWN_FIELDS))} but not a whole format ({lacks})"
+            return Row(row.line, row.value, row.raw, ("format_fields_missing", why))
         chat = found[0]
         if self.format is None:
             self.format = chat
@@ -178,24 +193,31 @@ class Converter:
             return row
         messages = chat.convert(value)
         if isinstance(messages, tuple):
-            return Row(row.line, error=messages)
+            return Row(row.line, row.value, row.raw, messages)
         converted: dict[str, Any] = {"messages": messages}
-        identifier = value.get("prompt_id", value.get("id"))
-        if identifier is not None:
-            converted["prompt_id"] = str(identifier)
+        if value.get("prompt_id") not in (None, ""):  # an empty CSV cell is no id
+            converted["prompt_id"] = value["prompt_id"]
         return Row(row.line, converted)
+
+
+def checked_mapping(mapping: Mapping[Any, Any], where: Callable[[str, Any], str]) -> dict[str, str]:
+    """Our field -> the upload's column, each field one of ours, each column named once; raises
+    ValueError with `where(field, column)` naming the entry that is wrong."""
+    checked: dict[str, str] = {}
+    for ours, theirs in mapping.items():
+        if ours not in MAPPABLE or not isinstance(theirs, str) or not theirs.strip():
+            raise ValueError(f"{where(ours, theirs)}: a column mapping maps one of {', '.join(MAPPABLE)} to a column")
+        if theirs.strip() in checked.values():
+            raise ValueError(f"{where(ours, theirs)}: column {theirs.strip()!r} is mapped twice")
+        checked[ours] = theirs.strip()
+    return checked
 
 
 def mapping_from(metadata: Mapping[str, str]) -> dict[str, str]:
     """The column mapping in blob metadata (`map_user=question`): our field -> the upload's.
-    Raises ValueError naming a key whose field is not one of ours."""
-    mapping = {}
-    for key, value in metadata.items():
-        if not key.lower().startswith(MAP_PREFIX):
-            continue
-        ours = key[len(MAP_PREFIX) :].lower()
-        if ours not in MAPPABLE or not value.strip():
-            fields = ", ".join(MAPPABLE)
-            raise ValueError(f"{key}={value!r}: a column mapping is map_<field>=<column>, <field> one of {fields}")
-        mapping[ours] = value.strip()
-    return mapping
+    Raises ValueError naming a key that is wrong."""
+    keys = {key[len(MAP_PREFIX) :].lower(): key for key in metadata if key.lower().startswith(MAP_PREFIX)}
+    return checked_mapping(
+        {ours: metadata[key] for ours, key in keys.items()},
+        lambda ours, theirs: f"{keys[ours]}={theirs!r}",
+    )

@@ -18,9 +18,10 @@ from typing import Any
 
 import orjson
 
-from shared.datasets.formats import MAP_PREFIX, Converter, mapping_from
+from shared.datasets.formats import MAP_PREFIX, Converter, checked_mapping, mapping_from
 from shared.datasets.offload import BlockWriter, Offload
 from shared.datasets.references import MAX_REFERENCE_BYTES, is_reference, parse_reference, reference_rows
+from shared.datasets.seen import SeenHashes
 from shared.datasets.sources import ChunkStream, Row, UnreadableDataset, read_rows
 from shared.datasets.validate import ERROR_CATEGORIES, WARNING_CATEGORIES, check_conversation
 from shared.settings import DatasetSettings
@@ -153,13 +154,14 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
         elif name in PARAMETERS:
             training[name] = parse_parameter(name, value)
         elif name.startswith(MAP_PREFIX):
-            try:
-                mapping_from({key: value})
-            except ValueError as error:
-                raise ParameterError(str(error)) from None
+            continue  # the mapping is checked whole, below
         else:
             known = ", ".join([ENDPOINT_METADATA, *DATASET_OVERRIDES, f"{MAP_PREFIX}<field>", *PARAMETERS])
             raise ParameterError(f"unknown setting {key!r}: known ones are {known}")
+    try:
+        mapping_from(metadata)
+    except ValueError as error:
+        raise ParameterError(str(error)) from None
     return replace(settings, **dataset_changes), training
 
 
@@ -178,8 +180,7 @@ class _Preparer:
         self.train_tokens = 0
         self.turns = self.characters = self.max_turns = self.max_characters = 0
         self.tokens = Histogram()
-        self.seen_ids: set[int] = set()
-        self.seen_conversations: set[int] = set()
+        self.seen_ids, self.seen_conversations = SeenHashes(), SeenHashes()
         self.smallest_train: tuple[int, bytes, int] | None = None  # (bucket, line, tokens)
 
     def _error(self, row: Row, problems: list[tuple[str, str]], rejected: BlockWriter) -> None:
@@ -220,17 +221,14 @@ class _Preparer:
             for category, message in checked.warnings:
                 warn(row.line, category, message)
             prompt_id = checked.prompt_id
-            id_key = hash(prompt_id)
-            if id_key in seen_ids:
+            if not seen_ids.add(hash(prompt_id)):
                 duplicates += 1
                 warn(row.line, "duplicate_prompt_id", f"prompt_id {prompt_id} appeared earlier")
                 continue
-            if checked.content_key in seen_conversations:
+            if not seen_conversations.add(checked.content_key):
                 duplicates += 1
                 warn(row.line, "duplicate_conversation", "the same messages appeared earlier")
                 continue
-            seen_ids.add(id_key)
-            seen_conversations.add(checked.content_key)
             if sample_cut < _BUCKETS and bucket(prompt_id, b"sample") >= sample_cut:
                 sampled_out += 1
                 continue
@@ -323,12 +321,14 @@ def prepare_dataset(
     metadata: Mapping[str, str] | None = None,
     on_progress: Callable[[int], None] | None = None,
     refusal: str | None = None,
+    local_folders: bool = True,
 ) -> Preparation:
     """Validate, split and report on one upload, writing the outputs into `out_dir`.
 
     Never raises for anything in the data: every problem ends in a rejected Preparation with a
     report. `chunks` is the upload's bytes in pieces (a blob download or a file read);
-    `refusal` rejects the upload for a reason found before reading it."""
+    `refusal` rejects the upload for a reason found before reading it; `local_folders` lets a
+    dataset reference name a folder on this machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
         (out_dir / name).unlink(missing_ok=True)
@@ -347,8 +347,8 @@ def prepare_dataset(
             converter = Converter(mapping_from(metadata or {}))
             if is_reference(info.name):
                 reference = parse_reference(io.BufferedReader(stream).read(MAX_REFERENCE_BYTES + 1))
-                source, rows = reference_rows(reference)
-                input_format, converter = "hfdataset", Converter({**converter.mapping, **reference.map})
+                source, rows = reference_rows(reference, local_folders)
+                input_format, converter = "hfdataset", Converter(_merged(converter.mapping, reference.map))
                 if reference.sample_percent is not None:
                     preparer.settings = replace(preparer.settings, sample_percent=reference.sample_percent)
             else:
@@ -379,6 +379,14 @@ def prepare_dataset(
     report["endpoint"] = next((v for k, v in (metadata or {}).items() if k.lower() == ENDPOINT_METADATA), None)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return Preparation(accepted, reason, report, out_dir, preparer.first_problems)
+
+
+def _merged(metadata: Mapping[str, str], reference: Mapping[str, str]) -> dict[str, str]:
+    """The upload's metadata mapping, then the reference's own over it, checked as one."""
+    try:
+        return checked_mapping({**metadata, **reference}, lambda ours, theirs: f"map {ours!r}: {theirs!r}")
+    except ValueError as error:
+        raise UnreadableDataset("reference_invalid", f"dataset reference: {error}") from None
 
 
 def _report(

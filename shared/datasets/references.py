@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from shared.datasets.formats import MAPPABLE
+from shared.datasets.formats import checked_mapping
 from shared.datasets.sources import Row, UnreadableDataset, read_rows
 
+log = logging.getLogger(__name__)
 REFERENCE_SUFFIX = ".hfdataset.json"
 MAX_REFERENCE_BYTES = 64 * 1024
 _FIELDS = {"dataset", "split", "config", "revision", "sample_percent", "map"}
@@ -56,8 +58,8 @@ def parse_reference(data: bytes) -> DatasetReference:
         raise _invalid(f"the file is over {MAX_REFERENCE_BYTES // 1024} KB: a reference names a dataset, it holds none")
     try:
         value = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _invalid(f"not a JSON object ({error})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested past the parser's depth
+        raise _invalid(f"not a JSON object ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(value, dict):
         raise _invalid("not a JSON object")
     unknown = sorted(set(value) - _FIELDS)
@@ -71,16 +73,22 @@ def parse_reference(data: bytes) -> DatasetReference:
     for name in ("split", "config", "revision"):
         if value.get(name) is not None and (not isinstance(value[name], str) or not value[name].strip()):
             raise _invalid(f"'{name}' must be a non-empty string")
+        if isinstance(value.get(name), str):
+            value[name] = value[name].strip()
     percent = value.get("sample_percent")
     if percent is not None and (
         isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 < percent <= 100
     ):
         raise _invalid(f"'sample_percent' is {percent!r}; expected a number above 0, at most 100")
-    mapping = value.get("map") or {}
-    if not isinstance(mapping, dict) or any(not isinstance(v, str) or k not in MAPPABLE for k, v in mapping.items()):
-        raise _invalid(f"'map' must be an object of <field>: <column>, <field> one of {', '.join(MAPPABLE)}")
+    mapping = value.get("map", {})
+    if not isinstance(mapping, dict):
+        raise _invalid("'map' must be an object of <field>: <column>")
+    try:
+        checked = checked_mapping(mapping, lambda ours, theirs: f"'map' {ours!r}: {theirs!r}")
+    except ValueError as error:
+        raise _invalid(str(error)) from None
     return DatasetReference(dataset.strip(), value.get("split") or "train", value.get("config"), value.get("revision"),
-                            float(percent) if percent is not None else None, dict(mapping))  # fmt: skip
+                            float(percent) if percent is not None else None, checked)  # fmt: skip
 
 
 def _one_line(error: BaseException) -> str:
@@ -88,27 +96,29 @@ def _one_line(error: BaseException) -> str:
 
 
 def _local_fingerprint(folder: Path) -> str:
-    """What a local folder's data is, as a revision: a digest of its files' names and sizes."""
+    """What a local folder's data is, as a revision: a digest of its files' names, sizes and
+    modification times (a file rewritten is another revision, even at the same size)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\n".encode())
+        facts = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{facts.st_size}\0{facts.st_mtime_ns}\n".encode())
     return f"local:{digest.hexdigest()[:16]}"
 
 
-def _hub_revision(reference: DatasetReference) -> str:
-    """The commit the reference's revision (or the main branch) resolves to on the Hub."""
+def _hub_revision(repository: str, revision: str | None) -> str:
+    """The commit a revision (None: the main branch) of a Hub dataset resolves to."""
     from huggingface_hub import HfApi
 
-    repository = reference.dataset
-    if repository.startswith("hf://"):
-        found = re.match(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?", repository)
-        if not found:
-            raise ValueError(f"{repository} is not an hf://datasets/<owner>/<name>/... path")
-        repository = found.group(1)
-        revision = found.group(2) or reference.revision
-    else:
-        revision = reference.revision
     return str(HfApi().dataset_info(repository, revision=revision).sha)
+
+
+def _pinned_path(reference: DatasetReference) -> tuple[str, str]:
+    """An hf:// path's commit, and the path at that commit: what is recorded is what is read."""
+    found = re.fullmatch(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?(/.*)?", reference.dataset)
+    if not found:
+        raise ValueError(f"{reference.dataset} is not an hf://datasets/<owner>/<name>[@<revision>]/<files> path")
+    commit = _hub_revision(found.group(1), found.group(2) or reference.revision)
+    return commit, f"hf://datasets/{found.group(1)}@{commit}{found.group(3) or '/'}"
 
 
 def _split_files(builder: Any, split: str) -> list[str]:
@@ -118,17 +128,26 @@ def _split_files(builder: Any, split: str) -> list[str]:
     return list(data_files[split])
 
 
-def reference_rows(reference: DatasetReference) -> tuple[dict[str, Any], Iterator[Row]]:
+def reference_rows(reference: DatasetReference, local_folders: bool = True) -> tuple[dict[str, Any], Iterator[Row]]:
     """What the reference resolved to (for the report), and its rows, streamed file by file.
     `datasets` resolves the dataset (its configuration, splits and data files, at a pinned
     revision); the files are then read as uploads are, a batch or a line at a time: iterating
     `datasets`' own streaming dataset took memory growing with the file (measured on one Parquet
     file: 497 MB peak for 0.1 GB of conversations, 707 MB for 0.4 GB). Anything that keeps the
-    dataset from being read is UnreadableDataset naming the dataset and why."""
-    import datasets
-
-    datasets.disable_progress_bars()
+    dataset from being read is UnreadableDataset naming the dataset and why. `local_folders`:
+    whether a folder on this machine may be named (not by an upload to the app in Azure: any
+    folder of its host would be read)."""
     name = reference.dataset
+    if reference.local and not local_folders:
+        raise _invalid(f"{name!r} is a folder on the app's machine, which an upload cannot name here: name a Hub "
+                       "dataset or an hf:// path")  # fmt: skip
+    try:
+        import datasets
+    except ImportError as error:
+        raise UnreadableDataset(
+            "dataset_unreachable", f"dataset references need the datasets package ({error})"
+        ) from None
+    datasets.disable_progress_bars()
     try:
         if reference.local:
             folder = Path(name).expanduser()
@@ -139,20 +158,26 @@ def reference_rows(reference: DatasetReference) -> tuple[dict[str, Any], Iterato
         elif name.startswith("hf://"):
             from huggingface_hub import HfFileSystem
 
-            revision = _hub_revision(reference)
-            files = [f"hf://{path}" for path in sorted(HfFileSystem().glob(name))]
+            revision, pinned = _pinned_path(reference)
+            files = [f"hf://{path}" for path in sorted(HfFileSystem().glob(pinned))]
             if not files:
-                raise FileNotFoundError(f"no data file matches {name}")
+                raise FileNotFoundError(f"no data file matches {pinned}")
         else:
-            revision = _hub_revision(reference)
+            revision = _hub_revision(name, reference.revision)
             builder = datasets.load_dataset_builder(name, name=reference.config, revision=revision)
             files = _split_files(builder, reference.split)
-    except Exception as error:  # the library's own: FileNotFoundError, ConnectionError, ValueError (bad split)...
+    except Exception as error:  # the libraries': FileNotFoundError, ConnectionError, ValueError (bad split), Hub errors
+        log.info("dataset %r cannot be read", name, exc_info=True)  # the whole story, for whoever runs the app
         raise UnreadableDataset("dataset_unreachable", f"dataset {name!r} cannot be read: {_one_line(error)}") from None
     resolved = {"dataset": name, "config": reference.config, "split": reference.split, "revision": revision,
                 "requested_revision": reference.revision, "sample_percent": reference.sample_percent,
-                "files": len(files)}  # fmt: skip
+                "files": len(files), "file_types": sorted({_file_type(path) for path in files})}  # fmt: skip
     return resolved, _rows(name, files)
+
+
+def _file_type(path: str) -> str:
+    name = path.rsplit("/", 1)[-1].lower()
+    return name.split(".", 1)[1] if "." in name else "unknown"
 
 
 def _open(path: str) -> IO[bytes]:
