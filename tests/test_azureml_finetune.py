@@ -448,6 +448,7 @@ def test_dry_run_prints_the_finetuning_job_body_with_no_network(tmp_path: Path) 
     assert details["trainingData"]["uri"] == "azureml://datastores/finetune_prepared/paths/chats/train_sft.jsonl"
     assert details["hyperParameters"]["num_train_epochs"] == "1"
     assert f"PUT https://management.azure.com{ARM}/jobs/ft-chats" in result.stderr
+    assert "experimental" not in result.stderr  # the pinned SDK's warning on every use is silenced
     unpinned = dry_run("Phi-4-mini-instruct")
     assert unpinned.returncode == 1 and "a dry run needs BASE_MODEL with its version" in unpinned.stderr
     assert "Traceback" not in unpinned.stderr and "PUT" not in unpinned.stderr and not unpinned.stdout

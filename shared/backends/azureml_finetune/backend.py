@@ -61,6 +61,9 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 log = logging.getLogger(__name__)
+# azure-ai-ml warns on every use of its experimental fine-tuning classes; the app pins the version
+# it was built against (requirements.txt), so the warning tells whoever reads the logs nothing.
+logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
 # The hyperparameters every official sample of the fine-tuning job passes (azureml-examples
 # notebooks and CLI jobs under jobs/finetuning/standalone), as strings; no source lists others,
 # so any other training parameter is refused by name rather than sent to be ignored or refused
