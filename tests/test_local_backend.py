@@ -149,6 +149,10 @@ def test_training_lowers_the_loss_and_records_everything(backend: LocalBackend, 
 def test_the_finish_event_is_published_once_with_the_job_and_status(
     trained: str, events: tuple[LocalTopic, list[dict[str, Any]]]
 ) -> None:
+    # The trainer records its status, then publishes: the event may still be on its way.
+    deadline = time.monotonic() + 30
+    while not any(e["data"]["runId"] == trained for e in events[1]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     finished = [e for e in events[1] if e["data"]["runId"] == trained]
     assert len(finished) == 1
     (event,) = finished
