@@ -190,8 +190,8 @@ def test_a_redelivered_submission_finds_its_job(fake: FakeAzureML) -> None:
     assert first.job_name == second.job_name and len(fake.sent("PUT", "/jobs/")) == 1
 
 
-def test_the_experimental_builders_own_errors_become_a_recorded_failure(
-    fake: FakeAzureML, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+def test_the_experimental_builders_own_errors_become_a_backend_error(
+    fake: FakeAzureML, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """1.35's builder without validation data raises UnboundLocalError (the real one, here)."""
     from azure.ai.ml import finetuning

@@ -132,10 +132,12 @@ def bucket(prompt_id: str, salt: bytes) -> int:
     return int.from_bytes(digest, "big") % _BUCKETS
 
 
-def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tuple[DatasetSettings, dict[str, Any]]:
-    """Split blob metadata into dataset-setting and training-parameter overrides, checking each
-    (`endpoint`, the endpoint to serve the model at, is checked and left to the caller). Raises
-    ParameterError naming the first bad key."""
+def read_overrides(
+    metadata: Mapping[str, str], settings: DatasetSettings
+) -> tuple[DatasetSettings, dict[str, Any], dict[str, str]]:
+    """Split blob metadata into dataset-setting and training-parameter overrides and the column
+    mapping, checking each (`endpoint`, the endpoint to serve the model at, is checked and left to
+    the caller). Raises ParameterError naming the first bad key."""
     dataset_changes: dict[str, Any] = {}
     training: dict[str, Any] = {}
     for key, value in sorted(metadata.items()):
@@ -159,10 +161,10 @@ def read_overrides(metadata: Mapping[str, str], settings: DatasetSettings) -> tu
             known = ", ".join([ENDPOINT_METADATA, *DATASET_OVERRIDES, f"{MAP_PREFIX}<field>", *PARAMETERS])
             raise ParameterError(f"unknown setting {key!r}: known ones are {known}")
     try:
-        mapping_from(metadata)
+        mapping = mapping_from(metadata)
     except ValueError as error:
         raise ParameterError(str(error)) from None
-    return replace(settings, **dataset_changes), training
+    return replace(settings, **dataset_changes), training, mapping
 
 
 class _Preparer:
@@ -332,9 +334,9 @@ def prepare_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
         (out_dir / name).unlink(missing_ok=True)
-    fatal, training = refusal, dict[str, Any]()
+    fatal, training, mapping = refusal, dict[str, Any](), dict[str, str]()
     try:
-        settings, training = read_overrides(metadata or {}, settings)
+        settings, training, mapping = read_overrides(metadata or {}, settings)
     except ParameterError as error:
         fatal = fatal or str(error)
     preparer = _Preparer(out_dir, info, settings, training)
@@ -344,7 +346,7 @@ def prepare_dataset(
     if fatal is None:
         outputs = [BlockWriter(out_dir / name, offload) for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE)]
         try:
-            converter = Converter(mapping_from(metadata or {}))
+            converter = Converter(mapping)
             if is_reference(info.name):
                 reference = parse_reference(io.BufferedReader(stream).read(MAX_REFERENCE_BYTES + 1))
                 source, rows = reference_rows(reference, local_folders)

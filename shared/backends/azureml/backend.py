@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from shared.backends.azureml.component import COMPONENT_NAME, OUTPUT, REGISTRY, ComponentInputError, merge_parameters
 from shared.backends.azureml.settings import DISCOVER_BASE_MODEL, AzureMLWorkspace, workspace_settings
 from shared.backends.azureml.workspace import (
-    DEPLOYMENT_INSTANCES,
     PreflightError,
     WorkspaceBackend,
     check_vm_size,
@@ -23,8 +22,7 @@ from shared.backends.azureml.workspace import (
     service_errors,
 )
 from shared.backends.interface import BackendError, JobReport, JobRequest, ModelRef, model_description, model_name_for
-from shared.costs.estimate import Estimate, Hosting, gpu_training, idle_teardown_hours
-from shared.costs.prices import price_book
+from shared.costs.estimate import Estimate
 from shared.vocabulary import (
     BASE_MODEL_TAG,
     DATASET_TAG,
@@ -107,17 +105,6 @@ class AzureMLBackend(WorkspaceBackend):
         vm_size = self._cluster().size or ""
         gpus = self.gpus_per_node(vm_size)
         return self.estimate_on(training_tokens, parameters, model.name, vm_size, gpus, self.region)
-
-    def estimate_on(self, training_tokens: int, parameters: Mapping[str, Any], model_name: str, vm_size: str,
-                    gpus: int, region: str | None) -> Estimate:  # fmt: skip
-        """The estimate from facts given (the dry run's): no call to the workspace. Without a
-        region, prices come from the settings' table."""
-        book = price_book(self.settings.prices)
-        instance_type = self.workspace_settings.instance_type
-        hosting = Hosting(instance_type, DEPLOYMENT_INSTANCES, book.hourly(instance_type, region),
-                          idle_teardown_hours(self.settings))  # fmt: skip
-        lora = bool(parameters.get("apply_lora", True))
-        return gpu_training(training_tokens, model_name, vm_size, gpus, lora, book.hourly(vm_size, region), hosting)
 
     def plan(self, parameters: dict[str, Any]) -> Plan:
         """Every check before a submission: the base model, the cluster, both VM sizes against

@@ -31,6 +31,8 @@ from shared.backends.interface import (
     ModelRef,
     TransientBackendError,
 )
+from shared.costs.estimate import Estimate, Hosting, gpu_training, idle_teardown_hours
+from shared.costs.prices import price_book
 from shared.vocabulary import (
     BASE_MODEL_ID_TAG,
     BASE_MODEL_TAG,
@@ -305,8 +307,13 @@ class WorkspaceBackend:
         raise PreflightError(f"VM size {vm_size} is not in the workspace's list of sizes (GPU sizes: {names})")
 
     @cached_property
+    def workspace_facts(self) -> Any:
+        """The workspace itself (its region, id, MLflow tracking URI), read once."""
+        return self.workspace.workspaces.get(self.workspace_settings.workspace_name)
+
+    @cached_property
     def region(self) -> str:
-        return str(self.workspace.workspaces.get(self.workspace_settings.workspace_name).location)
+        return str(self.workspace_facts.location)
 
     def check_quota(self, purpose: str, vm_size: str, vcpus_needed: Callable[[int], int]) -> str | None:
         """Refuse (PreflightError) when the VM family's free vCPU quota in the workspace's region
@@ -322,6 +329,17 @@ class WorkspaceBackend:
         if refused:
             raise PreflightError(refused)
         return None
+
+    def estimate_on(self, training_tokens: int, parameters: Mapping[str, Any], model_name: str, vm_size: str,
+                    gpus: int, region: str | None) -> Estimate:  # fmt: skip
+        """The estimate from facts given (the dry run's): no call to the workspace. Without a
+        region, prices come from the settings' table."""
+        book = price_book(self.settings.prices)
+        instance_type = self.workspace_settings.instance_type
+        hosting = Hosting(instance_type, DEPLOYMENT_INSTANCES, book.hourly(instance_type, region),
+                          idle_teardown_hours(self.settings))  # fmt: skip
+        lora = bool(parameters.get("apply_lora", True))
+        return gpu_training(training_tokens, model_name, vm_size, gpus, lora, book.hourly(vm_size, region), hosting)
 
     def tokenizer(self) -> None:
         """None: the app in Azure has no tokenizer library (it never trains), so its token counts
@@ -399,7 +417,7 @@ class WorkspaceBackend:
         names the host and path that azureml-mlflow sends the MLflow REST API to; it is read,
         not built, because a workspace behind a private link has another host."""
         name = self.workspace_settings.workspace_name
-        tracking = urlparse(self.workspace.workspaces.get(name).mlflow_tracking_uri or "")
+        tracking = urlparse(self.workspace_facts.mlflow_tracking_uri or "")
         if not tracking.netloc:
             raise BackendError(f"Azure ML workspace {name} names no MLflow tracking URI")
         return f"https://{tracking.netloc}{tracking.path.rstrip('/')}"
@@ -520,7 +538,7 @@ class WorkspaceBackend:
         serving = [name for name, percent in sorted(split.items()) if percent > 0]
         top = max(serving, key=lambda name: split[name], default=None)
         models = {d.name: d.model for d in self.workspace.online_deployments.list(endpoint_name=endpoint)}
-        model = _model_of(models.get(top)) if top else None
+        model = model_of_id(models.get(top)) if top else None
         found.description = f"{model.name}:{model.version}" if model else ""
         self.workspace.online_endpoints.begin_create_or_update(found)
 
@@ -680,7 +698,7 @@ def metrics_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _model_of(model_id: str | None) -> ModelRef | None:
+def model_of_id(model_id: str | None) -> ModelRef | None:
     """The model a deployment serves, from its `model` field: `azureml:name:version` as we send
     it, or the ARM id `.../models/<name>/versions/<version>` the service answers with."""
     found = re.fullmatch(r"azureml:([^:/]+):([^:/]+)", model_id or "") or re.search(

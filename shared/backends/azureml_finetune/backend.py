@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from shared.backends.azureml.settings import workspace_settings
 from shared.backends.azureml.workspace import (
-    DEPLOYMENT_INSTANCES,
     PreflightError,
     WorkspaceBackend,
     check_vm_size,
@@ -42,8 +41,7 @@ from shared.backends.interface import (
     TransientBackendError,
     model_name_for,
 )
-from shared.costs.estimate import Estimate, Hosting, gpu_training, idle_teardown_hours
-from shared.costs.prices import price_book
+from shared.costs.estimate import Estimate
 from shared.training import DEFAULTS
 from shared.vocabulary import (
     BASE_MODEL_ID_TAG,
@@ -88,12 +86,18 @@ SUBSCRIBE_WAIT_S = 60
 
 @dataclass(frozen=True)
 class FineTunePlan:
-    """What a submission will use, decided by the preflight checks."""
+    """What a submission will use, decided by the preflight checks (a dry run's: BASE_MODEL as
+    given, unchecked)."""
 
-    model: RegistryModel | None  # None in a dry run: BASE_MODEL as given, unchecked
-    model_id: str  # the registry model version, pinned
+    registry: str
+    model_name: str
+    model_version: str  # pinned
     hyperparameters: dict[str, str]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_id(self) -> str:
+        return model_uri(self.model_name, self.model_version, self.registry)
 
 
 def hyperparameters(overrides: Mapping[str, Any]) -> dict[str, str]:
@@ -175,7 +179,7 @@ class FineTuneBackend(WorkspaceBackend):
         kept = [note for note in notes if note]
         for note in kept:
             log.warning("%s", note)
-        return FineTunePlan(model, model_uri(model.name, model.version, registry), chosen, kept)
+        return FineTunePlan(registry, model.name, model.version, chosen, kept)
 
     def build_job(self, request: JobRequest, plan: FineTunePlan) -> Any:
         """The fine-tuning job, by the SDK's own builder. Its inputs are plain URI strings (it
@@ -183,7 +187,7 @@ class FineTuneBackend(WorkspaceBackend):
         validation data is always given (without it, 1.35's builder raises UnboundLocalError)."""
         from azure.ai.ml.finetuning import FineTuningTaskType, create_finetuning_job
 
-        registry, name, version = _model_parts(plan.model_id)
+        registry, name, version = plan.registry, plan.model_name, plan.model_version
         ws = self.workspace_settings
         tags = {
             MANAGED_BY_TAG: MANAGED_BY,
@@ -224,7 +228,7 @@ class FineTuneBackend(WorkspaceBackend):
                 "a dry run needs BASE_MODEL with its version (name:version, or "
                 "azureml://registries/<registry>/models/<name>/versions/<version>): it cannot ask the registry"
             )
-        plan = FineTunePlan(None, model_uri(name, version, registry), hyperparameters(request.parameters))
+        plan = FineTunePlan(registry, name, version, hyperparameters(request.parameters))
         return put_body(self.build_job(request, plan))
 
     @service_errors("submission")
@@ -248,12 +252,8 @@ class FineTuneBackend(WorkspaceBackend):
                 "does not read (see the model's Pricing and terms in Azure AI Foundry)",
             }
             return Estimate(None, None, basis=basis)
-        book = price_book(self.settings.prices)
-        hosting = Hosting(ws.instance_type, DEPLOYMENT_INSTANCES, book.hourly(ws.instance_type, self.region),
-                          idle_teardown_hours(self.settings))  # fmt: skip
         gpus = self.gpus_of(ws.training_compute)
-        price = book.hourly(ws.training_compute, self.region)
-        return gpu_training(training_tokens, model.name, ws.training_compute, gpus, True, price, hosting)
+        return self.estimate_on(training_tokens, {}, model.name, ws.training_compute, gpus, self.region)  # LoRA
 
     # Registration: the service's.
     @service_errors("registration")
@@ -324,10 +324,3 @@ class FineTuneBackend(WorkspaceBackend):
 
     def delete_endpoint(self, name: str) -> bool:
         return super().delete_endpoint(name) if self.serverless is None else self.serverless.delete_endpoint(name)
-
-
-def _model_parts(model_id: str) -> tuple[str, str, str]:
-    found = re.fullmatch(r"azureml://registries/([^/]+)/models/([^/]+)/(?:versions|labels)/([^/]+)", model_id)
-    if not found:
-        raise BackendError(f"not a registry model version: {model_id}")
-    return found.group(1), found.group(2), found.group(3)

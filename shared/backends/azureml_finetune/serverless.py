@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from shared.backends.azureml.workspace import enum_text, service_errors
+from shared.backends.azureml.workspace import enum_text, model_of_id, service_errors
 from shared.backends.azureml_finetune.marketplace import subscribe
 from shared.backends.interface import BackendError, DeployProgress, DeployState, Endpoint, ModelRef
 from shared.vocabulary import MANAGED_BY, MANAGED_BY_TAG
@@ -112,7 +112,7 @@ class ServerlessEndpoints:
     def model_id(self, model: ModelRef) -> str:
         """The fine-tuned model in the workspace, as a serverless endpoint names it (azureml-examples:
         `azureml://locations/<region>/workspaces/<workspace id>/models/<name>/versions/<version>`)."""
-        workspace = self.backend.workspace.workspaces.get(self.backend.workspace_settings.workspace_name)
+        workspace = self.backend.workspace_facts
         return (f"azureml://locations/{workspace.location}/workspaces/{workspace._workspace_id}/models/"
                 f"{model.name}/versions/{model.version}")  # fmt: skip
 
@@ -209,14 +209,13 @@ class ServerlessEndpoints:
         the newest one's creation (the last change); the last request to any, when observed."""
         serving = [m for m in members if _serves(m)]
         shown = serving[-1] if serving else members[-1]
-        model = re.search(r"/models/([^/]+)/versions/([^/]+)$", shown.model_id or "")
         requests = [self._last_request(m) for m in members] if observe else []
         seen = [last for observed, last in requests if last]
         return Endpoint(
             name=name,
             state=_state(shown),
             scoring_uri=shown.scoring_uri if serving else None,
-            model=ModelRef(model.group(1), model.group(2)) if model and serving else None,
+            model=model_of_id(shown.model_id) if serving else None,
             created_at=_created_at(members[-1]),
             last_request_at=max(seen, default=None),
             tags={key: value for m in members for key, value in (m.tags or {}).items()},
@@ -244,8 +243,8 @@ class ServerlessEndpoints:
         return False, None
 
     @service_errors("reading endpoint keys")
-    def keys(self, endpoint: str, deployment: str | None = None) -> dict[str, str]:
-        keys = self._operations.get_keys(self._member(endpoint, deployment).name)
+    def keys(self, endpoint: str) -> dict[str, str]:
+        keys = self._operations.get_keys(self._member(endpoint, None).name)
         return {"primary_key": keys.primary_key, "secondary_key": keys.secondary_key}
 
     @service_errors("scoring")
