@@ -148,10 +148,15 @@ def _gateway_up(data_dir: Path) -> None:
             _ensure_gateway(data_dir)
 
 
-def get(data_dir: Path, name: str) -> LocalEndpoint:
+def _existing(data_dir: Path, name: str) -> Path:
     directory = _directory(data_dir, name)
     if not (directory / "endpoint.json").exists():
         raise EndpointError(f"no endpoint {name!r}")
+    return directory
+
+
+def get(data_dir: Path, name: str) -> LocalEndpoint:
+    directory = _existing(data_dir, name)
     _gateway_up(data_dir)
     return _read(directory)
 
@@ -258,16 +263,16 @@ def serve(data_dir: Path, endpoint: str, model: tuple[str, str, Path], request_t
 def set_traffic(data_dir: Path, endpoint: str, split: Mapping[str, int]) -> None:
     """As Azure ML takes it: shares of existing deployments, summing to 100 (or all 0)."""
     with _changing(data_dir):
-        found = get(data_dir, endpoint)
-        names = {d.name for d in found.deployments}
+        # Its deployments' names from their folders: get() would start a gateway that is down,
+        # which takes this same lock.
+        directory = _existing(data_dir, endpoint)
+        names = {spec.parent.name for spec in directory.glob("deployments/*/deployment.json")}
         unknown = sorted(set(split) - names)
         if unknown:
             raise EndpointError(f"endpoint {endpoint} has no deployment {', '.join(unknown)}")
         if any(share < 0 for share in split.values()) or sum(split.values()) not in (0, 100):
             raise EndpointError(f"traffic of endpoint {endpoint} must add up to 100: {dict(split)}")
-        write_json(
-            _directory(data_dir, endpoint) / "traffic.json", {name: split.get(name, 0) for name in sorted(names)}
-        )
+        write_json(directory / "traffic.json", {name: split.get(name, 0) for name in sorted(names)})
 
 
 def keys(data_dir: Path, name: str) -> dict[str, str]:
