@@ -153,7 +153,7 @@ def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bo
     share is set), else the configured share beside the live deployment."""
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
     live = live_run(ledger.by_endpoint(endpoint), other_than=run.run_id)
-    verdict = promotion.evaluate(settings, backend, run, live, live.deployment_name if live else None)
+    verdict = promotion.evaluate(settings, backend, run, live)
     gate = {"gate": {"passed": verdict.passed, "reason": verdict.reason, **verdict.numbers}}
     if not verdict.passed:
         refused = ledger.advance(run, S.REFUSED, "refused by the evaluation gate", reason=verdict.reason, details=gate)
@@ -215,7 +215,8 @@ def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend
     if current is None:
         raise RollbackError(f"endpoint {endpoint!r}: nothing serves there now")
     if current.state == S.ROLLING_OUT:
-        target = ledger.find((current.details.get("rollout") or {}).get("live_run") or "")
+        replaced_id = (current.details.get("rollout") or {}).get("live_run")
+        target = next((r for r in runs if r.run_id == replaced_id), None)  # a run of the same endpoint
     else:
         replaced = [r for r in runs if r.state == S.SUPERSEDED]
         target = max(replaced, key=lambda r: r.state_times[S.SUPERSEDED], default=None)

@@ -140,19 +140,21 @@ def _delete_replaced(settings: Settings, ledger: Ledger, backend: Backend, endpo
                 log.warning("janitor could not delete deployment %s of %s: %s", deployment, endpoint, error)
                 errors.append(str(error))
                 continue
-            if _tear_down(ledger, [run], message, now) is None:
+            torn = _tear_down(ledger, [run], message, now)
+            if torn is None:
                 continue  # recorded by a concurrent sweep
             deleted.append(f"{endpoint}/{deployment}")
-            lifecycle.publish(settings, lifecycle.DEPLOYMENT_DELETED, ledger.get(run.run_id), endpoint=endpoint,
+            lifecycle.publish(settings, lifecycle.DEPLOYMENT_DELETED, torn[0], endpoint=endpoint,
                               deployment=deployment)  # fmt: skip
     return deleted
 
 
-def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | None = None) -> dict[str, Any]:
+def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | None = None,
+          backend: Backend | None = None) -> dict[str, Any]:  # fmt: skip
     """One janitor pass; returns what it did, for the log."""
     if past_due:
         log.info("janitor tick is past due; one sweep now covers the missed ones")
-    backend = get_backend(settings)
+    backend = backend or get_backend(settings)
     finished = _poll_jobs(settings, ledger, backend)
     # Runs whose job completed but whose deployment has not finished (still provisioning, or a
     # step that hit a transient error) are driven on from where they are.

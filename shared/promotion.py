@@ -114,12 +114,11 @@ def ask(backend: Backend, endpoint: str, deployment: str, conversations: list[Co
     return Answers(deployment, len(conversations), answered, stopped if tokenizer is not None else None, problems[:3])
 
 
-def evaluate(
-    settings: Settings, backend: Backend, run: Run, live: Run | None, live_deployment: str | None
-) -> GateVerdict:
+def evaluate(settings: Settings, backend: Backend, run: Run, live: Run | None) -> GateVerdict:
     """The gate's verdict on `run`'s deployment (at 0% traffic), against `live` (the run whose
-    deployment `live_deployment` serves the endpoint now) or, when nothing serves, the base model."""
+    deployment serves the endpoint now) or, when nothing serves, the base model."""
     rules = settings.rollout
+    live_deployment = live.deployment_name if live else None
     endpoint, deployment = run.endpoint_name or "", run.deployment_name or ""
     with test_conversations(settings, run, max(LOSS_CONVERSATIONS, rules.gate_conversations)) as test_file:
         computed = backend.held_out_losses([model_of(run), model_of(live) if live else None], str(test_file))

@@ -242,7 +242,7 @@ def _traffic_puts(fake: FakeAzureML, endpoint: str) -> list[dict[str, int]]:
 
 
 def test_retraining_through_the_service_rolls_out_refuses_worse_and_rolls_back(
-    fake: FakeAzureML, ledger: Ledger, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite
 ) -> None:
     from shared import janitor
 
@@ -297,8 +297,9 @@ def test_retraining_through_the_service_rolls_out_refuses_worse_and_rolls_back(
     assert backend.endpoint(endpoint).model == ModelRef(v1.model_name or "", v1.model_version or "")
 
     # Past the rollback window, the janitor deletes the rolled-back deployment, and only it.
-    monkeypatch.setattr(janitor, "get_backend", lambda _: backend)
-    report = janitor.sweep(settings, ledger, past_due=False, now=datetime.now(UTC) + timedelta(hours=25))
+    report = janitor.sweep(
+        settings, ledger, past_due=False, now=datetime.now(UTC) + timedelta(hours=25), backend=backend
+    )
     assert report["deployments_deleted"] == [f"{endpoint}/{v2.deployment_name}"] and report["deleted"] == []
     assert fake.sent("DELETE", "/deployments/")[-1].path.endswith(f"/deployments/{v2.deployment_name}")
     assert ledger.get(v2.run_id).state == RunState.TORN_DOWN
@@ -347,13 +348,12 @@ def test_a_rollback_during_a_rollout_or_while_a_version_is_judged(
 
 
 def test_the_janitor_keeps_replaced_deployments_of_kept_endpoints_and_when_it_cannot_tell(
-    fake: FakeAzureML, ledger: Ledger, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite
 ) -> None:
     from shared import janitor
 
     settings = _settings(azurite, ROLLOUT_SHARE_PERCENT="0")  # all at once
     backend = AzureMLBackend(settings, transport=fake, credential=FakeCredential())
-    monkeypatch.setattr(janitor, "get_backend", lambda _: backend)
     blob = f"support-{uuid.uuid4().hex[:8]}.jsonl"
     v1 = drive_run(settings, ledger, _trained_and_ready(fake, ledger, settings, backend, blob, "0x1", 1.5).run_id,
                    backend)  # fmt: skip
@@ -363,15 +363,15 @@ def test_the_janitor_keeps_replaced_deployments_of_kept_endpoints_and_when_it_ca
     endpoint, later = v1.endpoint_name or "", datetime.now(UTC) + timedelta(hours=25)
 
     fake.endpoints[endpoint]["tags"]["keep"] = "true"
-    assert janitor.sweep(settings, ledger, past_due=False, now=later)["deployments_deleted"] == []
+    assert janitor.sweep(settings, ledger, past_due=False, now=later, backend=backend)["deployments_deleted"] == []
     fake.endpoints[endpoint]["tags"].pop("keep")
     denied = {"error": {"code": "AuthorizationFailed", "message": "no read access to the workspace"}}
     fake.fail_next("GET", r"/onlineEndpoints$", 403, denied)
-    cannot_list = janitor.sweep(settings, ledger, past_due=False, now=later)
+    cannot_list = janitor.sweep(settings, ledger, past_due=False, now=later, backend=backend)
     assert cannot_list["deployments_deleted"] == [] and cannot_list["errors"]
     assert ledger.get(v1.run_id).state == RunState.SUPERSEDED and not fake.sent("DELETE", "/deployments/")
 
-    report = janitor.sweep(settings, ledger, past_due=False, now=later)
+    report = janitor.sweep(settings, ledger, past_due=False, now=later, backend=backend)
     assert report["deployments_deleted"] == [f"{endpoint}/{v1.deployment_name}"]
     assert fake.sent("DELETE", "/deployments/")[-1].path.endswith(f"/deployments/{v1.deployment_name}")
     assert ledger.get(v1.run_id).state == RunState.TORN_DOWN and ledger.get(v2.run_id).state == RunState.DEPLOYED

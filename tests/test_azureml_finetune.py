@@ -504,7 +504,7 @@ def _trained(fake: FakeAzureML, ledger: Ledger, settings: Settings, backend: Fin
 
 
 def test_the_flow_serves_each_version_from_its_own_serverless_endpoint_and_rolls_back(
-    fake: FakeAzureML, ledger: Ledger, azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+    fake: FakeAzureML, ledger: Ledger, azurite: Azurite
 ) -> None:
     from shared import janitor
 
@@ -544,8 +544,9 @@ def test_the_flow_serves_each_version_from_its_own_serverless_endpoint_and_rolls
     assert ledger.get(v2.run_id).state == RunState.ROLLED_BACK
 
     # Past the rollback window the replaced version's serverless endpoint goes; the serving one stays.
-    monkeypatch.setattr(janitor, "get_backend", lambda _: backend)
-    report = janitor.sweep(settings, ledger, past_due=False, now=datetime.now(UTC) + timedelta(hours=25))
+    report = janitor.sweep(
+        settings, ledger, past_due=False, now=datetime.now(UTC) + timedelta(hours=25), backend=backend
+    )
     assert report["deployments_deleted"] == [f"{endpoint}/{v2.deployment_name}"], report
     assert "idleness is unknown" in report["kept"][endpoint]
     assert set(fake.serverless_endpoints) == {serverless_name(endpoint, v1.deployment_name or "")}

@@ -166,9 +166,8 @@ class LocalBackend:
             return DeployProgress(DeployState.FAILED, str(error))
         return DeployProgress(DeployState.READY)
 
-    def wait_ready(self, endpoint: str, deployment: str, timeout_s: float = 120) -> Endpoint:
+    def wait_ready(self, endpoint: str, deployment: str, timeout_s: float = 120) -> None:
         endpoints.wait_ready(self.data_dir, endpoint, deployment, timeout_s)
-        return self.endpoint(endpoint)
 
     def set_traffic(self, endpoint: str, split: Mapping[str, int]) -> None:
         endpoints.set_traffic(self.data_dir, endpoint, split)
