@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from azure.core.exceptions import ClientAuthenticationError
-from azure.core.rest import HttpRequest
 
 from shared.backends.azureml.backend import AzureMLBackend, PreflightError, model_version_for
 from shared.backends.azureml.component import merge_parameters
@@ -405,16 +404,6 @@ def test_score_with_the_header_reaches_the_named_deployment_whatever_the_traffic
     assert fake.served == [("ep-chats", "green"), ("ep-chats", "blue"), ("ep-chats", "green")]
     status, text = backend.score("ep-chats", "purple", body)
     assert status == 404 and "deployment purple not found" in text
-
-
-def test_the_fake_names_the_deployment_that_answered(fake: FakeAzureML) -> None:
-    """What a client of the endpoint (the flow's smoke test) may read besides the body."""
-    _green_beside_blue(fake)
-    body = {"input_data": {"input_string": CONVERSATION}}
-    scoring = "https://ep-chats.eastus.inference.ml.azure.com/score"
-    named = fake.send(HttpRequest("POST", scoring, headers={"azureml-model-deployment": "green"}, json=body))
-    assert named.status_code == 200 and named.headers["azureml-model-deployment"] == "green"
-    assert fake.send(HttpRequest("POST", scoring, json=body)).headers["azureml-model-deployment"] == "blue"
 
 
 def test_the_mlflow_container_refuses_the_flat_shape_and_answers_the_nested_one(fake: FakeAzureML) -> None:
