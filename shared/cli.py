@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.backends.registry import BACKENDS, plugin
-from shared.ledger import LedgerError, open_ledger
+from shared.ledger import LedgerError, migrate_ledger, open_ledger
 from shared.settings import Settings, SettingsError, get_settings
 from shared.status import runs_response
 from shared.vocabulary import (
@@ -43,6 +43,12 @@ def _status(args: argparse.Namespace) -> int:
         response = runs_response(open_ledger(settings), args.run, query)
     print(response.body)
     return 0 if response.status == 200 else 1
+
+
+def _migrate_ledger(args: argparse.Namespace) -> int:
+    with _ledger_storage() as settings:
+        print(json.dumps(asdict(migrate_ledger(settings))))
+    return 0
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -389,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--state", help="only runs in this state")
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(handler=_status)
+
+    migrate = commands.add_parser(
+        "migrate-ledger", help="move runs recorded by a version before 2026-11 into the indexed layout (idempotent)"
+    )
+    migrate.set_defaults(handler=_migrate_ledger)
 
     prepare = commands.add_parser("prepare", help="validate and split a dataset file into DIR")
     prepare.add_argument(

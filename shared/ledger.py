@@ -1,24 +1,32 @@
 """The run ledger: one record per upload, in Azure Table Storage, so a user can always ask
 "what happened to my upload?".
 
-Layout in the table: each run is its own partition (PartitionKey = run id). The row `run` holds
-the current state and facts; rows `history-00000`, `history-00001`, ... are the append-only
-history. Every change writes the run row (conditional on its ETag) and one history row in a
-single transaction, so two concurrent handlers cannot both move a run forward and the history
-never disagrees with the state.
+Layout in the table: every run lives in one partition, `runs`, because Table storage makes a
+transaction of entities in one partition only. The row `run:<id>` holds a run's current state and
+facts; rows `run:<id>:history-00000`, ... are its append-only history; index rows point at it:
+`job:<job name>` (one per job), `state:<state>:<newest first>:<id>`, `recent:<newest first>:<id>`,
+`endpoint:<endpoint>:<newest first>:<id>` and `blob:<blob digest>:<newest first>:<id>`, where
+<newest first> is the run's creation time counted down, so a range of keys lists the newest runs
+first. Every change writes the run row (conditional on its ETag), one history row, and moves the
+index rows it affects, in a single transaction: two concurrent handlers cannot both move a run
+forward, and neither the history nor an index ever disagrees with the state. Each query is a
+point read or a bounded range of keys, however many runs the table holds.
+Ledgers written before this layout (a partition per run) are moved into it by `migrate`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -26,8 +34,15 @@ if TYPE_CHECKING:
 
     from shared.settings import Settings
 
-RUN_ROW = "run"
-_HISTORY_PREFIX = "history-"
+log = logging.getLogger(__name__)
+
+PARTITION = "runs"
+# Marks a table whose runs are all in this layout (see `ensure_layout`).
+LAYOUT_ROW = "layout"
+LAYOUT_VERSION = 2
+_HISTORY = "history-"
+_OLD_RUN_ROW = "run"  # a run's row in the layout before this one, in a partition of its own
+_TRANSACTION_ROWS = 100  # the most entities Table storage takes in one transaction
 
 
 class RunState(StrEnum):
@@ -214,20 +229,87 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def run_key(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+def history_key(run_id: str, index: int) -> str:
+    return f"{run_key(run_id)}:{_HISTORY}{index:05d}"
+
+
 def _history_row(run_id: str, index: int, at: datetime, state: RunState, message: str) -> dict[str, Any]:
     return {
-        "PartitionKey": run_id,
-        "RowKey": f"{_HISTORY_PREFIX}{index:05d}",
+        "PartitionKey": PARTITION,
+        "RowKey": history_key(run_id, index),
+        "RunId": run_id,
         "At": at,
         "State": str(state),
         "Message": message,
     }
 
 
-def _run_from_entity(entity: TableEntity) -> Run:
+_PLAIN_KEY_PART = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
+def _key_part(name: str) -> str:
+    """A job's or endpoint's name as a part of a RowKey: as it is when it holds only letters,
+    digits, '.', '_' and '-' (as Azure ML's names do); else a digest, since a key may not hold
+    '/', '\\', '#', '?' or control characters, ':' separates its parts, and '%' trips the service."""
+    if _PLAIN_KEY_PART.fullmatch(name):
+        return name
+    return "~" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def _blob_part(container: str, blob_name: str) -> str:
+    """A blob's part of a key: a digest, since a blob's name can be longer than a whole key."""
+    return hashlib.sha256(f"{container}/{blob_name}".encode()).hexdigest()[:32]
+
+
+_LATEST = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def _newest_first(created_at: datetime) -> str:
+    """Microseconds from `created_at` to year 9999: later runs get smaller keys, so they sort first."""
+    return f"{(_LATEST - created_at) // timedelta(microseconds=1):018d}"
+
+
+def _index_keys(run: Run) -> set[str]:
+    """The index rows that point at `run` as it is."""
+    order = f"{_newest_first(run.created_at)}:{run.run_id}"
+    keys = {
+        f"recent:{order}",
+        f"state:{run.state}:{order}",
+        f"blob:{_blob_part(run.upload.container, run.upload.blob_name)}:{order}",
+    }
+    if run.job_name:
+        keys.add(f"job:{_key_part(run.job_name)}")
+    if run.endpoint_name:
+        keys.add(f"endpoint:{_key_part(run.endpoint_name)}:{order}")
+    return keys
+
+
+def _index_moves(before: Run | None, after: Run) -> list[tuple[str, dict[str, Any]]]:
+    """The transaction operations that make the index rows point at `after` instead of `before`."""
+    old = _index_keys(before) if before else set()
+    new = _index_keys(after)
+    return [
+        *(("delete", {"PartitionKey": PARTITION, "RowKey": key}) for key in sorted(old - new)),
+        *(("upsert", {"PartitionKey": PARTITION, "RowKey": key, "RunId": after.run_id}) for key in sorted(new - old)),
+    ]
+
+
+def _key_range(prefix: str) -> tuple[str, dict[str, Any]]:
+    """A query for the rows whose keys start with `prefix` (';' is the character after ':')."""
+    return (
+        "PartitionKey eq @partition and RowKey gt @first and RowKey lt @last",
+        {"partition": PARTITION, "first": prefix, "last": prefix[:-1] + ";"},
+    )
+
+
+def _run_from_entity(entity: Mapping[str, Any], etag: str) -> Run:
     state_times = {state: entity[state.column] for state in RunState if entity.get(state.column)}
     return Run(
-        run_id=entity["PartitionKey"],
+        run_id=entity["RunId"],
         state=RunState(entity["State"]),
         upload=Upload(entity["Container"], entity["BlobName"], entity["UploadVersion"]),
         created_at=entity["CreatedAt"],
@@ -236,7 +318,7 @@ def _run_from_entity(entity: TableEntity) -> Run:
         reason=entity.get("Reason") or None,
         details=json.loads(entity.get("Details") or "{}"),
         history_length=int(entity.get("HistoryLength", 0)),
-        etag=str(entity.metadata["etag"]),
+        etag=etag,
         driver=entity.get("Driver") or None,
         driver_until=entity.get("DriverUntil") or None,
         **{attr: entity.get(column) or None for attr, column in _FACT_COLUMNS.items()},
@@ -261,8 +343,9 @@ class Ledger:
 
         run_id, now = upload.run_id, _now()
         entity = {
-            "PartitionKey": run_id,
-            "RowKey": RUN_ROW,
+            "PartitionKey": PARTITION,
+            "RowKey": run_key(run_id),
+            "RunId": run_id,
             "State": str(S.RECEIVED),
             "Container": upload.container,
             "BlobName": upload.blob_name,
@@ -272,9 +355,14 @@ class Ledger:
             S.RECEIVED.column: now,
             "HistoryLength": 1,
         }
+        new = Run(run_id, S.RECEIVED, upload, now, now, {S.RECEIVED: now})
         try:
             self._table.submit_transaction(
-                [("create", entity), ("create", _history_row(run_id, 0, now, S.RECEIVED, message))]
+                [
+                    ("create", entity),
+                    ("create", _history_row(run_id, 0, now, S.RECEIVED, message)),
+                    *_index_moves(None, new),
+                ]
             )
         except (TableTransactionError, ResourceExistsError) as error:
             if not _is_error(error, "EntityAlreadyExists"):
@@ -289,9 +377,10 @@ class Ledger:
         if not is_run_id(run_id):
             return None
         try:
-            return _run_from_entity(self._table.get_entity(run_id, RUN_ROW))
+            entity = self._table.get_entity(PARTITION, run_key(run_id))
         except ResourceNotFoundError:
             return None
+        return _run_from_entity(entity, str(entity.metadata["etag"]))
 
     def get(self, run_id: str) -> Run:
         run = self.find(run_id)
@@ -299,41 +388,49 @@ class Ledger:
             raise RunNotFound(run_id)
         return run
 
-    def _runs(self, query: str, parameters: dict[str, Any]) -> Iterable[Run]:
-        entities = self._table.query_entities(query, parameters={"row": RUN_ROW, **parameters})
-        return (_run_from_entity(entity) for entity in entities)
+    def _indexed(self, prefix: str, keep: Callable[[Run], bool], limit: int | None = None) -> list[Run]:
+        """The runs the index rows under `prefix` point at, in key order (at most `limit`), that
+        `keep` still holds for when read (a run may have moved on since its index row was read)."""
+        query, parameters = _key_range(prefix)
+        rows = self._table.query_entities(query, parameters=parameters, select=["RunId"], results_per_page=limit)
+        runs = (self.find(row["RunId"]) for row in islice(rows, limit))
+        return [run for run in runs if run is not None and keep(run)]
 
     def by_state(self, state: RunState) -> list[Run]:
-        return list(self._runs("RowKey eq @row and State eq @state", {"state": str(state)}))
+        """Every run in this state, newest first."""
+        return self._indexed(f"state:{state}:", lambda run: run.state == state)
 
     def by_job(self, job_name: str) -> Run | None:
         """The run whose backend job has this name (job names are unique per run)."""
-        matches = list(self._runs("RowKey eq @row and JobName eq @job", {"job": job_name}))
-        return matches[0] if matches else None
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            row = self._table.get_entity(PARTITION, f"job:{_key_part(job_name)}", select=["RunId"])
+        except ResourceNotFoundError:
+            return None
+        run = self.find(row["RunId"])
+        return run if run is not None and run.job_name == job_name else None
 
     def by_endpoint(self, endpoint: str) -> list[Run]:
         """Every run deployed (or being deployed) to this endpoint, newest first."""
-        runs = self._runs("RowKey eq @row and EndpointName eq @endpoint", {"endpoint": endpoint})
-        return sorted(runs, key=lambda run: run.created_at, reverse=True)
+        return self._indexed(f"endpoint:{_key_part(endpoint)}:", lambda run: run.endpoint_name == endpoint)
 
     def by_blob(self, container: str, blob_name: str) -> list[Run]:
         """Every run made from uploads of this blob, newest first."""
-        runs = self._runs(
-            "RowKey eq @row and Container eq @container and BlobName eq @blob",
-            {"container": container, "blob": blob_name},
+        return self._indexed(
+            f"blob:{_blob_part(container, blob_name)}:",
+            lambda run: (run.upload.container, run.upload.blob_name) == (container, blob_name),
         )
-        return sorted(runs, key=lambda run: run.created_at, reverse=True)
 
     def recent(self, limit: int = 20, state: RunState | None = None) -> list[Run]:
         """The newest runs first, optionally only those in one state."""
-        runs = self.by_state(state) if state else self._runs("RowKey eq @row", {})
-        return sorted(runs, key=lambda run: run.created_at, reverse=True)[:limit]
+        if state is None:
+            return self._indexed("recent:", lambda run: True, limit)
+        return self._indexed(f"state:{state}:", lambda run: run.state == state, limit)
 
     def history(self, run_id: str) -> list[HistoryEntry]:
-        rows = self._table.query_entities(
-            "PartitionKey eq @run and RowKey ge @first and RowKey lt @last",
-            parameters={"run": run_id, "first": _HISTORY_PREFIX, "last": _HISTORY_PREFIX + "~"},
-        )
+        query, parameters = _key_range(f"{run_key(run_id)}:")
+        rows = self._table.query_entities(query, parameters=parameters)
         entries = [HistoryEntry(row["At"], RunState(row["State"]), row["Message"]) for row in rows]
         return sorted(entries, key=lambda entry: entry.at)
 
@@ -362,8 +459,8 @@ class Ledger:
             raise TypeError(f"unknown run facts: {', '.join(sorted(unknown))}")
         now = _now()
         changes: dict[str, Any] = {
-            "PartitionKey": run.run_id,
-            "RowKey": RUN_ROW,
+            "PartitionKey": PARTITION,
+            "RowKey": run_key(run.run_id),
             "State": str(target),
             "UpdatedAt": now,
             target.column: now,
@@ -375,7 +472,11 @@ class Ledger:
         if details:
             changes["Details"] = json.dumps({**run.details, **details}, default=str)
         history_message = f"{message}: {reason}" if reason else message
-        self._write(run, changes, _history_row(run.run_id, run.history_length, now, target, history_message))
+        history_row = _history_row(run.run_id, run.history_length, now, target, history_message)
+        # Only the state and these two facts are indexed.
+        job, endpoint = facts.get("job_name", run.job_name), facts.get("endpoint_name", run.endpoint_name)
+        moved = replace(run, state=target, job_name=job, endpoint_name=endpoint)
+        self._write(run, changes, history_row, _index_moves(run, moved))
         return self.get(run.run_id)
 
     def claim(self, run: Run, holder: str, ttl: timedelta) -> Run | None:
@@ -387,7 +488,7 @@ class Ledger:
         now = _now()
         if run.driver and run.driver != holder and run.driver_until and run.driver_until > now:
             return None
-        changes = {"PartitionKey": run.run_id, "RowKey": RUN_ROW, "Driver": holder, "DriverUntil": now + ttl}
+        changes = {"PartitionKey": PARTITION, "RowKey": run_key(run.run_id), "Driver": holder, "DriverUntil": now + ttl}
         try:
             self._table.update_entity(changes, **_unchanged_since(run.etag))
         except ResourceModifiedError:
@@ -401,7 +502,7 @@ class Ledger:
         run = self.find(run_id)
         if run is None or run.driver != holder:
             return
-        changes = {"PartitionKey": run_id, "RowKey": RUN_ROW, "Driver": "", "DriverUntil": _now()}
+        changes = {"PartitionKey": PARTITION, "RowKey": run_key(run_id), "Driver": "", "DriverUntil": _now()}
         # Changed meanwhile (by another holder after a lapse): then the claim simply lapses.
         with suppress(HttpResponseError):
             self._table.update_entity(changes, **_unchanged_since(run.etag))
@@ -446,23 +547,31 @@ class Ledger:
             run = self.get(run_id)
             now = _now()
             changes = {
-                "PartitionKey": run_id,
-                "RowKey": RUN_ROW,
+                "PartitionKey": PARTITION,
+                "RowKey": run_key(run_id),
                 "UpdatedAt": now,
                 "HistoryLength": run.history_length + 1,
             }
             try:
-                self._write(run, changes, _history_row(run_id, run.history_length, now, run.state, message))
+                self._write(run, changes, _history_row(run_id, run.history_length, now, run.state, message), [])
             except RunChanged:
                 continue
             return self.get(run_id)
         raise RunChanged(run_id)
 
-    def _write(self, run: Run, changes: dict[str, Any], history_row: dict[str, Any]) -> None:
+    def _write(
+        self,
+        run: Run,
+        changes: dict[str, Any],
+        history_row: dict[str, Any],
+        index_moves: list[tuple[str, dict[str, Any]]],
+    ) -> None:
         from azure.data.tables import TableTransactionError
 
         try:
-            self._table.submit_transaction([("update", changes, _unchanged_since(run.etag)), ("create", history_row)])
+            self._table.submit_transaction(
+                [("update", changes, _unchanged_since(run.etag)), ("create", history_row), *index_moves]
+            )
         except TableTransactionError as error:
             # A concurrent writer either changed the run row (ETag mismatch) or wrote the same
             # history row first: either way this handler lost the race.
@@ -470,11 +579,105 @@ class Ledger:
                 raise RunChanged(run.run_id) from error
             raise
 
+    def migrate(self) -> Migration:
+        """Move the runs written in the layout before this one (a partition per run, holding the
+        rows `run` and `history-NNNNN`) into this one, then mark the table as migrated.
 
-@lru_cache(maxsize=4)
-def open_ledger(settings: Settings) -> Ledger:
-    """The ledger in the app's storage account, its table created on first use."""
+        Idempotent, and safe beside another migration: a run is copied unless its row is here
+        already (its history first, then its row with its index rows in one transaction, so a
+        run is either all here or not at all), and its old rows are removed only after that."""
+        copied = found = removed = 0
+        for old in self._table.query_entities("RowKey eq @row", parameters={"row": _OLD_RUN_ROW}):
+            run_id = old["PartitionKey"]
+            history = list(
+                self._table.query_entities(
+                    "PartitionKey eq @run and RowKey gt @first and RowKey lt @last",
+                    parameters={"run": run_id, "first": _HISTORY, "last": _HISTORY + "~"},
+                )
+            )
+            if self._copy(run_id, old, history):
+                copied += 1
+            else:
+                found += 1
+            removed += self._remove(run_id, [old, *history])
+        self._table.upsert_entity({"PartitionKey": PARTITION, "RowKey": LAYOUT_ROW, "Version": LAYOUT_VERSION})
+        return Migration(copied, found, removed)
+
+    def ensure_layout(self) -> None:
+        """Migrate a table not yet marked as in this layout: one point read once it is."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            version = self._table.get_entity(PARTITION, LAYOUT_ROW).get("Version")
+        except ResourceNotFoundError:
+            version = None
+        if version != LAYOUT_VERSION:
+            migration = self.migrate()
+            if migration.copied or migration.found:
+                log.info("ledger moved into its indexed layout: %s", migration)
+
+    def _copy(self, run_id: str, old: Mapping[str, Any], history: list[TableEntity]) -> bool:
+        """Copy one run written in the old layout; False when it was here already."""
+        from azure.core.exceptions import ResourceExistsError
+        from azure.data.tables import TableTransactionError
+
+        if self.find(run_id) is not None:
+            return False
+        rows = [
+            {**row, "PartitionKey": PARTITION, "RowKey": f"{run_key(run_id)}:{row['RowKey']}", "RunId": run_id}
+            for row in history
+        ]
+        for start in range(0, len(rows), _TRANSACTION_ROWS):
+            self._table.submit_transaction([("upsert", row) for row in rows[start : start + _TRANSACTION_ROWS]])
+        entity = {**old, "PartitionKey": PARTITION, "RowKey": run_key(run_id), "RunId": run_id}
+        try:
+            self._table.submit_transaction([("create", entity), *_index_moves(None, _run_from_entity(entity, ""))])
+        except (TableTransactionError, ResourceExistsError) as error:
+            if not _is_error(error, "EntityAlreadyExists"):
+                raise
+            return False  # a concurrent migration copied it first
+        return True
+
+    def _remove(self, run_id: str, rows: list[TableEntity]) -> int:
+        """Delete a copied run's old rows; ones already gone (a concurrent migration) are fine."""
+        from azure.data.tables import TableTransactionError
+
+        for start in range(0, len(rows), _TRANSACTION_ROWS):
+            batch = [
+                {"PartitionKey": run_id, "RowKey": row["RowKey"]} for row in rows[start : start + _TRANSACTION_ROWS]
+            ]
+            try:
+                self._table.submit_transaction([("delete", row) for row in batch])
+            except TableTransactionError:
+                for row in batch:
+                    self._table.delete_entity(row["PartitionKey"], row["RowKey"])  # no error when gone
+        return len(rows)
+
+
+@dataclass(frozen=True)
+class Migration:
+    copied: int  # runs moved into this layout now
+    found: int  # runs an earlier or concurrent migration had moved already
+    removed: int  # rows of the old layout deleted
+
+
+def _runs_table(settings: Settings) -> TableClient:
     from shared.storage import table_service
     from shared.vocabulary import RUNS_TABLE
 
-    return Ledger(table_service(settings.storage).create_table_if_not_exists(RUNS_TABLE))
+    return table_service(settings.storage).create_table_if_not_exists(RUNS_TABLE)
+
+
+@lru_cache(maxsize=4)
+def open_ledger(settings: Settings) -> Ledger:
+    """The ledger in the app's storage account, its table created and brought into this layout on
+    first use."""
+    ledger = Ledger(_runs_table(settings))
+    ledger.ensure_layout()
+    return ledger
+
+
+def migrate_ledger(settings: Settings) -> Migration:
+    """Move the app's ledger into this layout (`python -m shared.cli migrate-ledger`), whether or
+    not it is marked as moved already."""
+    return Ledger(_runs_table(settings)).migrate()

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections import deque
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from azure.data.tables import TableServiceClient
+from azure.data.tables import TableClient, TableServiceClient
 
 from shared.dev.azurite import start_azurite
 from shared.ledger import (
     FAILURE_STATES,
+    PARTITION,
     TRANSITIONS,
     IllegalTransition,
     Ledger,
@@ -23,6 +30,7 @@ from shared.ledger import (
 )
 
 S = RunState
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _path_to(state: RunState) -> list[RunState]:
@@ -211,3 +219,152 @@ def test_records_survive_an_azurite_restart(tmp_path: Path) -> None:
         assert [entry.state for entry in Ledger(table).history(run.run_id)] == [S.RECEIVED, S.PREPARED, S.SUBMITTED]
     finally:
         restarted.stop()
+
+
+# A ledger written by the code before the indexed layout (commit 41666f7): runs in several states,
+# with facts, details, notes, a driver's claim, and an endpoint's rollout hold.
+LAYOUT_1 = Path(__file__).parent / "data" / "ledger_layout1.json"
+
+
+def _old_ledger(table: TableClient) -> list[dict[str, Any]]:
+    entities = json.loads(LAYOUT_1.read_text())
+    for entity in entities:
+        row = {k: datetime.fromisoformat(v["DateTime"]) if isinstance(v, dict) else v for k, v in entity.items()}
+        table.create_entity(row)
+    return entities
+
+
+def _old_runs(entities: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["PartitionKey"]: e for e in entities if e["RowKey"] == "run"}
+
+
+def _rows(ledger: Ledger) -> list[dict[str, Any]]:
+    return list(ledger._table.list_entities())
+
+
+def test_a_ledger_in_the_old_layout_moves_in_place_and_answers_every_query(ledger: Ledger) -> None:
+    entities = _old_ledger(ledger._table)
+    old = _old_runs(entities)
+    assert ledger.recent() == []  # nothing found before the move
+
+    migration = ledger.migrate()
+    assert (migration.copied, migration.found) == (len(old), 0)
+    assert migration.removed == sum(1 for e in entities if e["PartitionKey"] in old)
+
+    for run_id, entity in old.items():
+        run = ledger.get(run_id)
+        assert str(run.state) == entity["State"]
+        assert run.upload == Upload(entity["Container"], entity["BlobName"], entity["UploadVersion"])
+        assert run.created_at == datetime.fromisoformat(entity["CreatedAt"]["DateTime"])
+        assert (run.job_name, run.endpoint_name, run.endpoint_url, run.reason, run.driver) == (
+            entity.get("JobName"), entity.get("EndpointName"), entity.get("EndpointUrl"), entity.get("Reason"),
+            entity.get("Driver"),
+        )  # fmt: skip
+        assert run.details == json.loads(entity.get("Details", "{}"))
+        messages = sorted(
+            (e["RowKey"], e["Message"]) for e in entities if e["PartitionKey"] == run_id and e["RowKey"] != "run"
+        )
+        assert [entry.message for entry in ledger.history(run_id)] == [message for _, message in messages]
+        assert len(messages) == run.history_length
+
+    newest_first = sorted(old, key=lambda run_id: old[run_id]["CreatedAt"]["DateTime"], reverse=True)
+    assert [run.run_id for run in ledger.recent(limit=4)] == newest_first[:4]
+    assert ledger.by_job("ft-sub") == ledger.get(next(i for i, e in old.items() if e.get("JobName") == "ft-sub"))
+    on_chat = [i for i in newest_first if old[i].get("EndpointName") == "chat"]
+    assert [run.run_id for run in ledger.by_endpoint("chat")] == on_chat
+    assert [run.run_id for run in ledger.by_blob("datasets", "teams/support/a b.jsonl")] == [
+        i for i, e in old.items() if e["BlobName"] == "teams/support/a b.jsonl"
+    ]
+    for state in {e["State"] for e in old.values()}:
+        expected = [i for i in newest_first if old[i]["State"] == state]
+        assert [run.run_id for run in ledger.by_state(S(state))] == expected
+
+    # Nothing of the old layout is left but the endpoint's hold, which was never a run's.
+    left = [(row["PartitionKey"], row["RowKey"]) for row in _rows(ledger) if row["PartitionKey"] != PARTITION]
+    assert left == [("endpoint:chat", "rollout")]
+    assert ledger.hold_endpoint("chat", "someone-else-000000000000", lambda holder: False) is not None
+
+    # A migrated run moves on as any other, its indexes with it.
+    submitted = ledger.by_job("ft-sub")
+    assert submitted is not None
+    running = ledger.advance(submitted, S.RUNNING, "started")
+    assert [run.run_id for run in ledger.by_state(S.RUNNING)] == [running.run_id]
+    assert ledger.by_state(S.SUBMITTED) == []
+
+    again = ledger.migrate()
+    assert (again.copied, again.found, again.removed) == (0, 0, 0)
+
+
+def test_migrations_killed_midway_or_run_side_by_side_copy_each_run_once(ledger: Ledger) -> None:
+    entities = _old_ledger(ledger._table)
+    old = _old_runs(entities)
+    history_rows = sum(1 for e in entities if e["PartitionKey"] in old) - len(old)
+
+    class KilledAfterCopying(Ledger):
+        def _remove(self, run_id: str, rows: list[Any]) -> int:
+            raise HandlerKilled
+
+    with pytest.raises(HandlerKilled):
+        KilledAfterCopying(ledger._table).migrate()  # one run copied, its old rows still there
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(Ledger(ledger._table).migrate())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sum(result.copied for result in results) == len(old) - 1
+    assert not [row for row in _rows(ledger) if row["RowKey"] == "run" or row["RowKey"].startswith("history-")]
+    rows = _rows(ledger)
+    assert sum(1 for row in rows if row["RowKey"].startswith("run:") and ":history-" not in row["RowKey"]) == len(old)
+    assert sum(1 for row in rows if ":history-" in row["RowKey"]) == history_rows
+    assert sum(1 for row in rows if row["RowKey"].startswith("recent:")) == len(old)
+
+
+def test_a_marked_table_is_not_scanned_again(ledger: Ledger) -> None:
+    ledger.ensure_layout()  # an empty table: marked at once
+    _old_ledger(ledger._table)
+    ledger.ensure_layout()
+    assert ledger.recent() == []  # marked: the old rows were not looked for
+    assert ledger.migrate().copied > 0  # the command still moves them
+
+
+class HandlerKilled(BaseException):
+    """Stands for the process dying: nothing after it runs, nothing catches it."""
+
+
+def test_index_rows_follow_every_transition_and_leave_nothing_behind(ledger: Ledger) -> None:
+    runs = {state: _run_in(ledger, state, f"index-{state}.jsonl") for state in RunState}
+    runs[S.SUBMITTED] = ledger.advance(
+        _run_in(ledger, S.PREPARED, "odd.jsonl"), S.SUBMITTED, "submitted", job_name="a job/with #odd?\nname"
+    )
+    assert ledger.by_job("a job/with #odd?\nname") == runs[S.SUBMITTED]
+    index = [row for row in _rows(ledger) if not row["RowKey"].startswith("run:")]
+    by_kind: dict[str, list[str]] = {}
+    for row in index:
+        by_kind.setdefault(row["RowKey"].split(":", 1)[0], []).append(row["RunId"])
+    every_run = {run.run_id for run in runs.values()} | {run.run_id for run in ledger.recent(limit=100)}
+    assert sorted(by_kind["recent"]) == sorted(by_kind["state"]) == sorted(by_kind["blob"]) == sorted(every_run)
+    for state in RunState:
+        assert {run.state for run in ledger.by_state(state)} <= {state}
+    assert len(by_kind["job"]) == len({run.job_name for run in ledger.recent(limit=100) if run.job_name})
+
+
+def test_the_migrate_command_moves_the_app_ledger_and_says_what_it_did(tmp_path: Path) -> None:
+    server = start_azurite()
+    try:
+        service = TableServiceClient.from_connection_string(server.connection_string)
+        old = _old_runs(_old_ledger(service.create_table("runs")))
+        env = {**os.environ, "AzureWebJobsStorage": server.connection_string}
+
+        def cli(*args: str) -> Any:
+            done = subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=120, check=True)  # fmt: skip
+            return json.loads(done.stdout)
+
+        moved = cli("migrate-ledger")
+        assert (moved["copied"], moved["found"]) == (len(old), 0)
+        assert {run["run_id"] for run in cli("status", "--limit", "50")["runs"]} == set(old)
+        assert cli("migrate-ledger") == {"copied": 0, "found": 0, "removed": 0}
+    finally:
+        server.stop()
