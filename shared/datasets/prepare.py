@@ -98,6 +98,12 @@ class Histogram:
         self.n += 1
         self.max = max(self.max, value)
 
+    def absorb(self, other: Histogram) -> None:
+        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+        self.n += other.n
+        self.max = max(self.max, other.max)
+
     def percentile(self, p: float) -> int:
         if not self.n:
             return 0
@@ -167,7 +173,7 @@ def read_overrides(
     return replace(settings, **dataset_changes), training, mapping
 
 
-class _Preparer:
+class Preparer:
     def __init__(self, out_dir: Path, info: InputInfo, settings: DatasetSettings, training: dict[str, Any]) -> None:
         self.out_dir, self.info, self.settings = out_dir, info, settings
         self.parameters = resolve_parameters(training)
@@ -263,6 +269,29 @@ class _Preparer:
             smallest_train,
         )
 
+    def absorb(self, later: Preparer, lines_before: int) -> None:
+        """Add what `later` found in the part of the file after this one's, whose first line was
+        line `lines_before` + 1, as if one preparer had read both parts in order. `later` must
+        have found no invalid row (its rejected rows would carry lines counted from its part)."""
+        assert not later.invalid, "a part with invalid rows is prepared again in one piece"
+        for category, tally in later.warnings.items():
+            mine = self.warnings.setdefault(category, _Tally())
+            mine.count += tally.count
+            mine.lines = (mine.lines + [lines_before + line for line in tally.lines])[:FIRST_LINES]
+            mine.first = mine.first or tally.first
+        self.rows += later.rows
+        self.duplicates += later.duplicates
+        self.sampled_out += later.sampled_out
+        self.split = {name: count + later.split[name] for name, count in self.split.items()}
+        self.train_tokens += later.train_tokens
+        self.turns += later.turns
+        self.characters += later.characters
+        self.max_turns = max(self.max_turns, later.max_turns)
+        self.max_characters = max(self.max_characters, later.max_characters)
+        self.tokens.absorb(later.tokens)
+        if later.smallest_train and (not self.smallest_train or later.smallest_train[0] < self.smallest_train[0]):
+            self.smallest_train = later.smallest_train
+
     def ensure_test_row(self) -> None:
         """A tiny upload can hash no row into test: move the train row nearest the cut there, so
         evaluation always has data (still deterministic)."""
@@ -291,7 +320,7 @@ def _tallies(tallies: dict[str, _Tally], descriptions: Mapping[str, str]) -> dic
     }
 
 
-def _decide(p: _Preparer, fatal: str | None, usable: int) -> tuple[bool, str]:
+def _decide(p: Preparer, fatal: str | None, usable: int) -> tuple[bool, str]:
     if fatal:
         return False, fatal
     if p.invalid:
@@ -331,15 +360,9 @@ def prepare_dataset(
     report. `chunks` is the upload's bytes in pieces (a blob download or a file read);
     `refusal` rejects the upload for a reason found before reading it; `local_folders` lets a
     dataset reference name a folder on this machine."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
-        (out_dir / name).unlink(missing_ok=True)
-    fatal, training, mapping = refusal, dict[str, Any](), dict[str, str]()
-    try:
-        settings, training, mapping = read_overrides(metadata or {}, settings)
-    except ParameterError as error:
-        fatal = fatal or str(error)
-    preparer = _Preparer(out_dir, info, settings, training)
+    settings, training, mapping, refused = start(out_dir, metadata, settings)
+    fatal = refusal or refused
+    preparer = Preparer(out_dir, info, settings, training)
     offload = Offload()
     stream = ChunkStream(chunks, on_progress, hash_with=offload.submit)
     input_format, converter, source = "unknown", Converter(), None
@@ -365,9 +388,43 @@ def prepare_dataset(
                 output.close()
         stream.drain()  # what the parser did not need still counts in the sha256
     offload.close()
+    read = ReadInput(input_format, converter.format_name, converter.mapping, source, stream.bytes_read,
+                     stream.sha256.hexdigest())  # fmt: skip
+    return conclude(preparer, read, fatal, metadata)
+
+
+@dataclass(frozen=True)
+class ReadInput:
+    """What reading the upload found about it, for the report."""
+
+    format: str  # jsonl, jsonl.gz, parquet, csv, tsv, hfdataset, or unknown
+    chat_format: str
+    mapping: Mapping[str, str]
+    source: dict[str, Any] | None  # what a dataset reference resolved to
+    size: int
+    sha256: str
+
+
+Overrides = tuple[DatasetSettings, dict[str, Any], dict[str, str], str | None]
+
+
+def start(out_dir: Path, metadata: Mapping[str, str] | None, settings: DatasetSettings) -> Overrides:
+    """Clear `out_dir` of an earlier preparation's outputs and read the upload's overrides:
+    (settings, training overrides, column mapping, the reason to refuse it, if any)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (TRAIN_FILE, TEST_FILE, REJECTED_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    try:
+        return (*read_overrides(metadata or {}, settings), None)
+    except ParameterError as error:
+        return settings, {}, {}, str(error)
+
+
+def conclude(preparer: Preparer, read: ReadInput, fatal: str | None, metadata: Mapping[str, str] | None) -> Preparation:
+    """Decide on a read upload, drop the outputs a rejected one must not leave, write its report."""
     if fatal is None:
         preparer.ensure_test_row()
-
+    out_dir = preparer.out_dir
     usable = preparer.split["train"] + preparer.split["test"]
     accepted, reason = _decide(preparer, fatal, usable)
     if not accepted:
@@ -375,8 +432,7 @@ def prepare_dataset(
             (out_dir / name).unlink(missing_ok=True)
     if not preparer.invalid:
         (out_dir / REJECTED_FILE).unlink(missing_ok=True)
-    report = _report(preparer, info, stream, input_format, accepted, reason, usable)
-    report["input"].update(chat_format=converter.format_name, mapping=converter.mapping, source=source)
+    report = _report(preparer, read, accepted, reason, usable)
     # Where the model is to be served, if the upload says (else one endpoint per dataset name).
     report["endpoint"] = next((v for k, v in (metadata or {}).items() if k.lower() == ENDPOINT_METADATA), None)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -391,9 +447,7 @@ def _merged(metadata: Mapping[str, str], reference: Mapping[str, str]) -> dict[s
         raise UnreadableDataset("reference_invalid", f"dataset reference: {error}") from None
 
 
-def _report(
-    p: _Preparer, info: InputInfo, stream: ChunkStream, input_format: str, accepted: bool, reason: str, usable: int
-) -> dict[str, Any]:
+def _report(p: Preparer, read: ReadInput, accepted: bool, reason: str, usable: int) -> dict[str, Any]:
     valid = p.rows - p.invalid
     epochs = p.parameters["num_train_epochs"]
     over_length = p.warnings["over_max_seq_length"].count if "over_max_seq_length" in p.warnings else 0
@@ -401,11 +455,14 @@ def _report(
         "status": "accepted" if accepted else "rejected",
         "reason": reason,
         "input": {
-            "name": info.name,
-            "format": input_format,
-            "size": info.size if info.size is not None else stream.bytes_read,
-            "etag": info.etag,
-            "sha256": stream.sha256.hexdigest(),
+            "name": p.info.name,
+            "format": read.format,
+            "size": p.info.size if p.info.size is not None else read.size,
+            "etag": p.info.etag,
+            "sha256": read.sha256,
+            "chat_format": read.chat_format,
+            "mapping": dict(read.mapping),
+            "source": read.source,
         },
         "settings": {**asdict(p.settings), "effective_max_seq_length": p.max_seq_length},
         "training_overrides": p.training_overrides,
