@@ -105,8 +105,8 @@ def _progress_printer(total: int) -> Callable[[int], None] | None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from shared.datasets.prepare import InputInfo, prepare_dataset, read_overrides
-    from shared.datasets.sources import file_chunks
+    from shared.datasets.parts import prepare_file
+    from shared.datasets.prepare import InputInfo, read_overrides
     from shared.training import ParameterError
 
     source = Path(args.input)
@@ -123,11 +123,8 @@ def _prepare(args: argparse.Namespace) -> int:
     except ParameterError as error:
         raise CliError(str(error)) from None
     size = source.stat().st_size
-    with source.open("rb") as data:
-        result = prepare_dataset(
-            file_chunks(data), Path(args.out), InputInfo(str(source), size), get_settings().dataset, overrides,
-            on_progress=_progress_printer(size),
-        )  # fmt: skip
+    result = prepare_file(source, Path(args.out), InputInfo(str(source), size), get_settings().dataset, overrides,
+                          on_progress=_progress_printer(size))  # fmt: skip
     if result.accepted and args.tokenizer:
         _count_exactly(result, args.tokenizer)
     if not result.accepted:
@@ -485,22 +482,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from azure.core.exceptions import AzureError
-
+def _says_enough(error: Exception) -> bool:
+    """Whether the error's own message tells the user what went wrong."""
     from shared.backends.interface import BackendError
 
+    # Only a command that loaded the Azure SDK can have met one of its errors: the rest (prepare,
+    # the most common) start without loading it.
+    azure = sys.modules.get("azure.core.exceptions")
+    return isinstance(error, (CliError, SettingsError, LedgerError, BackendError, OSError)) or (
+        azure is not None and isinstance(error, azure.AzureError)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.handler(args))
-    except (CliError, SettingsError, LedgerError, BackendError, OSError, AzureError) as error:
-        print(f"error: {error}".replace("\n", " "), file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
-    except Exception as error:  # anything unforeseen is still one line; -v shows where it came from
+    except Exception as error:
+        if _says_enough(error):
+            print(f"error: {error}".replace("\n", " "), file=sys.stderr)
+            return 1
+        # Anything unforeseen is still one line; -v shows where it came from.
         if args.verbose:
             logging.exception("unexpected failure")
         print(f"error: {type(error).__name__}: {error} (run with -v for details)".replace("\n", " "), file=sys.stderr)

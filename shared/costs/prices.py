@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -118,6 +117,8 @@ def _pay_as_you_go_linux(item: dict[str, Any]) -> bool:
 
 
 def _get_json(url: str, timeout_s: float) -> dict[str, Any]:
+    import urllib.request  # only where prices are fetched: settings import this module at every start
+
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return json.loads(response.read())

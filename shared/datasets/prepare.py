@@ -201,7 +201,7 @@ class Preparer:
             "line": row.line,
             "reasons": [message for _, message in problems],
             "categories": sorted({category for category, _ in problems}),
-            "text": row.raw.decode("utf-8", "replace") if row.raw is not None else row.value,
+            "text": row.raw[:-1].decode("utf-8", "replace") if row.raw is not None else row.value,
         }
         rejected.write(orjson.dumps(record, default=str) + b"\n")
 
@@ -250,7 +250,7 @@ class Preparer:
             max_turns = max(max_turns, checked.turns)
             max_characters = max(max_characters, checked.characters)
             raw = row.raw
-            line = (orjson.dumps(checked.row, default=str) if checked.changed or raw is None else raw) + b"\n"
+            line = orjson.dumps(checked.row, default=str) + b"\n" if checked.changed or raw is None else raw
             position = bucket(prompt_id, b"split")
             if position < test_cut:
                 test_rows += 1

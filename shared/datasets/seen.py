@@ -5,6 +5,7 @@ open-addressing table in one array (about 16 bytes each), where a Python set of 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterator
 
 _MASK64 = (1 << 64) - 1
 
@@ -52,3 +53,21 @@ class SeenHashes:
 
     def __len__(self) -> int:
         return self._count + self._zero
+
+    def __contains__(self, value: int) -> bool:
+        key = value & _MASK64
+        if not key:
+            return self._zero
+        table, mask = self._table, self._mask
+        slot = key & mask
+        while found := table[slot]:
+            if found == key:
+                return True
+            slot = (slot + 1) & mask
+        return False
+
+    def __iter__(self) -> Iterator[int]:
+        """The hashes remembered, as stored (unsigned), in no particular order."""
+        if self._zero:
+            yield 0
+        yield from (key for key in self._table if key)

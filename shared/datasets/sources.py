@@ -9,9 +9,10 @@ import csv
 import functools
 import hashlib
 import io
+import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -24,6 +25,7 @@ CHUNK_BYTES = 1024 * 1024
 DELIMITED = {".csv": ",", ".tsv": "\t"}
 PARQUET_BATCH_ROWS = 64
 _GZIP_MAGIC = b"\x1f\x8b"
+_BLANK = frozenset((b"", b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c"))  # what bytes.strip() takes off
 _PARQUET_MAGIC = b"PAR1"
 
 
@@ -41,7 +43,7 @@ class Row:
 
     line: int
     value: Any = None
-    raw: bytes | None = None  # the line as uploaded, without BOM or line end (JSON Lines only)
+    raw: bytes | None = None  # the line as uploaded, without BOM or blanks around it, ending in b"\n" (JSON Lines only)
     error: tuple[str, str] | None = None  # (category, message)
 
 
@@ -94,22 +96,29 @@ def file_chunks(stream: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
         yield chunk
 
 
-def _decode_error(raw: bytes, error: orjson.JSONDecodeError) -> tuple[str, str]:
+def _decode_error(line: bytes) -> tuple[str, str]:
+    """Why `line` (without its line end, so that columns count on the line) is not JSON."""
     try:
-        raw.decode("utf-8")
+        line.decode("utf-8")
     except UnicodeDecodeError as bad:
         return "invalid_utf8", f"invalid UTF-8 at byte offset {bad.start} of the line"
-    reason = str(error).split(":", 1)[0]
-    return "invalid_json", f"invalid JSON at column {error.colno}: {reason}"
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError as error:
+        return "invalid_json", f"invalid JSON at column {error.colno}: {str(error).split(':', 1)[0]}"
+    raise AssertionError("a line that failed to parse parsed")
 
 
-def _jsonl_rows(stream: IO[bytes]) -> Iterator[Row]:
+def _jsonl_rows(stream: IO[bytes], start_of_file: bool = True) -> Generator[Row, None, int]:
+    """The rows of JSON Lines; returns how many lines there were. A part of a file that does not
+    start at its beginning (`start_of_file` False) counts its lines from its own first."""
     loads = orjson.loads
     line_number = 0
+    first = 1 if start_of_file else 0  # the line that may start with a BOM or be a JSON array
     while True:
         line = stream.readline(MAX_LINE_BYTES)
         if not line:
-            return
+            return line_number
         line_number += 1
         if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
             while (rest := stream.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
@@ -117,12 +126,16 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[Row]:
             message = f"the line is longer than {MAX_LINE_BYTES // (1024 * 1024)} MB"
             yield Row(line_number, error=("line_too_long", message))
             continue
-        if line_number == 1 and line.startswith(BOM):
+        if line_number == first and line.startswith(BOM):
             line = line[len(BOM) :]
-        raw = line.strip()
-        if not raw:
-            continue
-        if line_number == 1 and raw.startswith(b"["):
+        if line[-1:] == b"\n" and line[-2:-1] not in _BLANK and line[:1] not in _BLANK:
+            raw = line  # the common line, kept as read: no copy
+        else:
+            raw = line.strip()
+            if not raw:
+                continue
+            raw += b"\n"
+        if line_number == first and raw.startswith(b"["):
             raise UnreadableDataset(
                 "json_array",
                 "the file is a single JSON array, not JSON Lines: write one conversation object per line "
@@ -130,8 +143,8 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[Row]:
             )
         try:
             yield Row(line_number, value=loads(raw), raw=raw)
-        except orjson.JSONDecodeError as error:
-            yield Row(line_number, raw=raw, error=_decode_error(raw, error))
+        except orjson.JSONDecodeError:
+            yield Row(line_number, raw=raw, error=_decode_error(raw[:-1]))
 
 
 @functools.cache
@@ -229,6 +242,36 @@ def read_rows(stream: IO[bytes] | io.RawIOBase, name: str = "") -> tuple[str, It
     if head == _PARQUET_MAGIC:
         return "parquet", _parquet_rows(buffered)
     return "jsonl", _jsonl_rows(buffered)
+
+
+def is_plain_jsonl(head: bytes, name: str) -> bool:
+    """Whether a file starting with `head` (4 bytes or more) is read as uncompressed JSON Lines."""
+    extension = "." + name.lower().rsplit(".", 1)[-1] if "." in name else ""
+    return extension not in DELIMITED and not head.startswith(_GZIP_MAGIC) and head[:4] != _PARQUET_MAGIC
+
+
+def jsonl_part_rows(file: IO[bytes], start: int, end: int) -> Generator[Row, None, int]:
+    """The rows of the JSON Lines between byte `start` (the start of a line) and `end` of `file`,
+    their line numbers counted from the part's first; returns how many lines the part has."""
+    return _jsonl_rows(io.BufferedReader(_FileRange(file, start, end), CHUNK_BYTES), start_of_file=start == 0)
+
+
+class _FileRange(io.RawIOBase):
+    """Bytes `start` to `end` of a file, read at their offsets (the file's own position is left)."""
+
+    def __init__(self, file: IO[bytes], start: int, end: int) -> None:
+        self._fd, self._position, self._end = file.fileno(), start, end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = min(len(buffer), self._end - self._position)
+        if size <= 0:
+            return 0
+        read = os.preadv(self._fd, [memoryview(buffer)[:size]], self._position)
+        self._position += read
+        return read
 
 
 def _guard_gzip(rows: Iterator[Row]) -> Iterator[Row]:
