@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import mmap
 import os
 import pickle
 import shutil
@@ -86,20 +85,16 @@ class _Hasher(threading.Thread):
 
     def run(self) -> None:
         try:
-            # Hashed where the file is mapped: nothing is copied out of the page cache first.
-            with self._path.open("rb") as data, mmap.mmap(data.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                self._hash(memoryview(mapped))
+            buffer = bytearray(8 * CHUNK_BYTES)  # one buffer, read into again and again: no new pages
+            with self._path.open("rb", buffering=0) as data, memoryview(buffer) as view:
+                while read := data.readinto(buffer):
+                    with view[:read] as chunk:
+                        self.sha256.update(chunk)
+                    self.size += read
+                    if self._on_progress:
+                        self._on_progress(self.size)
         except BaseException as error:  # raised in the preparing thread by `result`
             self.error = error
-
-    def _hash(self, view: memoryview) -> None:
-        with view:
-            for start in range(0, len(view), 8 * CHUNK_BYTES):
-                with view[start : start + 8 * CHUNK_BYTES] as chunk:
-                    self.sha256.update(chunk)
-                    self.size += len(chunk)
-                if self._on_progress:
-                    self._on_progress(self.size)
 
     def result(self) -> tuple[int, str]:
         """The file's size and sha256, once hashed."""
