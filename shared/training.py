@@ -66,8 +66,8 @@ class TrainingParameters:
     save_total_limit: int = _parameter(-1, _unlimited_or(1, "keep all"), "checkpoints kept")
     resume_from_checkpoint: bool = _parameter(True, _FLAG, "a restarted job resumes from its last checkpoint")
     # The local trainer's own: short conversations packed into max_seq_length rows (no padding;
-    # attention may cross conversations, as in trl's packing). The Azure ML component has no such
-    # input, so the azureml backend refuses it.
+    # each conversation attends only to itself, as in trl's bfd packing). The Azure ML component
+    # has no such input, so the azureml backend refuses it.
     packing: bool = _parameter(False, _FLAG, "local trainer only: pack short conversations into full rows")
 
 

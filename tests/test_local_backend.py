@@ -421,3 +421,28 @@ def test_packing_fills_rows_without_losing_or_mixing_labels() -> None:
         for start, end in zip(starts, [*starts[1:], len(row.input_ids)], strict=True):
             assert row.input_ids[start:end] == list(range(end - start))  # kept whole and in order
     assert pack(examples, 256, seed=1) == rows  # deterministic
+
+
+def test_packed_conversations_do_not_attend_to_each_other() -> None:
+    """A packed row computes each conversation as if it were alone (as trl's padding-free does)."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from shared.backends.local.trainer import Example, _Collator, pack
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    model = Phi3ForCausalLM(config).eval()
+    examples = [Example(ids, ids) for ids in ([5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16])]
+    rows = pack(examples, max_length=9, seed=0)
+    batch = _Collator(pad_id=0)(rows)
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for r, row in enumerate(rows):
+            starts = [i for i, position in enumerate(row.position_ids or []) if position == 0]
+            for start, end in zip(starts, [*starts[1:], len(row.input_ids)], strict=True):
+                alone = model(input_ids=torch.tensor([row.input_ids[start:end]])).logits[0]
+                torch.testing.assert_close(packed[r, start:end], alone)
+                assert row.labels[start] == -100  # nothing predicts a conversation's first token

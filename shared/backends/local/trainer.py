@@ -48,24 +48,40 @@ class Example:
 
 
 def pack(examples: list[Example], max_length: int, seed: int) -> list[Example]:
-    """Concatenate conversations (in a seeded random order) into rows of at most `max_length`
-    tokens, so no step computes on padding. Each keeps its own labels and positions."""
+    """Pack conversations into rows of at most `max_length` tokens, best fit decreasing (trl's
+    "bfd"): longest first, each into the row it leaves the least room in, so rows come out nearly
+    full and a step computes on little padding (the trainer shuffles the rows). Each conversation
+    keeps its own labels and positions, and attends only to itself: the collator passes the
+    positions without an attention mask, from which transformers builds a mask of one causal block
+    per conversation (as trl's padding-free does)."""
+    import bisect
     import random
 
     order = list(examples)
-    random.Random(seed).shuffle(order)
-    rows: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
+    random.Random(seed).shuffle(order)  # conversations of one length in a seeded order
+    order.sort(key=lambda example: len(example.input_ids), reverse=True)
+    members: list[list[Example]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), in order
     for example in order:
-        if ids and len(ids) + len(example.input_ids) > max_length:
-            rows.append(Example(ids, labels, positions))
-            ids, labels, positions = [], [], []
-        ids.extend(example.input_ids)
-        labels.extend(example.labels)
-        positions.extend(range(len(example.input_ids)))
-    if ids:
+        size = len(example.input_ids)
+        at = bisect.bisect_left(free, (size, -1))
+        if at < len(free):
+            room, row = free.pop(at)
+        else:
+            room, row = max_length, len(members)
+            members.append([])
+        members[row].append(example)
+        if room > size:
+            bisect.insort(free, (room - size, row))
+    rows: list[Example] = []
+    for row_members in members:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for example in row_members:
+            ids.extend(example.input_ids)
+            labels.extend([-100, *example.labels[1:]])  # the previous conversation's last token predicts nothing
+            positions.extend(range(len(example.input_ids)))
         rows.append(Example(ids, labels, positions))
     return rows
 
@@ -98,7 +114,11 @@ def tokenize_conversations(path: Path, tokenizer: Any, max_length: int) -> tuple
 
 
 class _Collator:
-    """Pads a batch and counts the real tokens it carries (for tokens per second)."""
+    """Pads a batch and counts the real tokens it carries (for tokens per second). Packed rows go
+    without an attention mask: transformers then reads where each conversation starts from the
+    positions (which restart at 0; so do the padding's) and keeps conversations from attending to
+    each other; with a mask, it would take each row for one sequence. Padding is on the right, so a
+    causal mask keeps real tokens from seeing it."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -109,14 +129,20 @@ class _Collator:
 
         width = max(len(e.input_ids) for e in batch)
         self.tokens += sum(len(e.input_ids) for e in batch)
-        tensors = {
+        tensors: dict[str, Any] = {
             "input_ids": torch.tensor([e.input_ids + [self.pad_id] * (width - len(e.input_ids)) for e in batch]),
             "labels": torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch]),
-            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]),
+            # No key/value cache in training: the model would build one, and with one it skips the
+            # per-conversation mask that packed rows need.
+            "use_cache": False,
         }
         if all(e.position_ids is not None for e in batch):
             tensors["position_ids"] = torch.tensor(
                 [(e.position_ids or []) + list(range(width - len(e.input_ids))) for e in batch]
+            )
+        else:
+            tensors["attention_mask"] = torch.tensor(
+                [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]
             )
         return tensors
 
@@ -211,7 +237,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
     import mlflow
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
     parameters = resolve_parameters(spec.parameters)
     cuda = torch.cuda.is_available()
@@ -228,6 +254,7 @@ def train(directory: Path, spec: JobSpec) -> dict[str, Any]:
     if parameters["packing"]:
         train_set = pack(train_set, max_length, parameters["seed"])
     if parameters["apply_lora"]:
+        set_seed(parameters["seed"])  # the adapters' initial weights, as trl seeds them: a rerun trains the same
         lora = LoraConfig(
             r=parameters["lora_r"],
             lora_alpha=parameters["lora_alpha"],
