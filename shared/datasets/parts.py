@@ -33,7 +33,7 @@ from shared.vocabulary import REJECTED_FILE, TEST_FILE, TRAIN_FILE
 # Below this size the second process costs more than it saves.
 MIN_PARALLEL_BYTES = 32 << 20
 # The first part's share of the file: the second part's process also hashes all of it.
-FIRST_PART = 0.62
+FIRST_PART = 0.65
 _OUTPUTS = (TRAIN_FILE, TEST_FILE, REJECTED_FILE)
 _SECOND = ".second-part-"  # the second part's outputs, until appended
 
