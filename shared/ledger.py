@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
@@ -579,79 +580,125 @@ class Ledger:
                 raise RunChanged(run.run_id) from error
             raise
 
-    def migrate(self) -> Migration:
+    def migrate(self, budget_s: float | None = None) -> Migration:
         """Move the runs written in the layout before this one (a partition per run, holding the
-        rows `run` and `history-NNNNN`) into this one, then mark the table as migrated.
+        rows `run` and `history-NNNNN`) into this one, then mark the table as migrated. With
+        `budget_s`, stop after about that long, unmarked: the next migration goes on.
 
-        Idempotent, and safe beside another migration: a run is copied unless its row is here
-        already (its history first, then its row with its index rows in one transaction, so a
-        run is either all here or not at all), and its old rows are removed only after that."""
+        Idempotent, and safe beside another migration or a handler of the version before still
+        writing: a run's history is copied first, then its row with its index rows in one
+        transaction (so a run is either all here or not at all); its old rows are removed only if
+        its old row is still as it was read, else it is read and copied again."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         copied = found = removed = 0
-        for old in self._table.query_entities("RowKey eq @row", parameters={"row": _OLD_RUN_ROW}):
-            run_id = old["PartitionKey"]
-            history = list(
-                self._table.query_entities(
-                    "PartitionKey eq @run and RowKey gt @first and RowKey lt @last",
-                    parameters={"run": run_id, "first": _HISTORY, "last": _HISTORY + "~"},
-                )
-            )
-            if self._copy(run_id, old, history):
-                copied += 1
-            else:
-                found += 1
-            removed += self._remove(run_id, [old, *history])
+        for old in self._table.query_entities(
+            "RowKey eq @row", parameters={"row": _OLD_RUN_ROW}, select=["PartitionKey"]
+        ):
+            if deadline is not None and time.monotonic() > deadline:
+                return Migration(copied, found, removed, complete=False)
+            moved, rows = self._move(old["PartitionKey"])
+            copied, found, removed = copied + moved, found + (not moved), removed + rows
         self._table.upsert_entity({"PartitionKey": PARTITION, "RowKey": LAYOUT_ROW, "Version": LAYOUT_VERSION})
-        return Migration(copied, found, removed)
+        return Migration(copied, found, removed, complete=True)
 
-    def ensure_layout(self) -> None:
-        """Migrate a table not yet marked as in this layout: one point read once it is."""
+    def ensure_layout(self, budget_s: float = 60) -> None:
+        """Migrate a table not yet marked as in this layout (for up to `budget_s`, so that a
+        handler that does it keeps its time for its own work): one point read once it is."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
             version = self._table.get_entity(PARTITION, LAYOUT_ROW).get("Version")
         except ResourceNotFoundError:
             version = None
-        if version != LAYOUT_VERSION:
-            migration = self.migrate()
-            if migration.copied or migration.found:
-                log.info("ledger moved into its indexed layout: %s", migration)
+        if version == LAYOUT_VERSION:
+            return
+        migration = self.migrate(budget_s)
+        if not migration.complete:
+            log.warning("ledger partly moved into its indexed layout (%s); the next start goes on, or run "
+                        "`python -m shared.cli migrate-ledger`", migration)  # fmt: skip
+        elif migration.copied or migration.found:
+            log.info("ledger moved into its indexed layout: %s", migration)
 
-    def _copy(self, run_id: str, old: Mapping[str, Any], history: list[TableEntity]) -> bool:
-        """Copy one run written in the old layout; False when it was here already."""
-        from azure.core.exceptions import ResourceExistsError
+    def _move(self, run_id: str) -> tuple[bool, int]:
+        """Move one run of the old layout: (whether this call copied it, old rows removed)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        for _ in range(10):
+            try:
+                old = self._table.get_entity(run_id, _OLD_RUN_ROW)
+            except ResourceNotFoundError:
+                return False, 0  # a concurrent migration moved it
+            history = list(
+                self._table.query_entities(
+                    "PartitionKey eq @run and RowKey gt @first and RowKey lt @last",
+                    parameters={"run": run_id, "first": _HISTORY, "last": _HISTORY + "~"},
+                )
+            )
+            copied = self._copy(run_id, old, history)
+            if self._remove(run_id, old, history):
+                return copied, 1 + len(history)
+        raise RunChanged(run_id)
+
+    def _copy(self, run_id: str, old: TableEntity, history: list[TableEntity]) -> bool:
+        """Copy one run written in the old layout, or bring a copy made earlier up to it; False
+        when the copy here was as far as it already (or further: this version moved it on)."""
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
         from azure.data.tables import TableTransactionError
 
-        if self.find(run_id) is not None:
-            return False
         rows = [
             {**row, "PartitionKey": PARTITION, "RowKey": f"{run_key(run_id)}:{row['RowKey']}", "RunId": run_id}
             for row in history
         ]
+        here = self.find(run_id)
+        if here is not None and here.history_length >= int(old.get("HistoryLength", 0)):
+            return False
         for start in range(0, len(rows), _TRANSACTION_ROWS):
             self._table.submit_transaction([("upsert", row) for row in rows[start : start + _TRANSACTION_ROWS]])
         entity = {**old, "PartitionKey": PARTITION, "RowKey": run_key(run_id), "RunId": run_id}
+        moves = _index_moves(here, _run_from_entity(entity, ""))
+        if here is None:
+            run_row: tuple[Any, ...] = ("create", entity)
+        else:  # copied before the version before wrote to it again: replaced, unless changed here since
+            from azure.core import MatchConditions
+            from azure.data.tables import UpdateMode
+
+            run_row = ("update", entity, {"mode": UpdateMode.REPLACE, "etag": here.etag,
+                                          "match_condition": MatchConditions.IfNotModified})  # fmt: skip
         try:
-            self._table.submit_transaction([("create", entity), *_index_moves(None, _run_from_entity(entity, ""))])
-        except (TableTransactionError, ResourceExistsError) as error:
-            if not _is_error(error, "EntityAlreadyExists"):
+            self._table.submit_transaction([run_row, *moves])
+        except (TableTransactionError, ResourceExistsError, ResourceModifiedError) as error:
+            if not _is_error(error, "EntityAlreadyExists", "UpdateConditionNotSatisfied"):
                 raise
-            return False  # a concurrent migration copied it first
+            return False  # a concurrent migration (or a handler here) got to it first
         return True
 
-    def _remove(self, run_id: str, rows: list[TableEntity]) -> int:
-        """Delete a copied run's old rows; ones already gone (a concurrent migration) are fine."""
+    def _remove(self, run_id: str, old: TableEntity, history: list[TableEntity]) -> bool:
+        """Delete a copied run's old rows, its old row first and only if still as read: False
+        when it was not (the version before wrote to it since; nothing is deleted then). Rows
+        already gone (a concurrent migration) are fine."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError
         from azure.data.tables import TableTransactionError
 
-        for start in range(0, len(rows), _TRANSACTION_ROWS):
-            batch = [
-                {"PartitionKey": run_id, "RowKey": row["RowKey"]} for row in rows[start : start + _TRANSACTION_ROWS]
-            ]
+        etag, unchanged = old.metadata["etag"], MatchConditions.IfNotModified
+        keys = [_OLD_RUN_ROW, *(row["RowKey"] for row in history)]
+        for start in range(0, len(keys), _TRANSACTION_ROWS):
+            batch = keys[start : start + _TRANSACTION_ROWS]
+            operations: list[tuple[Any, ...]] = [("delete", {"PartitionKey": run_id, "RowKey": key}) for key in batch]
+            if start == 0:
+                operations[0] = (*operations[0], {"etag": etag, "match_condition": unchanged})
             try:
-                self._table.submit_transaction([("delete", row) for row in batch])
-            except TableTransactionError:
-                for row in batch:
-                    self._table.delete_entity(row["PartitionKey"], row["RowKey"])  # no error when gone
-        return len(rows)
+                self._table.submit_transaction(operations)
+            except TableTransactionError as error:
+                if start == 0 and _is_error(error, "UpdateConditionNotSatisfied"):
+                    return False
+                try:  # one by one: a row gone already is no error
+                    for key in batch:
+                        conditions = {"etag": etag, "match_condition": unchanged} if key == _OLD_RUN_ROW else {}
+                        self._table.delete_entity(run_id, key, **conditions)  # type: ignore[arg-type]
+                except ResourceModifiedError:
+                    return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -659,6 +706,7 @@ class Migration:
     copied: int  # runs moved into this layout now
     found: int  # runs an earlier or concurrent migration had moved already
     removed: int  # rows of the old layout deleted
+    complete: bool  # False: stopped at its time budget, the table not yet marked
 
 
 def _runs_table(settings: Settings) -> TableClient:

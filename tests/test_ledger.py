@@ -8,11 +8,12 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.core import MatchConditions
 from azure.data.tables import TableClient, TableServiceClient
 
 from shared.dev.azurite import start_azurite
@@ -292,7 +293,51 @@ def test_a_ledger_in_the_old_layout_moves_in_place_and_answers_every_query(ledge
     assert ledger.by_state(S.SUBMITTED) == []
 
     again = ledger.migrate()
-    assert (again.copied, again.found, again.removed) == (0, 0, 0)
+    assert (again.copied, again.found, again.removed, again.complete) == (0, 0, 0, True)
+
+
+def test_a_run_the_version_before_moves_on_during_the_migration_is_moved_as_it_ends(ledger: Ledger) -> None:
+    """During a deployment the app's version before can still write a run being migrated."""
+    old = _old_runs(_old_ledger(ledger._table))
+    run_id = next(i for i, e in old.items() if e["State"] == "prepared" or e["State"] == "received")
+    table = ledger._table
+
+    def the_version_before_advances() -> None:  # what its Ledger.advance wrote: run row and history row
+        row = table.get_entity(run_id, "run")
+        length, now = row["HistoryLength"], datetime.now(UTC)
+        table.submit_transaction([
+            ("update", {"PartitionKey": run_id, "RowKey": "run", "State": "rejected", "RejectedAt": now,
+                        "UpdatedAt": now, "Reason": "late", "HistoryLength": length + 1},
+             {"etag": row.metadata["etag"], "match_condition": MatchConditions.IfNotModified}),
+            ("create", {"PartitionKey": run_id, "RowKey": f"history-{length:05d}", "At": now, "State": "rejected",
+                        "Message": "rejected late"}),
+        ])  # fmt: skip
+
+    class WrittenAfterCopying(Ledger):
+        writes = 1
+
+        def _copy(self, moving: str, *args: Any) -> bool:
+            copied = super()._copy(moving, *args)
+            if moving == run_id and self.writes:
+                self.writes -= 1
+                the_version_before_advances()
+            return copied
+
+    WrittenAfterCopying(table).migrate()
+    run = ledger.get(run_id)
+    assert (run.state, run.reason) == (S.REJECTED, "late")
+    assert [entry.message for entry in ledger.history(run_id)][-1] == "rejected late"
+    assert [r.run_id for r in ledger.by_state(S.REJECTED) if r.run_id == run_id] == [run_id]
+    assert run_id not in {r.run_id for r in ledger.by_state(S(old[run_id]["State"]))}  # no stale index row
+    assert not list(table.query_entities("PartitionKey eq @run", parameters={"run": run_id}))
+
+
+def test_a_migration_out_of_time_stops_unmarked_and_the_next_goes_on(ledger: Ledger) -> None:
+    old = _old_runs(_old_ledger(ledger._table))
+    stopped = ledger.migrate(budget_s=0)
+    assert not stopped.complete and stopped.copied == 0
+    ledger.ensure_layout()  # not marked: it goes on
+    assert {run.run_id for run in ledger.recent(limit=50)} == set(old)
 
 
 def test_migrations_killed_midway_or_run_side_by_side_copy_each_run_once(ledger: Ledger) -> None:
@@ -301,7 +346,7 @@ def test_migrations_killed_midway_or_run_side_by_side_copy_each_run_once(ledger:
     history_rows = sum(1 for e in entities if e["PartitionKey"] in old) - len(old)
 
     class KilledAfterCopying(Ledger):
-        def _remove(self, run_id: str, rows: list[Any]) -> int:
+        def _remove(self, *args: Any) -> bool:
             raise HandlerKilled
 
     with pytest.raises(HandlerKilled):
@@ -365,6 +410,6 @@ def test_the_migrate_command_moves_the_app_ledger_and_says_what_it_did(tmp_path:
         moved = cli("migrate-ledger")
         assert (moved["copied"], moved["found"]) == (len(old), 0)
         assert {run["run_id"] for run in cli("status", "--limit", "50")["runs"]} == set(old)
-        assert cli("migrate-ledger") == {"copied": 0, "found": 0, "removed": 0}
+        assert cli("migrate-ledger") == {"copied": 0, "found": 0, "removed": 0, "complete": True}
     finally:
         server.stop()

@@ -4,6 +4,8 @@ preparation, byte for byte, whether the two parts are kept or the file is prepar
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -123,4 +125,17 @@ def test_other_chat_formats_and_mappings_are_prepared_in_parts(tmp_path: Path, m
 def test_a_file_that_is_not_json_lines_is_prepared_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prepared, fell_back = _both_ways(tmp_path, [b"[" + b",".join(ROWS) + b"]"], monkeypatch)
     assert not prepared.accepted and "single JSON array" in prepared.reason
+    assert fell_back == 1
+
+
+def test_a_child_that_dies_while_sending_leaves_the_file_prepared_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def dies_halfway(pipe: int, *args: Any) -> None:  # runs in the forked child
+        with os.fdopen(pipe, "wb") as out:
+            out.write(pickle.dumps(list(range(1000)))[:100])
+        os._exit(1)
+
+    monkeypatch.setattr(parts, "_first_part", dies_halfway)
+    _, fell_back = _both_ways(tmp_path, ROWS, monkeypatch)  # also: no part file left behind
     assert fell_back == 1

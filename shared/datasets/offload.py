@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 _BLOCK_BYTES = 1 << 20
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)  # buffers one writev takes
+# Buffers one writev takes (POSIX guarantees 16; Linux takes 1024). Without writev (Windows), a
+# block is joined and written whole.
+_IOV_MAX = max(16, min(os.sysconf("SC_IOV_MAX"), 1024)) if hasattr(os, "sysconf") else 1024
 
 
 class Offload:
@@ -72,8 +74,8 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
     never joining them into one copy first."""
     for start in range(0, len(parts), _IOV_MAX):
         batch = parts[start : start + _IOV_MAX]
-        written, total = os.writev(fd, batch), sum(map(len, batch))
-        if written < total:  # a short write (a full disk says so on the next): write the rest plainly
+        written = os.writev(fd, batch) if hasattr(os, "writev") else 0
+        if written < sum(map(len, batch)):  # a short write (a full disk says so on the next): the rest plainly
             rest = b"".join(batch)[written:]
             while rest:
                 rest = rest[os.write(fd, rest) :]

@@ -17,6 +17,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import signal
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,8 +57,14 @@ def prepare_file(
         return prepare_dataset(file_chunks(data), out_dir, info, settings, metadata, on_progress)
 
 
+def _cores() -> int:
+    """The cores this process may run on (all of the machine's where the OS cannot say)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def _splittable(path: Path, name: str, min_bytes: int) -> bool:
-    if not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2 or is_reference(name):
+    if not hasattr(os, "fork") or _cores() < 2 or is_reference(name):
         return False
     with path.open("rb") as file:
         head = file.read(4)
@@ -150,17 +157,25 @@ def _in_two_parts(
     os.close(writer)
     pipe = os.fdopen(reader, "rb")
     hasher = _Hasher(path, on_progress)
+    sent, exited = b"", False
     try:
         second: tuple[Preparer, str, int] | None = None
         with contextlib.suppress(UnreadableDataset):  # the one-piece preparation says why
             second = _prepare_part(path, cut, size, seconds, Preparer(out_dir, info, settings, training), mapping)
         sent = pipe.read()
+        exited = True
     finally:
         pipe.close()  # first: a child still sending then stops, and so cannot block the wait
-        os.waitpid(child, 0)
+        if not exited:  # this process failed (or was interrupted): the child's work is not wanted
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        _, status = os.waitpid(child, 0)
         hashed = hasher.result()
-    first: tuple[Preparer, str, int] | None = pickle.loads(sent) if sent else None
+        if not exited:
+            for part in seconds:
+                part.unlink(missing_ok=True)
     try:
+        first = _received(sent, status)
         if first is None or second is None or not _same_reading(first, second):
             return None
         preparer, chat_format, lines = first
@@ -191,6 +206,17 @@ def _first_part(pipe: int, path: Path, cut: int, outputs: list[Path], preparer: 
         os._exit(0)
 
 
+def _received(sent: bytes, status: int) -> tuple[Preparer, str, int] | None:
+    """The child's result: None unless it ended well and sent all of it."""
+    if not sent or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    try:
+        first: tuple[Preparer, str, int] = pickle.loads(sent)
+    except Exception:  # cut short (the child was killed while sending)
+        return None
+    return first
+
+
 def _same_reading(first: tuple[Preparer, str, int], second: tuple[Preparer, str, int]) -> bool:
     """Whether the second part reads as it would have after the first: no invalid row (its
     lines would be counted from the part), the first part's chat format if it found one, and no
@@ -207,13 +233,13 @@ def _append(target: Path, part: Path) -> None:
     """Add `part` to the end of `target`, copied by the kernel where it can."""
     with part.open("rb") as source, target.open("r+b") as out:
         offset, remaining = out.seek(0, os.SEEK_END), os.fstat(source.fileno()).st_size
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # Linux only, and not on every file system
             while remaining > 0:
                 copied = os.copy_file_range(source.fileno(), out.fileno(), remaining, None, offset)
                 if not copied:
                     break
                 offset, remaining = offset + copied, remaining - copied
-        except OSError:  # a file system without it: copy through this process
+        if remaining:  # what the kernel did not copy, copied through this process
             source.seek(os.fstat(source.fileno()).st_size - remaining)
             out.seek(offset)
             shutil.copyfileobj(source, out, CHUNK_BYTES)
