@@ -95,10 +95,13 @@ def start_azurite(location: Path | None = None, timeout_s: float = 30.0) -> Azur
 
     threading.Thread(target=read_output, name="azurite-output", daemon=True).start()
     deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.1):
-        if time.monotonic() > deadline:
-            azurite.stop()
-            raise AzuriteError(f"Azurite did not start within {timeout_s:.0f} s: {' | '.join(azurite.output[-5:])}")
+    try:
+        while not ready.wait(0.1):
+            if time.monotonic() > deadline:
+                raise AzuriteError(f"Azurite did not start within {timeout_s:.0f} s: {' | '.join(azurite.output[-5:])}")
+    except BaseException:  # not started in time, or the caller interrupted (Ctrl-C, SIGTERM): none left behind
+        azurite.stop()
+        raise
     if len(azurite.ports) != 3:
         azurite.stop()
         raise AzuriteError(f"Azurite exited during start-up: {' | '.join(azurite.output[-5:])}")

@@ -424,6 +424,7 @@ def run_host(start_azurite: bool) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stopping short
         if host:
             host.stop()
         if azurite:

@@ -31,6 +31,9 @@ def spawn(module: str, directory: Path, log_name: str) -> int:
             start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"},
         )
+    # Reaped the moment it ends, so a caller that lives on (the host, a test) keeps no zombie of
+    # it; a caller that ends first leaves that to init.
+    threading.Thread(target=process.wait, name=f"reap-{process.pid}", daemon=True).start()
     return process.pid
 
 
