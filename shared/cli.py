@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.backends.registry import BACKENDS, plugin
-from shared.ledger import LedgerError, migrate_ledger, open_ledger
+from shared.ledger import LedgerError, is_run_id, migrate_ledger, open_ledger
 from shared.settings import Settings, SettingsError, get_settings
 from shared.status import runs_response
+from shared.validation import JOB_NAME, MODEL_NAME, MODEL_VERSION, RESOURCE_NAME, Rule
 from shared.vocabulary import (
     MANAGED_BY,
     MANAGED_BY_TAG,
@@ -307,9 +308,7 @@ def _register(args: argparse.Namespace) -> int:
 def _deploy(args: argparse.Namespace) -> int:
     from shared.backends.interface import ModelRef
 
-    name, sep, version = args.model.rpartition(":")
-    if not sep or not name or not version:
-        raise CliError(f"--model {args.model!r}: expected NAME:VERSION")
+    name, _, version = args.model.rpartition(":")
     deployment = args.deployment or re.sub(r"[^A-Za-z0-9]+", "-", f"v{version}-{name}")[:32].strip("-")
     backend = _local_backend()
     backend.deploy(ModelRef(name, version), args.endpoint, deployment, {MANAGED_BY_TAG: MANAGED_BY})
@@ -374,6 +373,40 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def _named(what: str, rule: Rule) -> Callable[[str], str]:
+    """An argument type for a name a user gives: checked here, at the door, once, against the
+    rule the backend holds names to (Azure ML's), so no bad name reaches a folder or a service."""
+
+    def parse(value: str) -> str:
+        try:
+            return str(rule.parse(value))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {value!r}: {rule.expects}") from None
+
+    return parse
+
+
+def _model(value: str) -> str:
+    """NAME:VERSION, each checked."""
+    name, colon, version = value.rpartition(":")
+    if not colon:
+        raise argparse.ArgumentTypeError(f"model {value!r}: expected NAME:VERSION")
+    return f"{_named('model name', MODEL_NAME)(name)}:{_named('model version', MODEL_VERSION)(version)}"
+
+
+def _run(value: str) -> str:
+    if not is_run_id(value):
+        raise argparse.ArgumentTypeError(f"run id {value!r}: expected one as `status` lists them (a-z, 0-9, -)")
+    return value
+
+
+_JOB, _ENDPOINT, _DEPLOYMENT = (
+    _named("job name", JOB_NAME),
+    _named("endpoint", RESOURCE_NAME),
+    _named("deployment", RESOURCE_NAME),
+)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # Exit 2 means "dataset rejected" here, so usage errors exit 1 instead of argparse's 2.
@@ -388,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     status = commands.add_parser("status", help="recent runs, or one run with its history")
-    status.add_argument("run", nargs="?", help="a run id")
+    status.add_argument("run", nargs="?", type=_run, help="a run id")
     status.add_argument("--state", help="only runs in this state")
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(handler=_status)
@@ -415,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit prepared data to the configured backend")
     submit.add_argument("--prepared", required=True, help="a folder written by 'prepare', or a storage URI")
     submit.add_argument("--backend", choices=tuple(BACKENDS), help="instead of ML_BACKEND")
-    submit.add_argument("--job", help="the job's name (default: ft-<folder name>)")
+    submit.add_argument("--job", type=_JOB, help="the job's name (default: ft-<folder name>)")
     submit.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training parameter, repeatable")
     submit.add_argument("--dry-run", action="store_true", help="print the Azure ML job body; send nothing")
     submit.add_argument("--vm-size", help="with --dry-run: the cluster's VM size, for the estimate")
@@ -424,36 +457,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="start (or resume) a local fine-tune job")
     train.add_argument("--prepared", required=True, help="a folder written by 'prepare'")
-    train.add_argument("--job", required=True, help="the job's name; the same name resumes it")
+    train.add_argument("--job", type=_JOB, required=True, help="the job's name; the same name resumes it")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="a training parameter, repeatable")
     train.add_argument("--wait", action="store_true", help="wait for the end; exit 0 only if it Completed")
     train.set_defaults(handler=_train)
 
     jobs = commands.add_parser("jobs", help="status of local jobs")
-    jobs.add_argument("name", nargs="?")
+    jobs.add_argument("name", nargs="?", type=_JOB)
     jobs.set_defaults(handler=_jobs)
 
     register = commands.add_parser("register", help="register a completed job's model")
-    register.add_argument("--job", required=True)
+    register.add_argument("--job", type=_JOB, required=True)
     register.set_defaults(handler=_register)
 
     deploy = commands.add_parser("deploy", help="serve a registered model at a local endpoint, with all its traffic")
-    deploy.add_argument("--model", required=True, metavar="NAME:VERSION")
-    deploy.add_argument("--endpoint", required=True)
-    deploy.add_argument("--deployment", help="the deployment's name (default: v<VERSION>-<NAME>, shortened)")
+    deploy.add_argument("--model", type=_model, required=True, metavar="NAME:VERSION")
+    deploy.add_argument("--endpoint", type=_ENDPOINT, required=True)
+    deploy.add_argument(
+        "--deployment", type=_DEPLOYMENT, help="the deployment's name (default: v<VERSION>-<NAME>, shortened)"
+    )
     deploy.set_defaults(handler=_deploy)
 
     roll_back = commands.add_parser("rollback", help="route an endpoint's traffic back to its previous deployment")
-    roll_back.add_argument("endpoint")
+    roll_back.add_argument("endpoint", type=_ENDPOINT)
     roll_back.set_defaults(handler=_rollback)
 
     keys = commands.add_parser("keys", help="an endpoint's keys (the only place they are shown)")
-    keys.add_argument("endpoint")
+    keys.add_argument("endpoint", type=_ENDPOINT)
     keys.set_defaults(handler=_keys)
 
     invoke = commands.add_parser("invoke", help="send a message, or a request file, to an endpoint")
-    invoke.add_argument("--endpoint", required=True)
-    invoke.add_argument("--deployment", help="this deployment, whatever the traffic split")
+    invoke.add_argument("--endpoint", type=_ENDPOINT, required=True)
+    invoke.add_argument("--deployment", type=_DEPLOYMENT, help="this deployment, whatever the traffic split")
     body = invoke.add_mutually_exclusive_group(required=True)
     body.add_argument("--message", help="one user message, sent in Azure ML's chat shape")
     body.add_argument("--file", metavar="REQUEST.json", help="a whole request body")
@@ -470,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     endpoints.set_defaults(handler=_endpoints)
 
     delete = commands.add_parser("delete-endpoint", help="stop and remove a local endpoint")
-    delete.add_argument("endpoint")
+    delete.add_argument("endpoint", type=_ENDPOINT)
     delete.set_defaults(handler=_delete_endpoint)
 
     host = commands.add_parser("host", help="run the function app locally without Core Tools")

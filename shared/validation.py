@@ -85,6 +85,33 @@ RESOURCE_NAME = Rule(
     "3-32 characters: a letter first, then letters, digits and hyphens, ending with a letter or digit",
     resource_name,
 )
+
+
+def matching(pattern: str) -> Callable[[str], str]:
+    """A parser that takes the whole text only if it all matches `pattern` (a line end included)."""
+    compiled = re.compile(pattern)
+
+    def parse(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(value)
+        return value
+
+    return parse
+
+
+# A job's name: also a folder name on this machine (a local job's), so a safe set; Azure ML's job
+# names take the same characters.
+JOB_NAME = Rule(
+    "1-255 characters: letters, digits, '-' and '_', starting with a letter or digit",
+    matching(r"[A-Za-z0-9][A-Za-z0-9_-]{0,254}"),
+)
+# A registered model's name and version, as Azure ML's model registry takes them.
+MODEL_NAME = Rule(
+    "1-255 characters: letters, digits, '-', '_' and '.', starting with a letter or digit",
+    matching(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}"),
+)
+MODEL_VERSION = Rule("letters, digits, '-', '_' and '.' (a local model's version is a number)",
+                     matching(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"))  # fmt: skip
 POSITIVE_INT = Rule("a whole number, at least 1", checked(int, lambda number: number >= 1))
 TEST_PERCENT = Rule("a percentage above 0 and below 100", checked(float, lambda number: 0 < number < 100))
 USD = Rule("an amount in US dollars, at least 0 (0: no limit)", checked(float, lambda number: number >= 0))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 from dataclasses import asdict, dataclass, field
@@ -21,9 +20,9 @@ from typing import Any
 from shared.backends.interface import BackendError
 from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
 from shared.eventgrid import send_event
+from shared.validation import JOB_NAME
 from shared.vocabulary import PIPELINE_RUN_TYPE, RUN_STATUS_CHANGED, TEST_FILE, TRAIN_FILE, JobStatus
 
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 _PUBLISHED = "event-published"
 PROGRESS_FILE = "progress.json"
 
@@ -64,9 +63,10 @@ class JobRecord:
 
 
 def check_job_name(name: str) -> str:
-    if not _JOB_NAME.match(name):
-        raise JobError(f"job name {name!r}: use letters, digits, '-' and '_', starting with a letter or digit")
-    return name
+    try:
+        return str(JOB_NAME.parse(name))
+    except ValueError:
+        raise JobError(f"job name {name!r}: {JOB_NAME.expects}") from None
 
 
 def job_dir(data_dir: Path, job_name: str) -> Path:
