@@ -48,6 +48,7 @@ class Route:
     port: int
     key: str
     folder: Path  # the endpoint's
+    timeout_s: float  # the deployment's request timeout: its body must have arrived by then
 
 
 _parsed: dict[Path, tuple[tuple[int, int], Any]] = {}
@@ -91,10 +92,10 @@ def route(endpoints_root: Path, authorization: str, deployment: str | None) -> R
         # Compared with the folders there, never joined into a path: a name like '../other' reaches nothing.
         raise ApiError(404, f"endpoint {found.name} has no deployment {deployment!r}", code="not_found")
     folder = found / "deployments" / deployment
-    ready, key = _read(folder / "ready.json"), _read(folder / "keys.json")
-    if not ready or not key:
+    ready, key, spec = _read(folder / "ready.json"), _read(folder / "keys.json"), _read(folder / "deployment.json")
+    if not ready or not key or not spec:
         raise ApiError(503, f"deployment {deployment} of endpoint {found.name} is not ready", "server_error")
-    return Route(found.name, deployment, int(ready["port"]), key["key"], found)
+    return Route(found.name, deployment, int(ready["port"]), key["key"], found, float(spec["request_timeout_s"]))
 
 
 def build_app(endpoints_root: Path) -> FastAPI:
@@ -122,7 +123,11 @@ def build_app(endpoints_root: Path) -> FastAPI:
         chosen = await run_in_threadpool(route, endpoints_root, authorization, named)  # file reads: off the loop
         with suppress(OSError):  # the endpoint deleted meanwhile
             (chosen.folder / "last_request").write_text(datetime.now(UTC).isoformat())
-        body = await _body(request)
+        try:  # a sender too slow for the request timeout is cut off, not left holding a slot
+            body = await asyncio.wait_for(_body(request), chosen.timeout_s)
+        except TimeoutError:
+            raise ApiError(408, f"the request's body did not arrive within {chosen.timeout_s:.0f} s", "timeout",
+                           "timeout") from None  # fmt: skip
         headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
         headers |= {"authorization": f"Bearer {chosen.key}", DEPLOYMENT_HEADER: chosen.deployment}
         url = f"http://127.0.0.1:{chosen.port}/{path}" + (f"?{request.url.query}" if request.url.query else "")
