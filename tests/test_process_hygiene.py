@@ -9,8 +9,13 @@ from typing import Any
 
 import pytest
 
-from shared.backends.local.processes import spawn
+from shared.backends.local import endpoints
+from shared.backends.local.processes import pid_alive, spawn
+from shared.backends.local.settings import TINY_PHI3
+from shared.backends.local.tiny_model import build_tiny_phi3
 from shared.dev import azurite as azurite_module
+from shared.dev.adapters import random_adapter_model
+from tests.conftest import stop_local_processes
 
 
 def test_a_spawned_process_is_reaped_when_it_ends(tmp_path: Path) -> None:
@@ -48,3 +53,35 @@ def test_azurite_interrupted_while_it_starts_is_stopped(monkeypatch: pytest.Monk
         azurite_module.start_azurite(timeout_s=0)  # so the loop looks at the clock on its first pass
     (process,) = started
     assert process.poll() is not None  # stopped, not left serving
+
+
+class HandlerKilled(BaseException):
+    """Stands for the process dying: nothing after it runs, nothing catches it."""
+
+
+@pytest.mark.slow
+def test_an_endpoint_deletion_cut_short_is_finished_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = build_tiny_phi3(tmp_path / TINY_PHI3)
+    data = tmp_path / "local"
+    endpoints.serve(data, "ep-cut", ("one", "1", random_adapter_model(base, tmp_path / "adapter", seed=1)), 30)
+    server_pid = int(next(data.glob("servers/*/server.pid")).read_text())
+    real = endpoints._remove_deployment
+
+    def killed(*args: Any) -> None:
+        raise HandlerKilled
+
+    monkeypatch.setattr(endpoints, "_remove_deployment", killed)
+    try:
+        with pytest.raises(HandlerKilled):
+            endpoints.delete(data, "ep-cut")  # the endpoint is gone for readers, its server still runs
+        with pytest.raises(endpoints.EndpointError, match="no endpoint 'ep-cut'"):
+            endpoints.get(data, "ep-cut")
+        assert pid_alive(server_pid)
+        monkeypatch.setattr(endpoints, "_remove_deployment", real)
+        assert endpoints.delete(data, "ep-cut")  # redone: it finishes the job
+        assert not (data / "endpoints" / "ep-cut").exists()
+        assert not pid_alive(server_pid) and not list(data.glob("servers/*"))
+    finally:
+        stop_local_processes(data)

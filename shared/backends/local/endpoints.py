@@ -3,7 +3,8 @@ a traffic split over its deployments, each deployment a model version.
 
 On disk, under the data folder:
 - `endpoints/<name>/`: `endpoint.json`, `keys.json` (readable by the owner only), `traffic.json`
-  (deployment -> percent), `last_request` (written by the gateway);
+  (deployment -> percent), `last_request` (written by the gateway), `deleting` (while it is
+  deleted, so that a deletion cut short is finished by the next);
 - `endpoints/<name>/deployments/<deployment>/`: `deployment.json`, `keys.json` (the key the gateway
   uses), `ready.json` or `failed.json` from its server, `last_request`;
 - `servers/<id>/` (`server.json`, `server.pid`, `server.log`): a process holding one model;
@@ -33,6 +34,8 @@ from shared.backends.local import served_model
 from shared.backends.local.processes import file_lock, pid_alive, read_json, spawn, write_json
 from shared.validation import RESOURCE_NAME, resource_name
 from shared.vocabulary import DEPLOYMENT_HEADER
+
+_DELETING = "deleting"
 
 
 class EndpointError(BackendError):
@@ -186,6 +189,8 @@ def deploy(
         raise EndpointError(f"{model_path} is not an MLflow model folder")
     with _changing(data_dir):
         if not (directory / "endpoint.json").exists():
+            if (directory / _DELETING).exists():  # a deletion cut short: its servers stopped first
+                _finish_deleting(data_dir, directory)
             shutil.rmtree(directory, ignore_errors=True)  # a deployer that died before endpoint.json
             directory.mkdir(parents=True)
             keys = {key: secrets.token_urlsafe(32) for key in ("primary_key", "secondary_key")}
@@ -335,18 +340,23 @@ def delete_deployment(data_dir: Path, endpoint: str, name: str) -> bool:
 
 def delete(data_dir: Path, name: str) -> bool:
     """Remove the endpoint with every deployment, and servers left serving nothing. False if there
-    was none."""
+    was none. A deletion cut short (the process killed) is finished by the next."""
     directory = _directory(data_dir, name)
     with _changing(data_dir):
-        if not (directory / "endpoint.json").exists():
+        if not (directory / "endpoint.json").exists() and not (directory / _DELETING).exists():
             return False
-        (directory / "endpoint.json").unlink()  # first: the endpoint is gone even if the rest is cut short
-        for spec in sorted(directory.glob("deployments/*/deployment.json")):
-            _remove_deployment(data_dir, spec.parent)
-        shutil.rmtree(directory, ignore_errors=True)
-        if not any((data_dir / "endpoints").glob("*/endpoint.json")):
-            _stop(data_dir / "gateway", "gateway.pid")
+        _finish_deleting(data_dir, directory)
         return True
+
+
+def _finish_deleting(data_dir: Path, directory: Path) -> None:
+    (directory / _DELETING).touch()  # the intent first: whoever finds it finishes the deletion
+    (directory / "endpoint.json").unlink(missing_ok=True)  # the endpoint is gone for every reader
+    for spec in sorted(directory.glob("deployments/*/deployment.json")):
+        _remove_deployment(data_dir, spec.parent)
+    shutil.rmtree(directory, ignore_errors=True)
+    if not any((data_dir / "endpoints").glob("*/endpoint.json")):
+        _stop(data_dir / "gateway", "gateway.pid")
 
 
 def _remove_deployment(data_dir: Path, folder: Path) -> None:
