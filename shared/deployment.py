@@ -156,14 +156,16 @@ def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bo
     verdict = promotion.evaluate(settings, backend, run, live)
     gate = {"gate": {"passed": verdict.passed, "reason": verdict.reason, **verdict.numbers}}
     if not verdict.passed:
-        refused = ledger.advance(run, S.REFUSED, "refused by the evaluation gate", reason=verdict.reason, details=gate)
+        serving = f"{live.deployment_name} still serves" if live else "nothing was serving"
+        told = lifecycle.tell(lifecycle.MODEL_REFUSED, endpoint=endpoint, deployment=deployment, gate=gate["gate"],
+                              serving=serving)  # fmt: skip
+        refused = ledger.advance(run, S.REFUSED, "refused by the evaluation gate", reason=verdict.reason, details=gate,
+                                 tell=told)  # fmt: skip
         removed = _remove_deployment(ledger, backend, refused)
         if removed:
-            refused = ledger.note(run.run_id, removed)
+            ledger.note(run.run_id, removed)
         ledger.free_endpoint(endpoint, run.run_id)
-        serving = f"{live.deployment_name} still serves" if live else "nothing was serving"
-        lifecycle.publish(settings, lifecycle.MODEL_REFUSED, refused, endpoint=endpoint, deployment=deployment,
-                          gate=gate["gate"], serving=serving)  # fmt: skip
+        lifecycle.publish(settings, ledger, run.run_id)
         return False
     share, minutes = settings.rollout.share_percent, settings.rollout.step_minutes
     now = datetime.now(UTC)
@@ -193,12 +195,13 @@ def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, pre
         ledger.advance(previous, S.SUPERSEDED, f"replaced by {deployment} ({run.model_name}:{run.model_version}); "
                        f"kept at 0% traffic for a rollback for {window:g} h")  # fmt: skip
     replaced = f", in place of {previous.deployment_name}" if previous else ""
+    told = lifecycle.tell(lifecycle.MODEL_DEPLOYED, endpoint=endpoint, deployment=deployment, scoringUri=url,
+                          model=f"{run.model_name}:{run.model_version}",
+                          replaced=previous.deployment_name if previous else None)  # fmt: skip
     deployed = ledger.advance(run, S.DEPLOYED, f"serving all the traffic of endpoint {endpoint}{replaced}",
-                              endpoint_url=url)  # fmt: skip
+                              endpoint_url=url, tell=told)  # fmt: skip
     ledger.free_endpoint(endpoint, run.run_id)
-    lifecycle.publish(settings, lifecycle.MODEL_DEPLOYED, deployed, endpoint=endpoint, deployment=deployment,
-                      scoringUri=url, model=f"{run.model_name}:{run.model_version}",
-                      replaced=previous.deployment_name if previous else None)  # fmt: skip
+    lifecycle.publish(settings, ledger, run.run_id)
     return deployed
 
 
@@ -232,8 +235,10 @@ def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend
         raise RollbackError(f"endpoint {endpoint!r}: {busy}; roll back once that is done")
     try:
         backend.set_traffic(endpoint, {target.deployment_name: 100})
-        rolled_back = ledger.advance(claimed, S.ROLLED_BACK, f"rolled back: {target.deployment_name} serves again; "
-                                     f"kept at 0% traffic for {window:g} h")  # fmt: skip
+        told = lifecycle.tell(lifecycle.MODEL_ROLLED_BACK, endpoint=endpoint, deployment=current.deployment_name,
+                              serving=target.deployment_name, scoringUri=_scoring_uri(backend, endpoint))  # fmt: skip
+        ledger.advance(claimed, S.ROLLED_BACK, f"rolled back: {target.deployment_name} serves again; "
+                       f"kept at 0% traffic for {window:g} h", tell=told)  # fmt: skip
         again = f"serving all the traffic again: {current.deployment_name} was rolled back"
         target = (
             ledger.advance(target, S.DEPLOYED, again)
@@ -243,24 +248,31 @@ def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend
     finally:
         ledger.release(current.run_id, claimed.driver or "")
         ledger.free_endpoint(endpoint, current.run_id)
-    # Where it serves now (a serverless endpoint's URL is its deployment's: a rollback changes it).
-    url = backend.endpoint(endpoint).scoring_uri
-    lifecycle.publish(settings, lifecycle.MODEL_ROLLED_BACK, rolled_back, endpoint=endpoint,
-                      deployment=current.deployment_name, serving=target.deployment_name, scoringUri=url)  # fmt: skip
+    lifecycle.publish(settings, ledger, current.run_id)
     return target
+
+
+def _scoring_uri(backend: Backend, endpoint: str) -> str | None:
+    """Where the endpoint serves now (a serverless endpoint's URL is its deployment's: a rollback
+    changes it); None when it cannot be read: the event goes without it rather than not at all."""
+    try:
+        return backend.endpoint(endpoint).scoring_uri
+    except BackendError:
+        return None
 
 
 def _fail(settings: Settings, ledger: Ledger, backend: Backend, run: Run, message: str, reason: str,
           details: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Record the failure first, then delete what the run deployed so nothing bills: a handler
     that lost the race (the ledger moved past the state it read) records nothing and removes nothing."""
-    failed = ledger.advance(run, S.DEPLOY_FAILED, message, reason=reason, details=details)
+    failed = ledger.advance(run, S.DEPLOY_FAILED, message, reason=reason, details=details,
+                            tell=lifecycle.tell(lifecycle.JOB_FAILED, stage="deployment"))  # fmt: skip
     removed = _remove_deployment(ledger, backend, failed)
     if removed:
-        failed = ledger.note(run.run_id, removed)
+        ledger.note(run.run_id, removed)
     if run.endpoint_name:
         ledger.free_endpoint(run.endpoint_name, run.run_id)
-    lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="deployment")
+    lifecycle.publish(settings, ledger, run.run_id)
 
 
 def drive_run(settings: Settings, ledger: Ledger, run_id: str, backend: Backend | None = None) -> Run:

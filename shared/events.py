@@ -130,11 +130,13 @@ def finish_job(
     reason = reason or _backend_reason(backend or get_backend(settings), job) or f"job {job} {job_status}"
     try:
         spent = training_spend(run, datetime.now(UTC))
-        ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason, details=spent)
+        told = lifecycle.tell(lifecycle.JOB_FAILED, stage="training", jobStatus=str(job_status),
+                              spend={**run.details, **(spent or {})}.get(SPEND))  # fmt: skip
+        ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason, details=spent,
+                               tell=told)  # fmt: skip
     except (IllegalTransition, RunChanged):
         return ledger.get(run.run_id)
-    lifecycle.publish(settings, lifecycle.JOB_FAILED, ended, stage="training", jobStatus=str(job_status),
-                      spend=ended.details.get(SPEND))  # fmt: skip
+    lifecycle.publish(settings, ledger, run.run_id)
     return ended
 
 

@@ -87,15 +87,13 @@ def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) 
     try:
         if preparation.accepted:
             return ledger.advance(run, RunState.PREPARED, preparation.reason, details=details)
-        rejected = ledger.advance(
-            run, RunState.REJECTED, "dataset rejected", reason=preparation.reason, details=details
-        )
+        told = lifecycle.tell(lifecycle.DATASET_REJECTED, report=f"{PREPARED_CONTAINER}/{run.run_id}/report.json")
+        rejected = ledger.advance(run, RunState.REJECTED, "dataset rejected", reason=preparation.reason,
+                                  details=details, tell=told)  # fmt: skip
     except RunChanged:
         # A concurrent delivery prepared the same upload (same deterministic files) and won.
         return ledger.get(run.run_id)
-    lifecycle.publish(
-        settings, lifecycle.DATASET_REJECTED, rejected, report=f"{PREPARED_CONTAINER}/{run.run_id}/report.json"
-    )
+    lifecycle.publish(settings, ledger, run.run_id)
     return rejected
 
 
@@ -118,19 +116,21 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | 
             status = backend.submit(request)
     except BackendError as error:
         try:
-            failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error))
+            failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error),
+                                    tell=lifecycle.tell(lifecycle.JOB_FAILED, stage="submission"))  # fmt: skip
         except RunChanged:
             return ledger.get(run.run_id)
-        lifecycle.publish(settings, lifecycle.JOB_FAILED, failed, stage="submission")
+        lifecycle.publish(settings, ledger, run.run_id)
         return failed
     try:
         # What the checks could not check (an allow-list the registry does not name) is said
         # in the history, never passed over silently.
         message = "; ".join([f"submitted job {status.job_name} ({status.status})", *status.notes])
         notes = {"submission_notes": list(status.notes)} if status.notes else None
-        submitted = ledger.advance(run, RunState.SUBMITTED, message, job_name=status.job_name, details=notes)
+        told = lifecycle.tell(lifecycle.JOB_SUBMITTED, job=status.job_name, estimate=report.get("estimate"))
+        submitted = ledger.advance(run, RunState.SUBMITTED, message, job_name=status.job_name, details=notes,
+                                   tell=told)  # fmt: skip
     except RunChanged:
         return ledger.get(run.run_id)
-    estimate = report.get("estimate")
-    lifecycle.publish(settings, lifecycle.JOB_SUBMITTED, submitted, job=status.job_name, estimate=estimate)
+    lifecycle.publish(settings, ledger, run.run_id)
     return submitted

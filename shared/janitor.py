@@ -21,7 +21,7 @@ from shared.backends.registry import get_backend
 from shared.costs.spend import SPEND, hosting_spend
 from shared.deployment import CHANGING_STATES, DRIVEN_STATES, HOSTED_STATES, drive_run
 from shared.events import finish_job
-from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState
+from shared.ledger import IllegalTransition, Ledger, Run, RunChanged, RunState, Tell
 from shared.settings import JanitorSettings, Settings
 from shared.vocabulary import KEEP_TAG, MANAGED_BY, MANAGED_BY_TAG
 
@@ -98,14 +98,15 @@ def _claimed_since(runs: list[Run], created: datetime | None) -> bool:
                for run in runs if run.state == RunState.TORN_DOWN)  # fmt: skip
 
 
-def _tear_down(ledger: Ledger, runs: list[Run], message: str, now: datetime) -> list[Run] | None:
-    """Record the runs torn down, the one serving first (with its hosting spend): None when a
-    concurrent sweep moved it first, and so deletes what they had."""
+def _tear_down(ledger: Ledger, runs: list[Run], message: str, now: datetime,
+               tell: Tell | None = None) -> list[Run] | None:  # fmt: skip
+    """Record the runs torn down, the one serving first (with its hosting spend, and `tell` to
+    tell of each): None when a concurrent sweep moved it first, and so deletes what they had."""
     done = []
     for run in sorted(runs, key=lambda run: run.state != RunState.DEPLOYED):
         spend = hosting_spend(run, now) if run.state == RunState.DEPLOYED else None
         try:
-            done.append(ledger.advance(run, RunState.TORN_DOWN, message, details=spend))
+            done.append(ledger.advance(run, RunState.TORN_DOWN, message, details=spend, tell=tell))
         except (RunChanged, IllegalTransition):
             if not done:
                 return None
@@ -140,12 +141,12 @@ def _delete_replaced(settings: Settings, ledger: Ledger, backend: Backend, endpo
                 log.warning("janitor could not delete deployment %s of %s: %s", deployment, endpoint, error)
                 errors.append(str(error))
                 continue
-            torn = _tear_down(ledger, [run], message, now)
+            told = lifecycle.tell(lifecycle.DEPLOYMENT_DELETED, endpoint=endpoint, deployment=deployment)
+            torn = _tear_down(ledger, [run], message, now, told)  # deleted first: told with its record
             if torn is None:
                 continue  # recorded by a concurrent sweep
             deleted.append(f"{endpoint}/{deployment}")
-            lifecycle.publish(settings, lifecycle.DEPLOYMENT_DELETED, torn[0], endpoint=endpoint,
-                              deployment=deployment)  # fmt: skip
+            lifecycle.publish(settings, ledger, run.run_id)
     return deleted
 
 
@@ -155,6 +156,9 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
     if past_due:
         log.info("janitor tick is past due; one sweep now covers the missed ones")
     backend = backend or get_backend(settings)
+    # What a handler recorded to tell and did not get to send (it died, the topic was down) goes
+    # now: every lifecycle event is sent at least once.
+    lifecycle.publish(settings, ledger)
     finished = _poll_jobs(settings, ledger, backend)
     # Runs whose job completed but whose deployment has not finished (still provisioning, or a
     # step that hit a transient error) are driven on from where they are.
@@ -197,9 +201,11 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
             continue
         if gone:
             deleted.append(verdict.endpoint)
-            for run in torn_down:
-                lifecycle.publish(settings, lifecycle.ENDPOINT_DELETED, run, endpoint=endpoint.name,
-                                  evidence=verdict.evidence, spend=run.details.get(SPEND))  # fmt: skip
+            for run in torn_down:  # told once it is gone (its runs were recorded torn down before)
+                ledger.note(run.run_id, f"endpoint {endpoint.name} is gone", tell=lifecycle.tell(
+                    lifecycle.ENDPOINT_DELETED, endpoint=endpoint.name, evidence=verdict.evidence,
+                    spend=run.details.get(SPEND)))  # fmt: skip
+                lifecycle.publish(settings, ledger, run.run_id)
     return {
         "backend": settings.ml_backend,
         "past_due": past_due,

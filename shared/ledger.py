@@ -299,6 +299,48 @@ def _index_moves(before: Run | None, after: Run) -> list[tuple[str, dict[str, An
     ]
 
 
+@dataclass(frozen=True)
+class Tell:
+    """A lifecycle event to tell other systems about a change of a run: its type and data."""
+
+    event_type: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Told:
+    """A lifecycle event recorded with its change and not yet sent, with the run's state then."""
+
+    key: str
+    event_id: str  # the same however often it is sent: receivers drop duplicates by it
+    run_id: str
+    event_type: str
+    state: str
+    reason: str | None
+    upload: str
+    data: dict[str, Any]
+
+
+def _outbox_row(run: Run, history_index: int, tell: Tell) -> tuple[str, dict[str, Any]]:
+    """The operation recording `tell` about `run` (as the change leaves it), in the change's own
+    transaction; keyed by the history row of the change, so each change tells once."""
+    event_id = f"{run.run_id}:{history_index:05d}"
+    return (
+        "create",
+        {
+            "PartitionKey": PARTITION,
+            "RowKey": f"outbox:{event_id}",
+            "EventId": event_id,
+            "RunId": run.run_id,
+            "EventType": tell.event_type,
+            "State": str(run.state),
+            "Reason": run.reason or "",
+            "Upload": f"{run.upload.container}/{run.upload.blob_name}",
+            "Data": json.dumps(dict(tell.data), default=str),
+        },
+    )
+
+
 def _key_range(prefix: str) -> tuple[str, dict[str, Any]]:
     """A query for the rows whose keys start with `prefix` (';' is the character after ':')."""
     return (
@@ -443,9 +485,11 @@ class Ledger:
         *,
         reason: str | None = None,
         details: Mapping[str, Any] | None = None,
+        tell: Tell | None = None,
         **facts: str,
     ) -> Run:
-        """Move `run` (as read, with its ETag) to `target`, recording `message` in its history.
+        """Move `run` (as read, with its ETag) to `target`, recording `message` in its history and,
+        with `tell`, the lifecycle event to send about it (in the same transaction: see `outbox`).
 
         Raises IllegalTransition when the state machine forbids it, RunChanged when another
         handler changed the run since it was read. `reason` is required for failure states;
@@ -476,8 +520,9 @@ class Ledger:
         history_row = _history_row(run.run_id, run.history_length, now, target, history_message)
         # Only the state and these two facts are indexed.
         job, endpoint = facts.get("job_name", run.job_name), facts.get("endpoint_name", run.endpoint_name)
-        moved = replace(run, state=target, job_name=job, endpoint_name=endpoint)
-        self._write(run, changes, history_row, _index_moves(run, moved))
+        moved = replace(run, state=target, job_name=job, endpoint_name=endpoint, reason=reason or run.reason)
+        told = [_outbox_row(moved, run.history_length, tell)] if tell else []
+        self._write(run, changes, history_row, [*_index_moves(run, moved), *told])
         return self.get(run.run_id)
 
     def claim(self, run: Run, holder: str, ttl: timedelta) -> Run | None:
@@ -542,8 +587,9 @@ class Ledger:
             if entity.get("Holder") == run_id:
                 self._table.update_entity({**entity, "Holder": ""}, **_unchanged_since(entity.metadata["etag"]))
 
-    def note(self, run_id: str, message: str, *, attempts: int = 10) -> Run:
-        """Append `message` to a run's history without changing its state."""
+    def note(self, run_id: str, message: str, *, tell: Tell | None = None, attempts: int = 10) -> Run:
+        """Append `message` to a run's history without changing its state (and, with `tell`, the
+        lifecycle event to send about the run as it is)."""
         for _ in range(attempts):
             run = self.get(run_id)
             now = _now()
@@ -554,24 +600,47 @@ class Ledger:
                 "HistoryLength": run.history_length + 1,
             }
             try:
-                self._write(run, changes, _history_row(run_id, run.history_length, now, run.state, message), [])
+                told = [_outbox_row(run, run.history_length, tell)] if tell else []
+                self._write(run, changes, _history_row(run_id, run.history_length, now, run.state, message), told)
             except RunChanged:
                 continue
             return self.get(run_id)
         raise RunChanged(run_id)
+
+    def outbox(self, run_id: str | None = None) -> list[Told]:
+        """The lifecycle events recorded and not yet sent (one run's, or every run's), oldest
+        first for each run. Each was written in the transaction of the change it tells of, so none
+        is lost however a handler dies; `told` removes one once it is sent."""
+        query, parameters = _key_range(f"outbox:{run_id}:" if run_id else "outbox:")
+        return [
+            Told(
+                row["RowKey"],
+                row["EventId"],
+                row["RunId"],
+                row["EventType"],
+                row["State"],
+                row.get("Reason") or None,
+                row["Upload"],
+                json.loads(row["Data"]),
+            )
+            for row in self._table.query_entities(query, parameters=parameters)
+        ]
+
+    def told(self, entry: Told) -> None:
+        self._table.delete_entity(PARTITION, entry.key)  # no error when a concurrent sender did it
 
     def _write(
         self,
         run: Run,
         changes: dict[str, Any],
         history_row: dict[str, Any],
-        index_moves: list[tuple[str, dict[str, Any]]],
+        also: list[tuple[str, dict[str, Any]]],  # the rest of the change: index rows, its outbox row
     ) -> None:
         from azure.data.tables import TableTransactionError
 
         try:
             self._table.submit_transaction(
-                [("update", changes, _unchanged_since(run.etag)), ("create", history_row), *index_moves]
+                [("update", changes, _unchanged_since(run.etag)), ("create", history_row), *also]
             )
         except TableTransactionError as error:
             # A concurrent writer either changed the run row (ETag mismatch) or wrote the same

@@ -1,6 +1,12 @@
 """Lifecycle events for other systems to react to (notifications, dashboards): published to
-`LIFECYCLE_TOPIC_ENDPOINT` when it is set. A failed publication is logged, never raised: telling
-others must not break the run itself."""
+`LIFECYCLE_TOPIC_ENDPOINT` when it is set.
+
+Each is recorded in the ledger in the same transaction as the change it tells of (an outbox), then
+sent: a handler that dies in between leaves it recorded, and the next handler of that run, or the
+janitor's next tick, sends it. So each is sent at least once, always with the same id, by which a
+receiver drops a duplicate. A failed send is logged, never raised: telling others must not break
+the run itself; the event waits for the next try.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import logging
 from typing import Any
 
 from shared.eventgrid import send_event
-from shared.ledger import Run
+from shared.ledger import Ledger, Tell
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,25 +29,39 @@ ENDPOINT_DELETED = "FineTune.EndpointDeleted"
 DEPLOYMENT_DELETED = "FineTune.DeploymentDeleted"  # a replaced one, past the rollback window
 
 
-def publish(settings: Settings, event_type: str, run: Run, **data: Any) -> None:
-    if not settings.lifecycle_topic_endpoint:
-        return
+def tell(event_type: str, **data: Any) -> Tell:
+    """What to record with a change, to be sent as `event_type` with `data` (see `publish`)."""
+    return Tell(event_type, data)
+
+
+def publish(settings: Settings, ledger: Ledger, run_id: str | None = None) -> None:
+    """Send the recorded events not yet sent, of one run (the one a handler just changed) or of
+    every run (the janitor), each removed once sent; the first that fails to go stops the rest of
+    its run's, to keep their order. Without a topic there is nobody to tell: they are dropped."""
+    credential = _credential(settings) if settings.lifecycle_topic_endpoint else None
+    stuck: set[str] = set()
+    for entry in ledger.outbox(run_id):
+        if entry.run_id in stuck:
+            continue
+        if settings.lifecycle_topic_endpoint:
+            payload = {"runId": entry.run_id, "state": entry.state, "upload": entry.upload, "reason": entry.reason,
+                       **entry.data}  # fmt: skip
+            try:
+                send_event(settings.lifecycle_topic_endpoint, credential, f"runs/{entry.run_id}", entry.event_type,
+                           "1", payload, event_id=entry.event_id)  # fmt: skip
+            except Exception as error:  # the run goes on; the event waits for the next try
+                log.warning("could not publish %s for run %s (tried again later): %s", entry.event_type,
+                            entry.run_id, error)  # fmt: skip
+                stuck.add(entry.run_id)
+                continue
+        ledger.told(entry)
+
+
+def _credential(settings: Settings) -> Any:
     from azure.core.credentials import AzureKeyCredential
 
     if settings.lifecycle_topic_key:
-        credential: Any = AzureKeyCredential(settings.lifecycle_topic_key)
-    else:
-        from azure.identity import DefaultAzureCredential
+        return AzureKeyCredential(settings.lifecycle_topic_key)
+    from azure.identity import DefaultAzureCredential
 
-        credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
-    payload = {
-        "runId": run.run_id,
-        "state": str(run.state),
-        "upload": f"{run.upload.container}/{run.upload.blob_name}",
-        "reason": run.reason,
-        **data,
-    }
-    try:
-        send_event(settings.lifecycle_topic_endpoint, credential, f"runs/{run.run_id}", event_type, "1", payload)
-    except Exception as error:  # the run goes on; the log says what was not told
-        log.warning("could not publish %s for run %s: %s", event_type, run.run_id, error)
+    return DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)

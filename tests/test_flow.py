@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ import pytest
 
 from functions.job_events import job_events
 from functions.status import endpoint_rollback
+from shared import lifecycle
 from shared.backends.local.settings import LOCAL_TOPIC, local_settings
 from shared.backends.registry import get_backend
 from shared.datasets.sample import conversations
 from shared.dev.eventgrid_topic import LocalTopic
 from shared.intake import handle_upload
 from shared.janitor import sweep
-from shared.ledger import Ledger, Run, RunState, open_ledger
+from shared.ledger import Ledger, Run, RunState, Upload, open_ledger
 from shared.settings import Settings, get_settings
 from shared.storage import blob_service
 from shared.vocabulary import DATASETS_CONTAINER, MANAGED_BY, PREPARED_CONTAINER, RUN_STATUS_CHANGED
@@ -287,7 +289,8 @@ def test_the_janitor_deletes_only_idle_managed_endpoints_once(
     assert sorted(e.name for e in backend.list_endpoints()) == ["ep-fresh", "ep-kept", "ep-recent", "ep-unmanaged"]
     run = ledger.get(run.run_id)
     assert run.state == S.TORN_DOWN
-    assert "min idle, window 10 min" in ledger.history(run.run_id)[-1].message
+    *_, torn_down, gone = ledger.history(run.run_id)
+    assert "min idle, window 10 min" in torn_down.message and gone.message.endswith("is gone")
     deleted = [e for e in lifecycle_events if e["eventType"] == "FineTune.EndpointDeleted"]
     assert [e["data"]["endpoint"] for e in deleted] == [run.endpoint_name]
     # What it was estimated to take (exact tokens, a measured rate, nothing billed) and what it took.
@@ -394,3 +397,23 @@ def test_retraining_keeps_the_url_gates_rolls_out_refuses_worse_and_rolls_back(
     assert ledger.get(v2.run_id).state == S.TORN_DOWN and ledger.get(v1.run_id).state == S.DEPLOYED
     assert backend.endpoint(endpoint).traffic == {v1.deployment_name: 100}
     assert _served_by(url, key) == {v1.deployment_name}
+
+
+def test_an_event_recorded_but_not_sent_goes_at_the_janitors_next_tick_once_with_its_id(
+    settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
+) -> None:
+    """A handler that dies after recording a change, or meets its topic down, leaves the event in
+    the ledger's outbox: it is sent later, at least once, always with the same id."""
+    run, _ = ledger.receive(Upload(DATASETS_CONTAINER, f"told-{uuid.uuid4().hex[:8]}.jsonl", "v1"), "received")
+    told = lifecycle.tell(lifecycle.DATASET_REJECTED, report="prepared/x/report.json")
+    ledger.advance(run, S.REJECTED, "dataset rejected", reason="line 3: not JSON", tell=told)
+    topic_down = replace(settings, lifecycle_topic_endpoint="http://127.0.0.1:9/api/events")  # nothing listens
+    lifecycle.publish(topic_down, ledger, run.run_id)
+    assert [entry.event_type for entry in ledger.outbox(run.run_id)] == [lifecycle.DATASET_REJECTED]
+
+    for _ in range(2):  # two ticks: sent by the first, not again by the second
+        sweep(settings, ledger, past_due=False)
+    (event,) = [event for event in lifecycle_events if event["data"]["runId"] == run.run_id]
+    assert event["id"] == f"{run.run_id}:00001" and event["eventType"] == lifecycle.DATASET_REJECTED
+    assert (event["data"]["state"], event["data"]["reason"]) == ("rejected", "line 3: not JSON")
+    assert event["data"]["report"] == "prepared/x/report.json" and ledger.outbox(run.run_id) == []
