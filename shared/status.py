@@ -58,7 +58,12 @@ def rollback_response(settings: Settings, ledger: Ledger, endpoint: str) -> Stat
     from shared.backends.interface import BackendError
     from shared.deployment import RollbackError, UnknownEndpoint, rollback
     from shared.ledger import LedgerError
+    from shared.validation import RESOURCE_NAME
 
+    try:  # the name, at the door
+        RESOURCE_NAME.parse(endpoint)
+    except ValueError:
+        return _json(400, {"error": f"endpoint {endpoint!r}: {RESOURCE_NAME.expects}"})
     try:
         serving = rollback(settings, ledger, endpoint)
     except UnknownEndpoint as error:

@@ -19,7 +19,7 @@ from azure.functions.timer import TimerRequest
 from functions.intake import dataset_intake
 from functions.janitor import endpoint_janitor
 from functions.job_events import job_events
-from functions.status import run_status
+from functions.status import endpoint_rollback, run_status
 from shared.backends.local.settings import LOCAL_TOPIC, local_settings
 from shared.datasets.sample import conversations
 from shared.intake import prepare_run
@@ -285,3 +285,13 @@ def test_status_explains_bad_requests(
     response = _get("runs", params, run_id)
     assert response.status_code == status
     assert says in json.loads(response.get_body())["error"]
+
+
+@pytest.mark.parametrize("endpoint", ["a b", "chat\n", "../runs", "x" * 33])
+def test_a_rollback_for_a_name_no_endpoint_can_have_is_refused_at_the_door(
+    app_settings: Settings, endpoint: str
+) -> None:
+    request = func.HttpRequest("POST", "/api/endpoints/x/rollback", body=b"", route_params={"endpoint": endpoint})
+    answer = endpoint_rollback.build().get_user_function()(request)
+    assert answer.status_code == 400
+    assert json.loads(answer.get_body())["error"].startswith(f"endpoint {endpoint!r}: 3-32 characters")
