@@ -157,8 +157,8 @@ def _judge(settings: Settings, ledger: Ledger, backend: Backend, run: Run) -> bo
     gate = {"gate": {"passed": verdict.passed, "reason": verdict.reason, **verdict.numbers}}
     if not verdict.passed:
         serving = f"{live.deployment_name} still serves" if live else "nothing was serving"
-        told = lifecycle.tell(lifecycle.MODEL_REFUSED, endpoint=endpoint, deployment=deployment, gate=gate["gate"],
-                              serving=serving)  # fmt: skip
+        told = lifecycle.tell(settings, lifecycle.MODEL_REFUSED, endpoint=endpoint, deployment=deployment,
+                              gate=gate["gate"], serving=serving)  # fmt: skip
         refused = ledger.advance(run, S.REFUSED, "refused by the evaluation gate", reason=verdict.reason, details=gate,
                                  tell=told)  # fmt: skip
         removed = _remove_deployment(ledger, backend, refused)
@@ -195,7 +195,7 @@ def _promote(settings: Settings, ledger: Ledger, backend: Backend, run: Run, pre
         ledger.advance(previous, S.SUPERSEDED, f"replaced by {deployment} ({run.model_name}:{run.model_version}); "
                        f"kept at 0% traffic for a rollback for {window:g} h")  # fmt: skip
     replaced = f", in place of {previous.deployment_name}" if previous else ""
-    told = lifecycle.tell(lifecycle.MODEL_DEPLOYED, endpoint=endpoint, deployment=deployment, scoringUri=url,
+    told = lifecycle.tell(settings, lifecycle.MODEL_DEPLOYED, endpoint=endpoint, deployment=deployment, scoringUri=url,
                           model=f"{run.model_name}:{run.model_version}",
                           replaced=previous.deployment_name if previous else None)  # fmt: skip
     deployed = ledger.advance(run, S.DEPLOYED, f"serving all the traffic of endpoint {endpoint}{replaced}",
@@ -235,8 +235,9 @@ def rollback(settings: Settings, ledger: Ledger, endpoint: str, backend: Backend
         raise RollbackError(f"endpoint {endpoint!r}: {busy}; roll back once that is done")
     try:
         backend.set_traffic(endpoint, {target.deployment_name: 100})
-        told = lifecycle.tell(lifecycle.MODEL_ROLLED_BACK, endpoint=endpoint, deployment=current.deployment_name,
-                              serving=target.deployment_name, scoringUri=_scoring_uri(backend, endpoint))  # fmt: skip
+        told = lifecycle.tell(settings, lifecycle.MODEL_ROLLED_BACK, endpoint=endpoint,
+                              deployment=current.deployment_name, serving=target.deployment_name,
+                              scoringUri=_scoring_uri(backend, endpoint))  # fmt: skip
         ledger.advance(claimed, S.ROLLED_BACK, f"rolled back: {target.deployment_name} serves again; "
                        f"kept at 0% traffic for {window:g} h", tell=told)  # fmt: skip
         again = f"serving all the traffic again: {current.deployment_name} was rolled back"
@@ -266,7 +267,7 @@ def _fail(settings: Settings, ledger: Ledger, backend: Backend, run: Run, messag
     """Record the failure first, then delete what the run deployed so nothing bills: a handler
     that lost the race (the ledger moved past the state it read) records nothing and removes nothing."""
     failed = ledger.advance(run, S.DEPLOY_FAILED, message, reason=reason, details=details,
-                            tell=lifecycle.tell(lifecycle.JOB_FAILED, stage="deployment"))  # fmt: skip
+                            tell=lifecycle.tell(settings, lifecycle.JOB_FAILED, stage="deployment"))  # fmt: skip
     removed = _remove_deployment(ledger, backend, failed)
     if removed:
         ledger.note(run.run_id, removed)

@@ -130,7 +130,7 @@ def finish_job(
     reason = reason or _backend_reason(backend or get_backend(settings), job) or f"job {job} {job_status}"
     try:
         spent = training_spend(run, datetime.now(UTC))
-        told = lifecycle.tell(lifecycle.JOB_FAILED, stage="training", jobStatus=str(job_status),
+        told = lifecycle.tell(settings, lifecycle.JOB_FAILED, stage="training", jobStatus=str(job_status),
                               spend={**run.details, **(spent or {})}.get(SPEND))  # fmt: skip
         ended = ledger.advance(run, target, f"job {job} {job_status.lower()}", reason=reason, details=spent,
                                tell=told)  # fmt: skip

@@ -87,7 +87,9 @@ def prepare_run(settings: Settings, ledger: Ledger, run: Run, blob: BlobClient) 
     try:
         if preparation.accepted:
             return ledger.advance(run, RunState.PREPARED, preparation.reason, details=details)
-        told = lifecycle.tell(lifecycle.DATASET_REJECTED, report=f"{PREPARED_CONTAINER}/{run.run_id}/report.json")
+        told = lifecycle.tell(
+            settings, lifecycle.DATASET_REJECTED, report=f"{PREPARED_CONTAINER}/{run.run_id}/report.json"
+        )
         rejected = ledger.advance(run, RunState.REJECTED, "dataset rejected", reason=preparation.reason,
                                   details=details, tell=told)  # fmt: skip
     except RunChanged:
@@ -116,8 +118,8 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | 
             status = backend.submit(request)
     except BackendError as error:
         try:
-            failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error),
-                                    tell=lifecycle.tell(lifecycle.JOB_FAILED, stage="submission"))  # fmt: skip
+            told = lifecycle.tell(settings, lifecycle.JOB_FAILED, stage="submission")
+            failed = ledger.advance(run, RunState.FAILED, "submission refused", reason=str(error), tell=told)
         except RunChanged:
             return ledger.get(run.run_id)
         lifecycle.publish(settings, ledger, run.run_id)
@@ -127,7 +129,7 @@ def submit_run(settings: Settings, ledger: Ledger, run: Run, backend: Backend | 
         # in the history, never passed over silently.
         message = "; ".join([f"submitted job {status.job_name} ({status.status})", *status.notes])
         notes = {"submission_notes": list(status.notes)} if status.notes else None
-        told = lifecycle.tell(lifecycle.JOB_SUBMITTED, job=status.job_name, estimate=report.get("estimate"))
+        told = lifecycle.tell(settings, lifecycle.JOB_SUBMITTED, job=status.job_name, estimate=report.get("estimate"))
         submitted = ledger.advance(run, RunState.SUBMITTED, message, job_name=status.job_name, details=notes,
                                    tell=told)  # fmt: skip
     except RunChanged:

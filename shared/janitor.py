@@ -141,9 +141,8 @@ def _delete_replaced(settings: Settings, ledger: Ledger, backend: Backend, endpo
                 log.warning("janitor could not delete deployment %s of %s: %s", deployment, endpoint, error)
                 errors.append(str(error))
                 continue
-            told = lifecycle.tell(lifecycle.DEPLOYMENT_DELETED, endpoint=endpoint, deployment=deployment)
-            torn = _tear_down(ledger, [run], message, now, told)  # deleted first: told with its record
-            if torn is None:
+            told = lifecycle.tell(settings, lifecycle.DEPLOYMENT_DELETED, endpoint=endpoint, deployment=deployment)
+            if _tear_down(ledger, [run], message, now, told) is None:  # deleted first: told with its record
                 continue  # recorded by a concurrent sweep
             deleted.append(f"{endpoint}/{deployment}")
             lifecycle.publish(settings, ledger, run.run_id)
@@ -202,9 +201,9 @@ def sweep(settings: Settings, ledger: Ledger, past_due: bool, now: datetime | No
         if gone:
             deleted.append(verdict.endpoint)
             for run in torn_down:  # told once it is gone (its runs were recorded torn down before)
-                ledger.note(run.run_id, f"endpoint {endpoint.name} is gone", tell=lifecycle.tell(
-                    lifecycle.ENDPOINT_DELETED, endpoint=endpoint.name, evidence=verdict.evidence,
-                    spend=run.details.get(SPEND)))  # fmt: skip
+                told = lifecycle.tell(settings, lifecycle.ENDPOINT_DELETED, endpoint=endpoint.name,
+                                      evidence=verdict.evidence, spend=run.details.get(SPEND))  # fmt: skip
+                ledger.note(run.run_id, f"endpoint {endpoint.name} is gone", tell=told)
                 lifecycle.publish(settings, ledger, run.run_id)
     return {
         "backend": settings.ml_backend,

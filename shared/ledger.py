@@ -213,12 +213,14 @@ class Run:
         }
 
 
-def _unchanged_since(etag: str | None) -> dict[str, Any]:
-    """A merge that fails if the entity changed since it was read with this ETag."""
+def _unchanged_since(etag: str | None, whole: bool = False) -> dict[str, Any]:
+    """A merge (with `whole`, a replacement) that fails if the entity changed since it was read
+    with this ETag."""
     from azure.core import MatchConditions
     from azure.data.tables import UpdateMode
 
-    return {"mode": UpdateMode.MERGE, "etag": etag, "match_condition": MatchConditions.IfNotModified}
+    mode = UpdateMode.REPLACE if whole else UpdateMode.MERGE
+    return {"mode": mode, "etag": etag, "match_condition": MatchConditions.IfNotModified}
 
 
 def _endpoint_partition(endpoint: str) -> str:
@@ -714,25 +716,20 @@ class Ledger:
         from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
         from azure.data.tables import TableTransactionError
 
-        rows = [
-            {**row, "PartitionKey": PARTITION, "RowKey": f"{run_key(run_id)}:{row['RowKey']}", "RunId": run_id}
-            for row in history
-        ]
         here = self.find(run_id)
         if here is not None and here.history_length >= int(old.get("HistoryLength", 0)):
             return False
+        rows = [
+            {**row, "PartitionKey": PARTITION, "RunId": run_id,
+             "RowKey": history_key(run_id, int(row["RowKey"].removeprefix(_HISTORY)))}
+            for row in history
+        ]  # fmt: skip
         for start in range(0, len(rows), _TRANSACTION_ROWS):
             self._table.submit_transaction([("upsert", row) for row in rows[start : start + _TRANSACTION_ROWS]])
         entity = {**old, "PartitionKey": PARTITION, "RowKey": run_key(run_id), "RunId": run_id}
         moves = _index_moves(here, _run_from_entity(entity, ""))
-        if here is None:
-            run_row: tuple[Any, ...] = ("create", entity)
-        else:  # copied before the version before wrote to it again: replaced, unless changed here since
-            from azure.core import MatchConditions
-            from azure.data.tables import UpdateMode
-
-            run_row = ("update", entity, {"mode": UpdateMode.REPLACE, "etag": here.etag,
-                                          "match_condition": MatchConditions.IfNotModified})  # fmt: skip
+        # Copied before the version before wrote to it again: replaced, unless changed here since.
+        run_row = ("create", entity) if here is None else ("update", entity, _unchanged_since(here.etag, whole=True))
         try:
             self._table.submit_transaction([run_row, *moves])
         except (TableTransactionError, ResourceExistsError, ResourceModifiedError) as error:

@@ -2,8 +2,8 @@
 `LIFECYCLE_TOPIC_ENDPOINT` when it is set.
 
 Each is recorded in the ledger in the same transaction as the change it tells of (an outbox), then
-sent: a handler that dies in between leaves it recorded, and the next handler of that run, or the
-janitor's next tick, sends it. So each is sent at least once, always with the same id, by which a
+sent: a handler that dies in between leaves it recorded, and the next handler that changes that
+run, or the janitor's next tick, sends it. So each is sent at least once, always with the same id, by which a
 receiver drops a duplicate. A failed send is logged, never raised: telling others must not break
 the run itself; the event waits for the next try.
 """
@@ -29,15 +29,19 @@ ENDPOINT_DELETED = "FineTune.EndpointDeleted"
 DEPLOYMENT_DELETED = "FineTune.DeploymentDeleted"  # a replaced one, past the rollback window
 
 
-def tell(event_type: str, **data: Any) -> Tell:
-    """What to record with a change, to be sent as `event_type` with `data` (see `publish`)."""
-    return Tell(event_type, data)
+def tell(settings: Settings, event_type: str, **data: Any) -> Tell | None:
+    """What to record with a change, to be sent as `event_type` with `data` (see `publish`);
+    nothing without a topic: there is nobody to tell."""
+    return Tell(event_type, data) if settings.lifecycle_topic_endpoint else None
 
 
 def publish(settings: Settings, ledger: Ledger, run_id: str | None = None) -> None:
     """Send the recorded events not yet sent, of one run (the one a handler just changed) or of
     every run (the janitor), each removed once sent; the first that fails to go stops the rest of
-    its run's, to keep their order. Without a topic there is nobody to tell: they are dropped."""
+    its run's, to keep their order. Without a topic there is nobody to tell: one run's are not looked
+    for (none is recorded), and the janitor drops what was recorded while there was one."""
+    if not settings.lifecycle_topic_endpoint and run_id is not None:
+        return
     credential = _credential(settings) if settings.lifecycle_topic_endpoint else None
     stuck: set[str] = set()
     for entry in ledger.outbox(run_id):

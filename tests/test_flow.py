@@ -405,7 +405,7 @@ def test_an_event_recorded_but_not_sent_goes_at_the_janitors_next_tick_once_with
     """A handler that dies after recording a change, or meets its topic down, leaves the event in
     the ledger's outbox: it is sent later, at least once, always with the same id."""
     run, _ = ledger.receive(Upload(DATASETS_CONTAINER, f"told-{uuid.uuid4().hex[:8]}.jsonl", "v1"), "received")
-    told = lifecycle.tell(lifecycle.DATASET_REJECTED, report="prepared/x/report.json")
+    told = lifecycle.tell(settings, lifecycle.DATASET_REJECTED, report="prepared/x/report.json")
     ledger.advance(run, S.REJECTED, "dataset rejected", reason="line 3: not JSON", tell=told)
     topic_down = replace(settings, lifecycle_topic_endpoint="http://127.0.0.1:9/api/events")  # nothing listens
     lifecycle.publish(topic_down, ledger, run.run_id)
