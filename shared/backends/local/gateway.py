@@ -193,14 +193,17 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
+    from shared.backends.local.http_timeouts import HeaderTimeoutProtocol
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     gateway_dir = Path(argv[0]).resolve()
     endpoints_root = gateway_dir.parent / "endpoints"
     listener = _listener(gateway_dir)
     port = listener.getsockname()[1]
-    # No access log: the model server behind logs every request already.
-    config = uvicorn.Config(build_app(endpoints_root), log_config=None, access_log=False, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=5)  # fmt: skip
+    # No access log: the model server behind logs every request already. A client slow to send a
+    # request's headers is cut off (see http_timeouts), one slow to send its body at the deployment's timeout.
+    config = uvicorn.Config(build_app(endpoints_root), http=HeaderTimeoutProtocol, log_config=None, access_log=False,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=5)  # fmt: skip
     server = uvicorn.Server(config)
     stop = threading.Event()
     for stopping in (signal.SIGTERM, signal.SIGINT):

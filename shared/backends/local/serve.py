@@ -338,6 +338,8 @@ def _event(payload: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     import uvicorn
 
+    from shared.backends.local.http_timeouts import HeaderTimeoutProtocol
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     server_dir = Path(argv[0]).resolve()
     spec = json.loads((server_dir / "server.json").read_text())
@@ -349,7 +351,9 @@ def main(argv: list[str]) -> int:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.bind(("127.0.0.1", 0))
     tenants.port = listener.getsockname()[1]
-    config = uvicorn.Config(build_app(tenants), log_config=None, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    # A client slow to send a request's headers is cut off (see http_timeouts).
+    config = uvicorn.Config(build_app(tenants), http=HeaderTimeoutProtocol, log_config=None, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5)  # fmt: skip
     server = uvicorn.Server(config)
     stop = threading.Event()
     for stopping in (signal.SIGTERM, signal.SIGINT):
