@@ -42,7 +42,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 def stop_local_processes(data_dir: Path) -> None:
     """Stop the trainers, endpoint servers and gateway a test started under `data_dir`."""
     pids = [json.loads(spec.read_text()).get("pid") for spec in data_dir.glob("jobs/*/status.json")]
-    started = [*data_dir.glob("servers/*/server.pid"), data_dir / "gateway" / "gateway.pid"]
+    started = [*data_dir.glob("jobs/*/trainer.pid"), *data_dir.glob("servers/*/server.pid"),
+               data_dir / "gateway" / "gateway.pid"]  # fmt: skip
     pids += [int(found.read_text()) for found in started if found.exists()]
     for pid in pids:
         if pid:

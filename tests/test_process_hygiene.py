@@ -19,7 +19,7 @@ from tests.conftest import stop_local_processes
 
 
 def test_a_spawned_process_is_reaped_when_it_ends(tmp_path: Path) -> None:
-    pid = spawn("json.tool", tmp_path, "out.log")  # ends at once: a folder is no JSON file
+    pid = spawn("json.tool", tmp_path, "out")  # ends at once: a folder is no JSON file
     deadline = time.monotonic() + 30
     while Path(f"/proc/{pid}").exists():  # an ended child nobody waited for stays there, a zombie
         assert time.monotonic() < deadline, f"not reaped: {Path(f'/proc/{pid}/stat').read_text()}"

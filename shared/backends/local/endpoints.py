@@ -7,18 +7,18 @@ On disk, under the data folder:
   deleted, so that a deletion cut short is finished by the next);
 - `endpoints/<name>/deployments/<deployment>/`: `deployment.json`, `keys.json` (the key the gateway
   uses), `ready.json` or `failed.json` from its server, `last_request`;
-- `servers/<id>/` (`server.json`, `server.pid`, `server.log`): a process holding one model;
-  adapter-only models of one base share a server, any other model has its own;
-- `gateway/` (`gateway.json`, `gateway.pid`, `gateway.log`): the one front door of every endpoint.
+- `servers/<id>/` (`server.json`, `server.lock`, `server.pid`, `server.log`): a process holding
+  one model; adapter-only models of one base share a server, any other model has its own;
+- `gateway/` (`gateway.json`, `gateway.lock`, `gateway.pid`, `gateway.log`): the one front door
+  of every endpoint.
+A process runs while its `.lock` is held (see `processes.spawn`).
 Changes take a file lock; deploying what exists returns it as it is."""
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +31,7 @@ from typing import Any
 
 from shared.backends.interface import BackendError
 from shared.backends.local import served_model
-from shared.backends.local.processes import file_lock, pid_alive, read_json, spawn, write_json
+from shared.backends.local.processes import file_lock, pid_of, read_json, running, spawn, started, stop, write_json
 from shared.validation import RESOURCE_NAME, resource_name
 from shared.vocabulary import DEPLOYMENT_HEADER
 
@@ -78,13 +78,6 @@ def _deployment_dir(data_dir: Path, endpoint: str, deployment: str) -> Path:
     return _directory(data_dir, endpoint) / "deployments" / check_name(deployment, "deployment")
 
 
-def _pid(folder: Path, name: str) -> int | None:
-    try:
-        return int((folder / name).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @contextmanager
 def _changing(data_dir: Path) -> Iterator[None]:
     """One deployer or deleter at a time, across processes: endpoints share servers and a gateway."""
@@ -95,23 +88,23 @@ def _changing(data_dir: Path) -> Iterator[None]:
 def gateway_port(data_dir: Path) -> int | None:
     """The port of the running gateway, None while it is not up."""
     gateway = data_dir / "gateway"
-    started = read_json(gateway / "gateway.json") or {}
-    pid = _pid(gateway, "gateway.pid")
-    return started.get("port") if pid and started.get("pid") == pid and pid_alive(pid) else None
+    listening = read_json(gateway / "gateway.json") or {}
+    pid = pid_of(gateway, "gateway")
+    return listening.get("port") if pid and listening.get("pid") == pid and running(gateway, "gateway") else None
 
 
 def _ensure_gateway(data_dir: Path) -> None:
     gateway = data_dir / "gateway"
     gateway.mkdir(parents=True, exist_ok=True)
-    if not pid_alive(_pid(gateway, "gateway.pid")):
-        (gateway / "gateway.pid").write_text(str(spawn("shared.backends.local.gateway", gateway, "gateway.log")))
+    if not running(gateway, "gateway"):
+        spawn("shared.backends.local.gateway", gateway, "gateway")
 
 
 def _read_deployment(folder: Path) -> LocalDeployment:
     spec = json.loads((folder / "deployment.json").read_text())
     server = folder.parents[3] / "servers" / spec["server"]
     failed = read_json(folder / "failed.json")
-    if failed is None and not pid_alive(_pid(server, "server.pid")) and (server / "server.pid").exists():
+    if failed is None and started(server, "server") and not running(server, "server"):
         failed = {"reason": f"its server stopped: {_tail(server / 'server.log')}"}
     state = "Failed" if failed else "Succeeded" if (folder / "ready.json").exists() else "Creating"
     return LocalDeployment(spec["name"], state, spec["model_name"], spec["model_version"],
@@ -224,12 +217,12 @@ def deploy(
 
 
 def _ensure_server(server: Path, model_path: Path) -> None:
-    if pid_alive(_pid(server, "server.pid")):
+    if running(server, "server"):
         return  # it picks the new deployment up from its folder
     shutil.rmtree(server, ignore_errors=True)
     server.mkdir(parents=True)
     write_json(server / "server.json", {"model_path": str(model_path)})
-    (server / "server.pid").write_text(str(spawn("shared.backends.local.serve", server, "server.log")))
+    spawn("shared.backends.local.serve", server, "server")
 
 
 def log_path(data_dir: Path, endpoint: str, name: str) -> Path:
@@ -356,7 +349,7 @@ def _finish_deleting(data_dir: Path, directory: Path) -> None:
         _remove_deployment(data_dir, spec.parent)
     shutil.rmtree(directory, ignore_errors=True)
     if not any((data_dir / "endpoints").glob("*/endpoint.json")):
-        _stop(data_dir / "gateway", "gateway.pid")
+        stop(data_dir / "gateway", "gateway")
 
 
 def _remove_deployment(data_dir: Path, folder: Path) -> None:
@@ -366,18 +359,5 @@ def _remove_deployment(data_dir: Path, folder: Path) -> None:
            for other in (data_dir / "endpoints").glob("*/deployments/*/deployment.json")):  # fmt: skip
         return  # the server drops the deployment's adapter when it sees the folder gone
     server = data_dir / "servers" / server_id
-    _stop(server, "server.pid")
+    stop(server, "server")
     shutil.rmtree(server, ignore_errors=True)
-
-
-def _stop(folder: Path, pid_file: str) -> None:
-    pid = _pid(folder, pid_file)
-    if not pid_alive(pid):
-        return
-    assert pid is not None
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)

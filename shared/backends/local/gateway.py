@@ -31,7 +31,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from shared.backends.local.http_errors import ApiError, install_error_handlers, invalid_key
-from shared.backends.local.processes import read_json, write_json
+from shared.backends.local.processes import read_json, release, write_json
 from shared.vocabulary import DEPLOYMENT_HEADER
 
 log = logging.getLogger("gateway")
@@ -224,10 +224,12 @@ def main(argv: list[str]) -> int:
                 alone_since = time.monotonic()
         if time.monotonic() - alone_since > ALONE_EXIT_S:
             log.info("no endpoint left; stopping")
-            # Out of the pid file first: a deploy from now on starts a new gateway (on this port).
+            # Out of the pid file and the lock first: a deploy from now on starts a new gateway
+            # (on this port, once this one has let it go).
             with suppress(OSError):
                 if (gateway_dir / "gateway.pid").read_text().strip() == str(os.getpid()):
                     (gateway_dir / "gateway.pid").unlink()
+            release()
             break
     server.should_exit = True
     web.join()

@@ -2,8 +2,8 @@
 so a job outlives whoever submitted it, as an Azure ML job does.
 
 Folder `<data dir>/jobs/<job name>/`: `job.json` (what to do), `status.json` (where it stands),
-`trainer.log`, `inputs/`, `checkpoints/`, `outputs/mlflow_model_folder/`, `metrics.json`,
-`loss_curve.png`.
+`trainer.log`, `trainer.lock` (held while the trainer runs), `trainer.pid`, `inputs/`,
+`checkpoints/`, `outputs/mlflow_model_folder/`, `metrics.json`, `loss_curve.png`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.backends.interface import BackendError
-from shared.backends.local.processes import pid_alive, spawn, wait_for, write_json
+from shared.backends.local.processes import file_lock, pid_of, running, spawn, started, write_json
 from shared.eventgrid import send_event
 from shared.validation import JOB_NAME
 from shared.vocabulary import PIPELINE_RUN_TYPE, RUN_STATUS_CHANGED, TEST_FILE, TRAIN_FILE, JobStatus
 
 _PUBLISHED = "event-published"
+TRAINER = "trainer"  # its role: trainer.log, trainer.lock, trainer.pid
 PROGRESS_FILE = "progress.json"
 
 
@@ -130,11 +131,14 @@ def publish_job_status(spec: JobSpec, status: JobStatus) -> None:
 
 
 def read_state(directory: Path) -> JobRecord:
-    """The job's status; a trainer that died without saying so ends as Failed (and is published)."""
+    """The job's status; a trainer that died without saying so ends as Failed (and is published).
+    Queued with no trainer started: its submitter was cut short, and the next submit starts it."""
     if not (directory / "status.json").exists():
         raise JobError(f"no job {directory.name!r}")
     state = JobRecord.from_json(json.loads((directory / "status.json").read_text()))
-    if state.status.is_terminal or state.status == JobStatus.QUEUED or pid_alive(state.pid):
+    if state.status.is_terminal or running(directory, TRAINER, state.pid):
+        return state
+    if state.status == JobStatus.QUEUED and not started(directory, TRAINER):
         return state
     failed = JobRecord(
         state.job_name,
@@ -161,37 +165,42 @@ def _stage_inputs(prepared: Path, inputs: Path) -> None:
 
 def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False) -> JobRecord:
     """Start the job, or find it: a job that exists is returned as it is, unless `restart` is
-    set and it ended without completing, in which case it resumes from its last checkpoint."""
+    set and it ended without completing, in which case it resumes from its last checkpoint.
+
+    Safe to kill at any point and call again: one submitter of a job at a time (a lock the
+    system frees when its holder dies), a job without `status.json` is one whose submitter died
+    staging it (staged again), and one Queued with no trainer ever started is started."""
     directory = job_dir(data_dir, spec.job_name)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        directory.mkdir()  # the claim: of concurrent submitters of one job, one starts it
-    except FileExistsError:
-        if not wait_for(directory / "status.json"):
-            raise JobError(f"job {directory.name} is being submitted by another process that did not finish") from None
-        state = read_state(directory)
-        if not restart or state.status == JobStatus.COMPLETED or not state.status.is_terminal:
+    with file_lock(data_dir / "jobs" / ".submitting" / directory.name):
+        state = read_state(directory) if (directory / "status.json").exists() else None
+        if state is None:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            try:
+                _stage_inputs(prepared, directory / "inputs")
+            except JobError:
+                shutil.rmtree(directory)
+                raise
+        elif state.status == JobStatus.QUEUED and not started(directory, TRAINER):
+            pass  # recorded as submitted, but its submitter was killed before starting the trainer
+        elif restart and state.status.is_terminal and state.status != JobStatus.COMPLETED:
+            for left in (_PUBLISHED, f"{TRAINER}.pid"):  # the last trainer's: this one has not started
+                (directory / left).unlink(missing_ok=True)
+        else:
             return state
-        (directory / _PUBLISHED).unlink(missing_ok=True)
-    else:
-        try:
-            _stage_inputs(prepared, directory / "inputs")
-        except JobError:
-            shutil.rmtree(directory)
-            raise
-    write_json(directory / "job.json", asdict(spec), private=True)  # it holds the topic's key
-    write_state(directory, JobRecord(spec.job_name, JobStatus.QUEUED, started_at=_now()))
-    pid = spawn("shared.backends.local.trainer", directory, "trainer.log")
-    state = JobRecord(spec.job_name, JobStatus.RUNNING, pid=pid, started_at=_now())
-    # The trainer writes only final states; it needs seconds to start, so this write comes first.
-    if not read_state(directory).status.is_terminal:
-        write_state(directory, state)
+        write_json(directory / "job.json", asdict(spec), private=True)  # it holds the topic's key
+        write_state(directory, JobRecord(spec.job_name, JobStatus.QUEUED, started_at=_now()))
+        pid = spawn("shared.backends.local.trainer", directory, TRAINER)
+        # The trainer writes only final states; it needs seconds to start, so this write comes first.
+        if not read_state(directory).status.is_terminal:
+            write_state(directory, JobRecord(spec.job_name, JobStatus.RUNNING, pid=pid, started_at=_now()))
     return read_state(directory)
 
 
 def cancel(data_dir: Path, job_name: str) -> JobRecord:
     directory = job_dir(data_dir, job_name)
     state = read_state(directory)
-    if not state.status.is_terminal and state.pid:
-        os.kill(state.pid, signal.SIGTERM)  # the trainer records Canceled and publishes
+    pid = state.pid or pid_of(directory, TRAINER)
+    if not state.status.is_terminal and pid:
+        os.kill(pid, signal.SIGTERM)  # the trainer records Canceled and publishes
     return state

@@ -1,0 +1,25 @@
+"""`python -m shared.backends.local.detached ROLE MODULE DIRECTORY`: how `spawn` runs
+`python -m MODULE DIRECTORY`. It writes `DIRECTORY/ROLE.pid` before anything else, so that the
+process says who it is even when whoever started it was killed before it could, then runs the
+module as the main program. The lock `spawn` handed over stays open all along."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> None:
+    role, module, directory = argv
+    pid_file = Path(directory) / f"{role}.pid"
+    staged = pid_file.with_name(f".{pid_file.name}.{os.getpid()}.tmp")
+    staged.write_text(str(os.getpid()))
+    os.replace(staged, pid_file)  # readers see no pid or the whole of it
+    sys.argv = [module, directory]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
