@@ -317,15 +317,17 @@ class Told:
     event_id: str  # the same however often it is sent: receivers drop duplicates by it
     run_id: str
     event_type: str
+    at: datetime | None  # when the change happened (None: recorded by a version before it was kept)
     state: str
     reason: str | None
     upload: str
     data: dict[str, Any]
 
 
-def _outbox_row(run: Run, history_index: int, tell: Tell) -> tuple[str, dict[str, Any]]:
-    """The operation recording `tell` about `run` (as the change leaves it), in the change's own
-    transaction; keyed by the history row of the change, so each change tells once."""
+def _outbox_row(run: Run, history_index: int, at: datetime, tell: Tell) -> tuple[str, dict[str, Any]]:
+    """The operation recording `tell` about `run` (as the change at `at` leaves it), in the
+    change's own transaction; keyed by the history row of the change, so each change tells once,
+    and a repeat is the same event, time included."""
     event_id = f"{run.run_id}:{history_index:05d}"
     return (
         "create",
@@ -335,6 +337,7 @@ def _outbox_row(run: Run, history_index: int, tell: Tell) -> tuple[str, dict[str
             "EventId": event_id,
             "RunId": run.run_id,
             "EventType": tell.event_type,
+            "At": at,
             "State": str(run.state),
             "Reason": run.reason or "",
             "Upload": f"{run.upload.container}/{run.upload.blob_name}",
@@ -523,7 +526,7 @@ class Ledger:
         # Only the state and these two facts are indexed.
         job, endpoint = facts.get("job_name", run.job_name), facts.get("endpoint_name", run.endpoint_name)
         moved = replace(run, state=target, job_name=job, endpoint_name=endpoint, reason=reason or run.reason)
-        told = [_outbox_row(moved, run.history_length, tell)] if tell else []
+        told = [_outbox_row(moved, run.history_length, now, tell)] if tell else []
         self._write(run, changes, history_row, [*_index_moves(run, moved), *told])
         return self.get(run.run_id)
 
@@ -602,7 +605,7 @@ class Ledger:
                 "HistoryLength": run.history_length + 1,
             }
             try:
-                told = [_outbox_row(run, run.history_length, tell)] if tell else []
+                told = [_outbox_row(run, run.history_length, now, tell)] if tell else []
                 self._write(run, changes, _history_row(run_id, run.history_length, now, run.state, message), told)
             except RunChanged:
                 continue
@@ -620,6 +623,7 @@ class Ledger:
                 row["EventId"],
                 row["RunId"],
                 row["EventType"],
+                row.get("At"),
                 row["State"],
                 row.get("Reason") or None,
                 row["Upload"],

@@ -52,7 +52,7 @@ def publish(settings: Settings, ledger: Ledger, run_id: str | None = None) -> No
                        **entry.data}  # fmt: skip
             try:
                 send_event(settings.lifecycle_topic_endpoint, credential, f"runs/{entry.run_id}", entry.event_type,
-                           "1", payload, event_id=entry.event_id)  # fmt: skip
+                           "1", payload, event_id=entry.event_id, event_time=entry.at)  # fmt: skip
             except Exception as error:  # the run goes on; the event waits for the next try
                 log.warning("could not publish %s for run %s (tried again later): %s", entry.event_type,
                             entry.run_id, error)  # fmt: skip
