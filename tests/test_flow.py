@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -25,17 +25,17 @@ import pytest
 from functions.job_events import job_events
 from functions.status import endpoint_rollback
 from shared import lifecycle
-from shared.backends.local.settings import LOCAL_TOPIC, local_settings
+from shared.backends.local.settings import local_settings
 from shared.backends.registry import get_backend
 from shared.datasets.sample import conversations
 from shared.dev.eventgrid_topic import LocalTopic
-from shared.intake import handle_upload
 from shared.janitor import sweep
 from shared.ledger import Ledger, Run, RunState, Upload, open_ledger
 from shared.settings import Settings, get_settings
 from shared.storage import blob_service
-from shared.vocabulary import DATASETS_CONTAINER, MANAGED_BY, PREPARED_CONTAINER, RUN_STATUS_CHANGED
-from tests.worker import deliver_upload
+from shared.vocabulary import DATASETS_CONTAINER, MANAGED_BY, PREPARED_CONTAINER
+from tests.killing import ROLES, started_processes, walk_in_a_process
+from tests.worker import completed_event, deliver_upload
 
 S = RunState
 SAMPLE = b"".join(orjson.dumps(row) + b"\n" for row in conversations(40, seed=21))
@@ -71,14 +71,6 @@ def _upload(settings: Settings, data: bytes = SAMPLE, metadata: dict[str, str] |
         container.create_container()
     container.get_blob_client(name).upload_blob(data, metadata=metadata or QUICK)
     return name
-
-
-def _completed_event(job: str) -> func.EventGridEvent:
-    return func.EventGridEvent(
-        id=str(uuid.uuid4()), topic=LOCAL_TOPIC, subject=f"experiments/x/runs/{job}", event_type=RUN_STATUS_CHANGED,
-        event_time=datetime.now(UTC), data_version="2",
-        data={"runId": job, "runStatus": "Completed", "runType": "azureml.PipelineRun"},
-    )  # fmt: skip
 
 
 def _wait_job(settings: Settings, job: str, timeout_s: float = 240) -> str:
@@ -125,7 +117,7 @@ def test_200_concurrent_completed_events_register_and_deploy_once(
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda _: handler(_completed_event(run.job_name or "")), range(200)))
+            list(pool.map(lambda _: handler(completed_event(run.job_name or "")), range(200)))
     finally:
         for burner in burners:
             burner.kill()
@@ -150,37 +142,6 @@ def test_200_concurrent_completed_events_register_and_deploy_once(
     assert [e.name for e in endpoints] == [run.endpoint_name]
     assert run.endpoint_url == endpoints[0].scoring_uri
     assert run.details["metrics"]["steps"] == 2
-
-
-class HandlerKilled(BaseException):
-    """Stands for the process dying: nothing after it runs, nothing catches it."""
-
-
-class KilledBeforeRecordingSubmission(Ledger):
-    def advance(self, run: Run, target: RunState, message: str, **kwargs: Any) -> Run:
-        if target == S.SUBMITTED:
-            raise HandlerKilled
-        return super().advance(run, target, message, **kwargs)
-
-
-def test_a_handler_killed_between_submit_and_ledger_write_leaves_one_job(
-    settings: Settings, ledger: Ledger, lifecycle_events: list[dict[str, Any]]
-) -> None:
-    name = _upload(settings)
-    with pytest.raises(HandlerKilled):
-        handle_upload(settings, KilledBeforeRecordingSubmission(ledger._table), DATASETS_CONTAINER, name)
-    (run,) = ledger.by_blob(DATASETS_CONTAINER, name)
-    assert run.state == S.PREPARED and len(_job_dirs(settings)) == 1  # the job exists; the ledger does not know
-
-    deliver_upload(name)  # Event Grid delivers again
-    run = ledger.get(run.run_id)
-    assert run.state == S.SUBMITTED and len(_job_dirs(settings)) == 1
-    assert _wait_job(settings, run.job_name or "") == "Completed"
-    sweep(settings, ledger, past_due=False)  # the janitor notices the finished job: no event needed
-    run = ledger.get(run.run_id)
-    assert run.state == S.DEPLOYED, run.reason
-    published = [e["eventType"] for e in lifecycle_events if e["data"]["runId"] == run.run_id]
-    assert published == ["FineTune.JobSubmitted", "FineTune.ModelDeployed"]
 
 
 def test_a_killed_trainer_ends_the_run_failed_with_no_deployment(
@@ -313,7 +274,7 @@ def _train_and_finish(settings: Settings, ledger: Ledger, name: str, rows: list[
     deliver_upload(name)
     run = ledger.by_blob(DATASETS_CONTAINER, name)[0]
     assert _wait_job(settings, run.job_name or "") == "Completed"
-    job_events.build().get_user_function()(_completed_event(run.job_name or ""))
+    job_events.build().get_user_function()(completed_event(run.job_name or ""))
     return ledger.get(run.run_id)
 
 
@@ -417,3 +378,103 @@ def test_an_event_recorded_but_not_sent_goes_at_the_janitors_next_tick_once_with
     assert event["id"] == f"{run.run_id}:00001" and event["eventType"] == lifecycle.DATASET_REJECTED
     assert (event["data"]["state"], event["data"]["reason"]) == ("rejected", "line 3: not JSON")
     assert event["data"]["report"] == "prepared/x/report.json" and ledger.outbox(run.run_id) == []
+
+
+@pytest.fixture
+def throwaway_uploads(settings: Settings) -> Iterator[Callable[..., list[str]]]:
+    """Uploads made for one test and deleted after it: the local host's tests watch the same
+    container later and would take every blob left there for a new upload to train."""
+    made: list[str] = []
+
+    def upload(count: int, metadata: dict[str, str] | None = None) -> list[str]:
+        made.extend(_upload(settings, metadata=metadata) for _ in range(count))
+        return made[-count:]
+
+    yield upload
+    container = blob_service(settings.storage).get_container_client(DATASETS_CONTAINER)
+    for name in made:
+        container.delete_blob(name)
+
+
+def _walk(settings: Settings, logs: Path, action: str, blobs: list[str], trained: Path | None = None) -> list[Any]:
+    data_dir = local_settings(settings).data_dir
+    # Separate runs, two at a time (nothing of one waits on another's) where each costs a deployment.
+    plan = {"action": action, "triggers": blobs, "trained": str(trained), "data_dir": str(data_dir),
+            "lanes": 2 if trained else 1}  # fmt: skip
+    attempts = walk_in_a_process(logs, plan)
+    # Every write was a kill point: the last attempt ended before reaching its number.
+    assert 0 < len(attempts[-1]["attempt"]) < len(attempts), attempts[-1]["attempt"]
+    return attempts
+
+
+def _told_once_per_transition(events: list[dict[str, Any]], run: Run, expected: list[str]) -> None:
+    """Sent at least once, each with its id: what a receiver keeps after dropping repeats."""
+    mine = [event for event in events if event["data"]["runId"] == run.run_id]
+    by_id = {event["id"]: event for event in mine}
+    assert sorted(event["eventType"] for event in by_id.values()) == sorted(expected), mine
+    assert all(event == by_id[event["id"]] for event in mine)  # a repeat is the same event
+
+
+def test_an_upload_handler_killed_after_any_write_ends_once_when_delivered_again(
+    settings: Settings,
+    ledger: Ledger,
+    lifecycle_events: list[dict[str, Any]],
+    tmp_path: Path,
+    throwaway_uploads: Callable[..., list[str]],
+) -> None:
+    blobs = throwaway_uploads(30)
+    attempts = _walk(settings, tmp_path, "upload", blobs)
+    lifecycle.publish(settings, ledger)  # the janitor's first step: what a killed handler did not send
+    runs = []
+    for attempt in attempts:
+        found = ledger.by_blob(DATASETS_CONTAINER, attempt["trigger"])
+        assert len(found) == 1, attempt
+        run = found[0]
+        runs.append(run)
+        assert _states(ledger, run) == [S.RECEIVED, S.PREPARED, S.SUBMITTED], attempt
+        assert attempt["running"]["trainer"] == [run.job_name], attempt  # one trainer process
+        _told_once_per_transition(lifecycle_events, run, ["FineTune.JobSubmitted"])
+    assert sorted(path.parent.name for path in _job_dirs(settings)) == sorted(str(run.job_name) for run in runs)
+
+
+def test_a_job_events_handler_killed_after_any_write_ends_once_when_delivered_again(
+    settings: Settings,
+    ledger: Ledger,
+    lifecycle_events: list[dict[str, Any]],
+    tmp_path: Path,
+    clean_env: pytest.MonkeyPatch,
+    throwaway_uploads: Callable[..., list[str]],
+) -> None:
+    """Killed while it holds the run's claim, a handler leaves the run to the janitor's first tick
+    after the claim lapses; killed before or after, to the event delivered again."""
+    from mlflow.tracking import MlflowClient
+
+    clean_env.setenv("GATE_CONVERSATIONS", "1")  # each run is judged in full: one conversation is enough here
+    get_settings.cache_clear()
+    settings = get_settings()
+    (name,) = throwaway_uploads(1, {**QUICK, "merge_lora_weights": "false"})  # one server holds every deployment
+    deliver_upload(name)
+    (trained,) = ledger.by_blob(DATASETS_CONTAINER, name)
+    assert _wait_job(settings, trained.job_name or "") == "Completed"
+    data_dir = local_settings(settings).data_dir
+    blobs = throwaway_uploads(40)
+    attempts = _walk(settings, tmp_path, "completed", blobs, trained=data_dir / "jobs" / str(trained.job_name))
+    lifecycle.publish(settings, ledger)
+    backend = get_backend(settings)
+    registry = MlflowClient(tracking_uri=f"sqlite:///{data_dir / 'mlflow.db'}")
+    for attempt in attempts:
+        run = ledger.by_job(attempt["trigger"])
+        assert run is not None, attempt
+        assert _states(ledger, run) == [S.RECEIVED, S.PREPARED, S.SUBMITTED, S.COMPLETED, S.REGISTERED, S.DEPLOYING,
+                                        S.ROLLING_OUT, S.DEPLOYED], (attempt, run.reason)  # fmt: skip
+        assert len(registry.search_model_versions(f"name = '{run.model_name}'")) == 1, attempt
+        endpoint = backend.endpoint(run.endpoint_name or "")
+        assert endpoint.traffic == {run.deployment_name: 100}, attempt
+        deployments = list((data_dir / "endpoints" / str(run.endpoint_name) / "deployments").iterdir())
+        assert [found.name for found in deployments] == [run.deployment_name], attempt
+        _told_once_per_transition(lifecycle_events, run, ["FineTune.JobSubmitted", "FineTune.ModelDeployed"])
+    # Every deployment is an adapter of one base model: one server process holds them all, one gateway.
+    servers = [path.name for path in (data_dir / "servers").iterdir()]
+    assert len(servers) == 1 and started_processes(ROLES["server"], data_dir) == servers
+    assert started_processes(ROLES["gateway"], data_dir) == ["gateway"]
+    assert started_processes(ROLES["trainer"], data_dir) == []  # nothing trained again
