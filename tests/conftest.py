@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import os
 import signal
 import uuid
@@ -16,6 +15,7 @@ import azure.functions as func
 import pytest
 from azure.data.tables import TableServiceClient
 
+from shared.backends.local.processes import pid_of, read_json, running
 from shared.dev.azurite import Azurite, start_azurite
 from shared.ledger import Ledger
 from shared.settings import Settings, get_settings
@@ -40,13 +40,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 
 def stop_local_processes(data_dir: Path) -> None:
-    """Stop the trainers, endpoint servers and gateway a test started under `data_dir`."""
-    pids = [json.loads(spec.read_text()).get("pid") for spec in data_dir.glob("jobs/*/status.json")]
-    started = [*data_dir.glob("jobs/*/trainer.pid"), *data_dir.glob("servers/*/server.pid"),
-               data_dir / "gateway" / "gateway.pid"]  # fmt: skip
-    pids += [int(found.read_text()) for found in started if found.exists()]
-    for pid in pids:
-        if pid:
+    """Stop the trainers, endpoint servers and gateway a test started under `data_dir` that still
+    run (a pid file outlives its process, and its pid may be another's by now)."""
+    started = [*((job, "trainer") for job in data_dir.glob("jobs/*")),
+               *((server, "server") for server in data_dir.glob("servers/*")),
+               (data_dir / "gateway", "gateway")]  # fmt: skip
+    for folder, role in started:
+        recorded = (read_json(folder / "status.json") or {}).get("pid")  # a job's, also where a test wrote one
+        pid = pid_of(folder, role) or recorded
+        if pid and running(folder, role, recorded):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -259,8 +259,10 @@ def _stop_all(data_dir: Path, role: str) -> None:
 
 
 def _stop_serving(data_dir: Path) -> None:
+    """No gateway and no server running, as after a reboot, and no server ever started."""
     _stop_all(data_dir, "server")
     _stop_all(data_dir, "gateway")
+    shutil.rmtree(data_dir / "servers", ignore_errors=True)
 
 
 def walk(plan: dict[str, Any]) -> list[dict[str, Any]]:

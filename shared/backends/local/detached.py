@@ -1,7 +1,8 @@
 """`python -m shared.backends.local.detached ROLE MODULE DIRECTORY`: how `spawn` runs
 `python -m MODULE DIRECTORY`. It writes `DIRECTORY/ROLE.pid` before anything else, so that the
 process says who it is even when whoever started it was killed before it could, then runs the
-module as the main program. The lock `spawn` handed over stays open all along."""
+module as the main program. The lock `spawn` handed over stays open all along, this process's
+alone (`hold_lock`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> None:
+    from shared.backends.local.processes import hold_lock
+
+    hold_lock()
     role, module, directory = argv
     pid_file = Path(directory) / f"{role}.pid"
     staged = pid_file.with_name(f".{pid_file.name}.{os.getpid()}.tmp")

@@ -193,7 +193,9 @@ def deploy(
             write_json(directory / "endpoint.json", {"name": endpoint, "created_at": created, "tags": tags})
         _ensure_gateway(data_dir)
         if (folder / "deployment.json").exists():
-            if _read_deployment(folder).state != "Failed":
+            if _read_deployment(folder).state != "Failed":  # its deployer may have died before starting its server
+                _ensure_server(data_dir / "servers" / json.loads((folder / "deployment.json").read_text())["server"],
+                               model_path)  # fmt: skip
                 return
             _remove_deployment(data_dir, folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -237,6 +239,8 @@ def wait_ready(data_dir: Path, endpoint: str, name: str, timeout_s: float = 120)
     while True:
         found = deployment(data_dir, endpoint, name)
         up = gateway_port(data_dir) is not None
+        if not up:  # one that left as this deployment came (it saw no endpoint) is started again
+            _gateway_up(data_dir)
         if found.state == "Failed" or (found.state == "Succeeded" and up) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

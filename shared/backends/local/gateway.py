@@ -224,12 +224,12 @@ def main(argv: list[str]) -> int:
                 alone_since = time.monotonic()
         if time.monotonic() - alone_since > ALONE_EXIT_S:
             log.info("no endpoint left; stopping")
-            # Out of the pid file and the lock first: a deploy from now on starts a new gateway
-            # (on this port, once this one has let it go).
+            # The lock and the pid file first: a deploy from now on starts a new gateway (on this
+            # port, once this one has let it go); the pid file goes only if it is still this one's.
+            release()
             with suppress(OSError):
                 if (gateway_dir / "gateway.pid").read_text().strip() == str(os.getpid()):
                     (gateway_dir / "gateway.pid").unlink()
-            release()
             break
     server.should_exit = True
     web.join()

@@ -130,15 +130,24 @@ def publish_job_status(spec: JobSpec, status: JobStatus) -> None:
     send_event(spec.events_endpoint, AzureKeyCredential(spec.events_key), subject, RUN_STATUS_CHANGED, "2", data)
 
 
+def _recorded(directory: Path) -> JobRecord:
+    return JobRecord.from_json(json.loads((directory / "status.json").read_text()))
+
+
 def read_state(directory: Path) -> JobRecord:
     """The job's status; a trainer that died without saying so ends as Failed (and is published).
     Queued with no trainer started: its submitter was cut short, and the next submit starts it."""
     if not (directory / "status.json").exists():
         raise JobError(f"no job {directory.name!r}")
-    state = JobRecord.from_json(json.loads((directory / "status.json").read_text()))
-    if state.status.is_terminal or running(directory, TRAINER, state.pid):
+    recorded = _recorded(directory)
+    # The trainer looked at before its status is read: one that ended wrote its final status first,
+    # and one starting now is not taken for one that ended.
+    was_started = started(directory, TRAINER)
+    alive = running(directory, TRAINER, recorded.pid)
+    state = _recorded(directory)
+    if state.status.is_terminal or alive:
         return state
-    if state.status == JobStatus.QUEUED and not started(directory, TRAINER):
+    if state.status == JobStatus.QUEUED and not was_started:
         return state
     failed = JobRecord(
         state.job_name,
@@ -181,7 +190,7 @@ def submit(data_dir: Path, spec: JobSpec, prepared: Path, restart: bool = False)
             except JobError:
                 shutil.rmtree(directory)
                 raise
-        elif state.status == JobStatus.QUEUED and not started(directory, TRAINER):
+        elif state.status == JobStatus.QUEUED and not started(directory, TRAINER) and not running(directory, TRAINER):
             pass  # recorded as submitted, but its submitter was killed before starting the trainer
         elif restart and state.status.is_terminal and state.status != JobStatus.COMPLETED:
             for left in (_PUBLISHED, f"{TRAINER}.pid"):  # the last trainer's: this one has not started

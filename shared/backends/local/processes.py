@@ -74,12 +74,23 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+_held_lock: list[int] = []  # in a process `spawn` started: the descriptor of its lock
+
+
+def hold_lock() -> None:
+    """In a process `spawn` started: keep its lock to itself. Nothing it starts inherits the
+    descriptor or learns its number, so no child of it can keep it running after it ended."""
+    descriptor = os.environ.pop(LOCK_FD_VARIABLE, None)
+    if descriptor is not None:
+        os.set_inheritable(int(descriptor), False)
+        _held_lock.append(int(descriptor))
+
+
 def release() -> None:
     """For a process `spawn` started: give up its lock before it ends, so that a new one can be
     started while this one finishes leaving."""
-    descriptor = os.environ.pop(LOCK_FD_VARIABLE, None)
-    if descriptor is not None:
-        os.close(int(descriptor))
+    while _held_lock:
+        os.close(_held_lock.pop())
 
 
 def started(directory: Path, role: str) -> bool:
@@ -96,8 +107,8 @@ def running(directory: Path, role: str, recorded_pid: int | None = None) -> bool
         descriptor = os.open(directory / f"{role}.lock", os.O_RDONLY)
     except FileNotFoundError:
         return pid_alive(pid_of(directory, role) or recorded_pid)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:  # shared: two looks at once do not take each other for the process
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
@@ -117,12 +128,22 @@ def pid_of(directory: Path, role: str, wait_s: float = 0) -> int | None:
         time.sleep(0.05)
 
 
+def _runs_in(pid: int, directory: Path) -> bool:
+    """Whether process `pid` was started for `directory` (where /proc tells)."""
+    try:
+        return str(directory).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc here: the pid is all there is
+    except OSError:
+        return True
+
+
 def stop(directory: Path, role: str, grace_s: float = 15) -> None:
     """Stop the role's process if it runs: SIGTERM, then SIGKILL after `grace_s`."""
     if not running(directory, role):
         return
     pid = pid_of(directory, role, wait_s=10)
-    if pid is None:  # it ended before it could say who it is
+    if pid is None or not _runs_in(pid, directory):  # ended before it said who it is, or the pid is another's now
         return
     with suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
