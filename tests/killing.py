@@ -218,14 +218,16 @@ def _janitor_tick_once_claims_lapsed() -> None:
 def started_processes(module: str, data_dir: Path) -> list[str]:
     """The folders of the live processes running `module` under `data_dir`, one entry per process,
     found by their command lines (not by anything the code under test wrote)."""
+    from shared.backends.local.processes import pid_alive
+
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             arguments = cmdline.read_bytes().decode().split("\0")
-            state = (cmdline.parent / "stat").read_text().rsplit(") ", 1)[1][0]
-        except (OSError, IndexError):
+        except OSError:
             continue  # ended meanwhile
-        if module in arguments and state != "Z" and arguments[-2].startswith(str(data_dir)):
+        live = pid_alive(int(cmdline.parent.name))  # not a zombie either
+        if module in arguments and live and arguments[-2].startswith(str(data_dir)):
             found.append(Path(arguments[-2]).name)
     return sorted(found)
 

@@ -13,14 +13,11 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> None:
-    from shared.backends.local.processes import hold_lock
+    from shared.backends.local.processes import hold_lock, write_whole
 
     hold_lock()
     role, module, directory = argv
-    pid_file = Path(directory) / f"{role}.pid"
-    staged = pid_file.with_name(f".{pid_file.name}.{os.getpid()}.tmp")
-    staged.write_text(str(os.getpid()))
-    os.replace(staged, pid_file)  # readers see no pid or the whole of it
+    write_whole(Path(directory) / f"{role}.pid", str(os.getpid()))
     sys.argv = [module, directory]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

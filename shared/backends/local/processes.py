@@ -154,14 +154,18 @@ def stop(directory: Path, role: str, grace_s: float = 15) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def write_json(path: Path, payload: dict[str, Any], private: bool = False) -> None:
+def write_whole(path: Path, text: str, private: bool = False) -> None:
     """Readers see the old file or the new one, never half of one. `private`: a file holding a
     secret, readable by its owner only from the moment it exists."""
     staged = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
     descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
     with os.fdopen(descriptor, "w") as file:
-        file.write(json.dumps(payload, indent=2))
+        file.write(text)
     os.replace(staged, path)
+
+
+def write_json(path: Path, payload: dict[str, Any], private: bool = False) -> None:
+    write_whole(path, json.dumps(payload, indent=2), private)
 
 
 def read_json(path: Path) -> Any:
